@@ -1,0 +1,67 @@
+"""The admin listener: /metrics, /healthz, /readyz and /breakers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.breaker import Breaker
+from sidecar.metrics import Metrics
+
+__all__ = ["Health", "breaker_report", "create_admin_app"]
+
+
+class Health:
+    """What /readyz reports: ready once listening with a valid config, not while stopping."""
+
+    def __init__(self) -> None:
+        self.ready = False
+
+
+def breaker_report(breaker: Breaker) -> dict[str, Any]:
+    """One route's entry in /breakers."""
+    settings = breaker.settings
+    return {
+        "name": breaker.name,
+        "state": breaker.state.value,
+        "consecutive_failures": breaker.consecutive_failures,
+        "retry_after": breaker.retry_after(),
+        "settings": {
+            "failure_threshold": settings.failure_threshold,
+            "open_duration": settings.open_duration,
+            "half_open_requests": settings.half_open_requests,
+            "success_threshold": settings.success_threshold,
+            "failure_status": sorted(settings.failure_status),
+        },
+    }
+
+
+def create_admin_app(metrics: Metrics, health: Health) -> web.Application:
+    async def get_metrics(_request: web.Request) -> web.Response:
+        # Read every state first: a period that ended since the last request turns
+        # HALF_OPEN now, so its transition is counted in this very scrape.
+        for breaker in metrics.breakers():
+            _ = breaker.state
+        response = web.Response(body=generate_latest(metrics.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def get_healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def get_readyz(_request: web.Request) -> web.Response:
+        if health.ready:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not_ready"}, status=503)
+
+    async def get_breakers(_request: web.Request) -> web.Response:
+        return web.json_response({"routes": [breaker_report(b) for b in metrics.breakers()]})
+
+    app = web.Application()
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", get_healthz)
+    app.router.add_get("/readyz", get_readyz)
+    app.router.add_get("/breakers", get_breakers)
+    return app

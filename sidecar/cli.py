@@ -1,0 +1,200 @@
+"""The command line: `sidecar run | check | demo | --version`.
+
+Exit codes: 0 done or stopped gracefully; 1 cannot start (one line says why);
+2 bad config or usage (every config error, one per line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from sidecar import __version__
+from sidecar.breaker import Breaker, State
+from sidecar.config import Config, ConfigError, Route, load_config
+
+__all__ = ["format_duration", "main", "run_loop"]
+
+log = logging.getLogger("sidecar")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar", description="A circuit-breaker reverse proxy that runs next to your service."
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, handler, text in (
+        ("run", _run, "serve the proxy and the admin listener until SIGTERM/SIGINT"),
+        ("check", _check, "validate a config and print each route's effective settings"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument(
+            "-c",
+            "--config",
+            default=os.environ.get("SIDECAR_CONFIG"),
+            metavar="PATH",
+            help="the YAML config file (default: $SIDECAR_CONFIG)",
+        )
+        command.set_defaults(handler=handler)
+    demo = commands.add_parser(
+        "demo",
+        help="a self-contained tour: watch a breaker open and recover",
+        description="Start a flaky upstream and the proxy in this process, drive traffic and "
+        "print the breaker's timeline.",
+    )
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config | None:
+    if not args.config:
+        print(
+            f"sidecar {args.command}: no config: pass --config PATH or set SIDECAR_CONFIG",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        return load_config(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        count = len(e.problems)
+        print(
+            f"sidecar {args.command}: {args.config}: {count} error{'s' * (count != 1)}",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 2
+    print(f"{config.path}: valid, {len(config.routes)} route{'s' * (len(config.routes) != 1)}")
+    print(f"listen {config.listen}, admin {config.admin_listen}")
+    for route in config.routes:
+        print(describe_route(route))
+    return 0
+
+
+def describe_route(route: Route) -> str:
+    """A route and its effective settings, as `sidecar check` prints them."""
+    match = " ".join(
+        f"{key}={value}"
+        for key, value in (("host", route.host), ("path_prefix", route.path_prefix))
+        if value is not None
+    )
+    b = route.breaker
+    return "\n".join(
+        [
+            f"- {route.name}: {match} -> {route.upstream.url}"
+            + (" (strip_prefix)" if route.strip_prefix else ""),
+            f"    timeouts: connect {format_duration(route.timeouts.connect)}, "
+            f"request {format_duration(route.timeouts.request)}",
+            f"    breaker: failure_threshold {b.failure_threshold}, "
+            f"open_duration {format_duration(b.open_duration)}, "
+            f"half_open_requests {b.half_open_requests}, "
+            f"success_threshold {b.success_threshold}, "
+            f"failure_status {sorted(b.failure_status)}",
+        ]
+    )
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run_loop(_serve(config))
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` on uvloop where it is installed, else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        with asyncio.Runner() as runner:
+            return runner.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+def log_transition(breaker: Breaker, from_state: State, to_state: State) -> None:
+    extra = ""
+    if to_state is State.OPEN:
+        extra = f" for {format_duration(breaker.settings.open_duration)}"
+    log.info("route %s: %s -> %s%s", breaker.name, from_state.value, to_state.value, extra)
+
+
+async def _serve(config: Config) -> int:
+    from sidecar.app import Sidecar, StartupError
+
+    sidecar = Sidecar(config)
+    for breaker in sidecar.proxy.breakers:
+        breaker.add_listener(log_transition)
+    try:
+        await sidecar.start()
+    except StartupError as e:
+        print(f"sidecar run: {e}", file=sys.stderr)
+        return 1
+    log.info(
+        "sidecar %s: proxy on %s, admin on %s, %d routes",
+        __version__,
+        sidecar.addresses["proxy"],
+        sidecar.addresses["admin"],
+        len(config.routes),
+    )
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: stopping gracefully", signal.Signals(signum).name)
+        stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    # The handlers stay in place while draining, so that a second signal forces the exit.
+    await stopping.wait()
+    await sidecar.stop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+    log.info("stopped")
+    return 0
+
+
+def _demo(_args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    return run_loop(run_demo())

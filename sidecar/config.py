@@ -1,0 +1,618 @@
+"""Configuration: YAML in, validated and frozen objects out, or every error at once.
+
+This module only parses and validates. It never logs, exits or opens sockets:
+the command line decides what to do with a `ConfigError`, whose `problems`
+each read `FILE:LINE: dotted.key.path: message`.
+
+Every default is a named constant below. `defaults:` in the file overrides
+them key by key, and each route overrides `defaults:` key by key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from sidecar.breaker import BreakerSettings
+
+__all__ = [
+    "Address",
+    "Config",
+    "ConfigError",
+    "Problem",
+    "Route",
+    "Timeouts",
+    "Upstream",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_LISTEN = "0.0.0.0:8080"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
+DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_REQUEST_TIMEOUT = 30.0
+DEFAULT_FAILURE_THRESHOLD = 5
+DEFAULT_OPEN_DURATION = 30.0
+DEFAULT_HALF_OPEN_REQUESTS = 1
+DEFAULT_SUCCESS_THRESHOLD = 1
+DEFAULT_FAILURE_STATUS = frozenset({500, 502, 503, 504})
+
+MAX_DURATION = 366 * 24 * 3600.0
+"""Longer than any sane timeout or open period; keeps the arithmetic finite."""
+MAX_COUNT = 1_000_000
+MAX_NODES = 100_000
+"""YAML nodes walked at the most: an alias bomb stops here, not in memory."""
+
+ROUTE_NAME = re.compile(r"[a-z0-9_-]+")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?")
+
+
+# -- what the config becomes ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float
+    """Seconds for the TCP connect to the upstream."""
+    request: float
+    """Seconds for the whole upstream exchange until its response headers."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    url: str
+    """As written in the file, for messages."""
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    """The URL's path without a trailing slash; "" when it has none."""
+
+    @property
+    def origin(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    host: str | None
+    """Lower-case host name to match, port-less; None matches any host."""
+    path_prefix: str | None
+    """Segment-aware prefix without a trailing slash ("/" matches all); None matches any path."""
+    upstream: Upstream
+    strip_prefix: bool
+    timeouts: Timeouts
+    breaker: BreakerSettings
+    line: int
+    """Where the route starts in the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    listen: Address
+    admin_listen: Address
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.path}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `problems` says every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+
+
+# -- entry points ---------------------------------------------------------------
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the config file at `path`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError([Problem(path, 0, "(file)", "no such file")]) from None
+    except IsADirectoryError:
+        raise ConfigError([Problem(path, 0, "(file)", "is a directory, not a file")]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem(path, 0, "(file)", f"is not UTF-8 text: {e.reason}")]) from None
+    except OSError as e:
+        raise ConfigError([Problem(path, 0, "(file)", f"cannot read: {e.strerror}")]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    """Validate config text; `filename` is only used in messages."""
+    reader = _Reader(filename)
+    document = reader.load(text)
+    config = reader.config(document) if not reader.problems else None
+    if reader.problems or config is None:
+        raise ConfigError(sorted(reader.problems, key=lambda p: p.line))
+    return config
+
+
+# -- YAML with positions ----------------------------------------------------------
+
+Path = tuple[str | int, ...]
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+def _dotted(path: Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "(top level)"
+
+
+class _Reader:
+    """Turns YAML into plain values, remembering the line of every path, and validates them."""
+
+    def __init__(self, filename: str) -> None:
+        self.file = filename
+        self.problems: list[Problem] = []
+        self.lines: dict[Path, int] = {}
+        self._nodes = 0
+
+    def error(self, path: Path, message: str) -> None:
+        probe = path
+        while probe and probe not in self.lines:
+            probe = probe[:-1]
+        self.problems.append(Problem(self.file, self.lines.get(probe, 1), _dotted(path), message))
+
+    # -- loading --
+
+    def load(self, text: str) -> Any:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                self.problems.append(Problem(self.file, 1, "(top level)", "the file is empty"))
+                return None
+            return self._walk(loader, node, ())
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            line = mark.line + 1 if mark else 1
+            what = " ".join(filter(None, [e.context, e.problem]))
+            self.problems.append(Problem(self.file, line, "(yaml)", f"invalid YAML: {what}"))
+        except yaml.YAMLError as e:
+            self.problems.append(Problem(self.file, 1, "(yaml)", f"invalid YAML: {e}"))
+        except _TooLarge:
+            self.problems.append(
+                Problem(self.file, 1, "(yaml)", f"more than {MAX_NODES} values (an alias bomb?)")
+            )
+        finally:
+            loader.dispose()
+        return None
+
+    def _walk(self, loader: yaml.SafeLoader, node: yaml.Node, path: Path) -> Any:
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _TooLarge
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            return self._walk_mapping(loader, node, path)
+        if isinstance(node, yaml.SequenceNode):
+            return [self._walk(loader, item, (*path, i)) for i, item in enumerate(node.value)]
+        return loader.construct_object(node, deep=True)
+
+    def _walk_mapping(self, loader: yaml.SafeLoader, node: yaml.MappingNode, path: Path) -> Any:
+        result: dict[Any, Any] = {}
+        merged: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *base` merges a mapping (or a list of them); explicit keys win.
+                value = self._walk(loader, value_node, path)
+                for source in value if isinstance(value, list) else [value]:
+                    if isinstance(source, dict):
+                        merged = {**source, **merged}
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                self.lines.setdefault((*path, str(key)), key_node.start_mark.line + 1)
+                self.error((*path, str(key)), "keys must be strings")
+                continue
+            if key in result:
+                self.lines[(*path, key, "(again)")] = key_node.start_mark.line + 1
+                self.error((*path, key, "(again)"), f"duplicate key {key!r}")
+                continue
+            self.lines[(*path, key)] = key_node.start_mark.line + 1
+            result[key] = self._walk(loader, value_node, (*path, key))
+        return {**merged, **result}
+
+    # -- checking shapes --
+
+    def mapping(self, value: Any, path: Path, known: Iterable[str]) -> dict[str, Any] | None:
+        """`value` as a mapping whose keys are all in `known`, or None after an error."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping of keys, not {_kind(value)}")
+            return None
+        known = list(known)
+        for key in value:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+                self.error((*path, key), f"unknown key {key!r}{hint}")
+        return value
+
+    def field(
+        self, table: dict[str, Any], key: str, path: Path, parse: Callable[[Any], T], default: T
+    ) -> T:
+        """Parse `table[key]` with `parse`, or return `default` if absent or invalid."""
+        if key not in table:
+            return default
+        try:
+            return parse(table[key])
+        except _Invalid as e:
+            self.error((*path, key), str(e))
+            return default
+
+    # -- the schema --
+
+    def config(self, document: Any) -> Config | None:
+        top = self.mapping(document, (), ["listen", "admin", "defaults", "routes"])
+        if top is None:
+            return None
+        listen = self.field(top, "listen", (), parse_address, parse_address(DEFAULT_LISTEN))
+        admin = self.mapping(top.get("admin"), ("admin",), ["listen"]) or {}
+        admin_listen = self.field(
+            admin, "listen", ("admin",), parse_address, parse_address(DEFAULT_ADMIN_LISTEN)
+        )
+        if listen == admin_listen and listen.port != 0:
+            self.error(("admin", "listen"), f"is the same address as listen ({listen})")
+
+        defaults = self.mapping(top.get("defaults"), ("defaults",), ["timeouts", "breaker"]) or {}
+        base_timeouts = self.timeouts(
+            defaults.get("timeouts"),
+            ("defaults", "timeouts"),
+            Timeouts(DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT),
+        )
+        base_breaker = self.breaker(
+            defaults.get("breaker"),
+            ("defaults", "breaker"),
+            BreakerSettings(
+                failure_threshold=DEFAULT_FAILURE_THRESHOLD,
+                open_duration=DEFAULT_OPEN_DURATION,
+                half_open_requests=DEFAULT_HALF_OPEN_REQUESTS,
+                success_threshold=DEFAULT_SUCCESS_THRESHOLD,
+                failure_status=DEFAULT_FAILURE_STATUS,
+            ),
+        )
+
+        routes_value = top.get("routes", _MISSING)
+        if routes_value is _MISSING or routes_value is None or routes_value == []:
+            self.error(("routes",), "at least one route is required")
+            return None
+        if not isinstance(routes_value, list):
+            self.error(("routes",), f"must be a list of routes, not {_kind(routes_value)}")
+            return None
+        routes: list[tuple[int, Route]] = []
+        for i, item in enumerate(routes_value):
+            route = self.route(item, ("routes", i), base_timeouts, base_breaker)
+            if route is not None:
+                routes.append((i, route))
+        self.check_names(routes)
+        self.check_reachable(routes)
+        return Config(self.file, listen, admin_listen, tuple(route for _, route in routes))
+
+    def timeouts(self, value: Any, path: Path, base: Timeouts) -> Timeouts:
+        table = self.mapping(value, path, ["connect", "request"]) or {}
+        positive = _duration(minimum_exclusive=0.0)
+        return Timeouts(
+            connect=self.field(table, "connect", path, positive, base.connect),
+            request=self.field(table, "request", path, positive, base.request),
+        )
+
+    def breaker(self, value: Any, path: Path, base: BreakerSettings) -> BreakerSettings:
+        table = self.mapping(value, path, BREAKER_KEYS) or {}
+        return BreakerSettings(
+            failure_threshold=self.field(
+                table, "failure_threshold", path, _count, base.failure_threshold
+            ),
+            open_duration=self.field(
+                table, "open_duration", path, _duration(minimum_exclusive=0.0), base.open_duration
+            ),
+            half_open_requests=self.field(
+                table, "half_open_requests", path, _count, base.half_open_requests
+            ),
+            success_threshold=self.field(
+                table, "success_threshold", path, _count, base.success_threshold
+            ),
+            failure_status=self.field(
+                table, "failure_status", path, _status_set, base.failure_status
+            ),
+        )
+
+    def route(
+        self, value: Any, path: Path, base_timeouts: Timeouts, base_breaker: BreakerSettings
+    ) -> Route | None:
+        table = self.mapping(value, path, ROUTE_KEYS)
+        if table is None:
+            return None
+        ok = True
+        for required in ("name", "match", "upstream"):
+            if required not in table:
+                self.error(path, f"missing required key {required!r}")
+                ok = False
+        name = self.field(table, "name", path, _route_name, None)
+        upstream = self.field(table, "upstream", path, parse_upstream, None)
+        strip_prefix = self.field(table, "strip_prefix", path, _bool, False)
+        host, path_prefix = (
+            self.match(table["match"], (*path, "match")) if "match" in table else (None, None)
+        )
+        if strip_prefix and path_prefix is None and "match" in table:
+            self.error((*path, "strip_prefix"), "needs match.path_prefix to strip")
+        timeouts = self.timeouts(table.get("timeouts"), (*path, "timeouts"), base_timeouts)
+        breaker = self.breaker(table.get("breaker"), (*path, "breaker"), base_breaker)
+        if not ok or name is None or upstream is None or (host is None and path_prefix is None):
+            return None
+        return Route(
+            name=name,
+            host=host,
+            path_prefix=path_prefix,
+            upstream=upstream,
+            strip_prefix=strip_prefix,
+            timeouts=timeouts,
+            breaker=breaker,
+            line=self.lines.get(path, 1),
+        )
+
+    def match(self, value: Any, path: Path) -> tuple[str | None, str | None]:
+        table = self.mapping(value, path, ["host", "path_prefix"])
+        if table is None:
+            return None, None
+        if "host" not in table and "path_prefix" not in table:
+            self.error(path, "needs at least one of 'host' and 'path_prefix'")
+            return None, None
+        host = self.field(table, "host", path, _match_host, None)
+        prefix = self.field(table, "path_prefix", path, _path_prefix, None)
+        return host, prefix
+
+    def check_names(self, routes: list[tuple[int, Route]]) -> None:
+        first: dict[str, Route] = {}
+        for i, route in routes:
+            if route.name in first:
+                self.problems.append(
+                    Problem(
+                        self.file,
+                        self.lines.get(("routes", i, "name"), route.line),
+                        f"routes[{i}].name",
+                        f"duplicate route name {route.name!r} "
+                        f"(first used at line {first[route.name].line})",
+                    )
+                )
+            else:
+                first[route.name] = route
+
+    def check_reachable(self, routes: list[tuple[int, Route]]) -> None:
+        """A route that an earlier one always matches first is a mistake, never intended."""
+        for n, (i, later) in enumerate(routes):
+            for _, earlier in routes[:n]:
+                if _shadows(earlier, later):
+                    self.problems.append(
+                        Problem(
+                            self.file,
+                            later.line,
+                            f"routes[{i}]",
+                            f"route {later.name!r} can never match: route {earlier.name!r} "
+                            f"(line {earlier.line}) matches every request it would",
+                        )
+                    )
+                    break
+
+
+ROUTE_KEYS = ["name", "match", "upstream", "strip_prefix", "timeouts", "breaker"]
+BREAKER_KEYS = [
+    "failure_threshold",
+    "open_duration",
+    "half_open_requests",
+    "success_threshold",
+    "failure_status",
+]
+
+
+def _shadows(earlier: Route, later: Route) -> bool:
+    if earlier.host is not None and earlier.host != later.host:
+        return False
+    if earlier.path_prefix is None or earlier.path_prefix == "/":
+        return True
+    if later.path_prefix is None:
+        return False
+    return later.path_prefix == earlier.path_prefix or later.path_prefix.startswith(
+        earlier.path_prefix + "/"
+    )
+
+
+class _Invalid(ValueError):
+    """One value is wrong; the message says how, without the path."""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"a string ({value!r})" if len(value) <= 40 else "a string"
+    return f"{type(value).__name__} {value!r}"
+
+
+# -- value parsers: each returns the value or raises _Invalid -----------------------
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `1.5`, `"500ms"`, `"2s"`, `"5m"` or `"1h"`."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _Invalid(f"must be a duration such as 1.5, '500ms', '2s', '5m', not {_kind(value)}")
+    if isinstance(value, str):
+        m = _DURATION.fullmatch(value.strip())
+        if m is None:
+            raise _Invalid(f"{value!r} is not a duration; use seconds (1.5) or a unit: ms, s, m, h")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise _Invalid(f"must be at most {MAX_DURATION / 3600:.0f}h")
+    if seconds < 0:
+        raise _Invalid("must not be negative")
+    return seconds
+
+
+def _duration(minimum_exclusive: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds <= minimum_exclusive:
+            raise _Invalid("must be greater than 0")
+        return seconds
+
+    return parse
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"must be a whole number >= 1, not {_kind(value)}")
+    if value < 1:
+        raise _Invalid(f"must be >= 1, not {value}")
+    if value > MAX_COUNT:
+        raise _Invalid(f"must be at most {MAX_COUNT}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, not {_kind(value)}")
+    return value
+
+
+def _status_set(value: Any) -> frozenset[int]:
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a list of HTTP statuses such as [500, 503], not {_kind(value)}")
+    statuses = set()
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
+            raise _Invalid(f"{item!r} is not an HTTP status (100-599)")
+        statuses.add(item)
+    return frozenset(statuses)
+
+
+def _route_name(value: Any) -> str:
+    if not isinstance(value, str) or not ROUTE_NAME.fullmatch(value):
+        raise _Invalid(
+            f"{value!r} is not a valid route name: use lower-case letters, digits, '_' and '-'"
+        )
+    return value
+
+
+def _match_host(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"must be a host name such as 'payments.internal', not {_kind(value)}")
+    host = value.strip().lower()
+    if not (_HOSTNAME.fullmatch(host) or _is_ip(host.strip("[]"))):
+        if ":" in host and not _is_ip(host):
+            raise _Invalid(f"{value!r}: match the host without a port (the port is ignored)")
+        raise _Invalid(f"{value!r} is not a host name")
+    return host.strip("[]").rstrip(".")
+
+
+def _path_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _Invalid(f"must start with '/', not {_kind(value)}")
+    if any(c in value for c in "?# \t") or any(ord(c) < 0x20 for c in value):
+        raise _Invalid(f"{value!r}: a path prefix holds no query, fragment, space or control")
+    return value.rstrip("/") or "/"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_address(value: Any) -> Address:
+    """`host:port` (IPv6 as `[::1]:9901`); port 0 asks the system for a free port."""
+    if not isinstance(value, str):
+        raise _Invalid(f"must be 'host:port', such as '0.0.0.0:8080', not {_kind(value)}")
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not host:
+        raise _Invalid(f"{value!r} is not 'host:port', such as '0.0.0.0:8080'")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not _is_ip(host):
+            raise _Invalid(f"{value!r}: {host!r} is not an IPv6 address")
+    elif not (_is_ip(host) or _HOSTNAME.fullmatch(host.lower())):
+        raise _Invalid(f"{value!r}: {host!r} is not an IP address or host name")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise _Invalid(f"{value!r}: the port must be a number from 0 to 65535")
+    return Address(host, int(port_text))
+
+
+def parse_upstream(value: Any) -> Upstream:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a URL such as 'http://payments:8080', not {_kind(value)}")
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError as e:
+        raise _Invalid(f"{value!r} is not a valid URL: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise _Invalid(f"{value!r}: the scheme must be http or https")
+    if not parts.hostname:
+        raise _Invalid(f"{value!r}: the URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise _Invalid(f"{value!r}: credentials in the URL are not supported")
+    if parts.query or parts.fragment:
+        raise _Invalid(f"{value!r}: an upstream URL takes no query or fragment")
+    if port == 0:
+        raise _Invalid(f"{value!r}: port 0 is not a port an upstream listens on")
+    return Upstream(
+        url=value,
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port or (443 if parts.scheme == "https" else 80),
+        base_path=parts.path.rstrip("/"),
+    )

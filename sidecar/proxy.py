@@ -1,0 +1,225 @@
+"""The proxy handler: route, ask the breaker, forward and stream, report the outcome.
+
+What a client sees in each situation is the contract's table "What a client
+sees"; the responses the sidecar makes itself are built by `error_response`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.breaker import Breaker, Clock, Permit, Rejection, State
+from sidecar.config import Route
+from sidecar.metrics import Metrics, RouteMetrics
+from sidecar.routing import Router, upstream_target
+from sidecar.upstream import UpstreamError, client_timeout, iter_body, send
+
+__all__ = ["HOP_BY_HOP", "Proxy", "Target", "error_response"]
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+"""Never forwarded either way (RFC 9110 7.6.1), with the `Proxy-*` family."""
+
+_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "expect"}
+"""Host is rewritten to the upstream's; aiohttp's server already answered `Expect: 100-continue`."""
+
+_ERROR_STATUS = {"upstream_unreachable": 502, "upstream_timeout": 504}
+
+
+@dataclass(slots=True)
+class Target:
+    """Everything the handler needs for one route, built once at start-up."""
+
+    route: Route
+    breaker: Breaker
+    metrics: RouteMetrics
+    origin: str
+    timeout: aiohttp.ClientTimeout
+
+
+def error_response(
+    status: int, error: str, route: str | None = None, retry_after: int | None = None
+) -> web.Response:
+    """A response the sidecar makes itself: JSON, with `Retry-After` when there is one."""
+    body: dict[str, object] = {"error": error}
+    headers = {}
+    if route is not None:
+        body["route"] = route
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+        headers["Retry-After"] = str(retry_after)
+    return web.Response(
+        status=status,
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _without_hop_by_hop(
+    headers: CIMultiDictProxy[str], drop: frozenset[str]
+) -> CIMultiDict[str]:
+    out = CIMultiDict(headers)
+    named = headers.get("Connection")
+    for name in drop:
+        out.popall(name, None)
+    if named:
+        for token in named.split(","):
+            out.popall(token.strip(), None)
+    return out
+
+
+class Proxy:
+    """The proxy listener's request handler."""
+
+    def __init__(
+        self,
+        routes: Sequence[Route],
+        metrics: Metrics,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._session: aiohttp.ClientSession  # given by `attach` once a loop runs
+        self._metrics = metrics
+        self.targets: list[Target] = []
+        for route in routes:
+            breaker = Breaker(route.name, route.breaker, clock)
+            self.targets.append(
+                Target(
+                    route=route,
+                    breaker=breaker,
+                    metrics=metrics.add_route(breaker),
+                    origin=route.upstream.origin,
+                    timeout=client_timeout(route.timeouts),
+                )
+            )
+        self._router = Router([(t.route, t) for t in self.targets])
+        metrics.watch(lambda: [t.breaker for t in self.targets])
+
+    def attach(self, session: aiohttp.ClientSession) -> None:
+        """Forward through `session` from now on."""
+        self._session = session
+
+    @property
+    def breakers(self) -> list[Breaker]:
+        return [t.breaker for t in self.targets]
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw_path = request.raw_path
+        target = self._router.match(request.headers.get("Host"), raw_path.partition("?")[0])
+        if target is None:
+            self._metrics.unrouted.inc()
+            return error_response(404, "no_route")
+
+        permit = target.breaker.acquire()
+        if isinstance(permit, Rejection):
+            half_open = permit.state is State.HALF_OPEN
+            reason = "circuit_half_open" if half_open else "circuit_open"
+            target.metrics.rejected[reason].inc()
+            target.metrics.count_response(503)
+            return error_response(503, reason, target.route.name, permit.retry_after)
+
+        in_flight = target.metrics.in_flight
+        in_flight.inc()
+        try:
+            return await self._forward(request, target, permit, raw_path)
+        finally:
+            in_flight.dec()
+            # Still open here only if the client went away (cancellation) before an
+            # outcome was known: that is neither success nor failure, and frees a probe slot.
+            permit.released()
+
+    async def _forward(
+        self, request: web.BaseRequest, target: Target, permit: Permit, raw_path: str
+    ) -> web.StreamResponse:
+        route = target.route
+        metrics = target.metrics
+        headers = _without_hop_by_hop(request.headers, _NOT_FORWARDED_UP)
+        self._add_forwarded(request, headers)
+        url = URL(target.origin + upstream_target(route, raw_path), encoded=True)
+        body = request.content if request.body_exists else None
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            upstream = await send(
+                self._session,
+                request.method,
+                url,
+                headers,
+                body,
+                target.timeout,
+                route.timeouts.request,
+            )
+        except UpstreamError as e:
+            permit.failed()
+            metrics.failures[e.kind].inc()
+            error = "upstream_timeout" if e.kind == "timeout" else "upstream_unreachable"
+            status = _ERROR_STATUS[error]
+            metrics.count_response(status)
+            return error_response(status, error, route.name)
+
+        try:
+            metrics.duration.observe(loop.time() - started)
+            if upstream.status in route.breaker.failure_status:
+                permit.failed()
+                metrics.failures["status"].inc()
+
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=_without_hop_by_hop(upstream.headers, HOP_BY_HOP),
+            )
+            await response.prepare(request)
+            metrics.count_response(upstream.status)
+            try:
+                async for chunk in iter_body(upstream):
+                    await response.write(chunk)
+            except ConnectionResetError:
+                # The client went away mid-body: no outcome (the permit is released).
+                return response
+            except UpstreamError as e:
+                if not permit.done:
+                    permit.failed()
+                    metrics.failures[e.kind].inc()
+                # Never end the response as if it were whole: abort the client's connection.
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            permit.succeeded()
+            await response.write_eof()
+            return response
+        finally:
+            # A no-op once the body was read whole (the connection went back to the
+            # pool then); otherwise the connection is closed, never reused half-read.
+            upstream.close()
+
+    @staticmethod
+    def _add_forwarded(request: web.BaseRequest, headers: CIMultiDict[str]) -> None:
+        client = request.remote
+        if client:
+            prior = headers.get("X-Forwarded-For")
+            headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
+        headers["X-Forwarded-Proto"] = request.scheme
+        host = request.headers.get("Host")
+        if host:
+            headers["X-Forwarded-Host"] = host
