@@ -66,7 +66,10 @@ class Timeline:
 
     def line(self, text: str) -> None:
         print(f"  {time.monotonic() - self.started:5.1f}s  {text}", file=self.out, flush=True)
-        # A state change happens while its request is answered: print it after the request.
+        self.flush()
+
+    def flush(self) -> None:
+        """Print the state changes seen since the last line."""
         for pending in self._pending:
             print(f"  {'':5}   {pending}", file=self.out, flush=True)
         self._pending.clear()
@@ -114,6 +117,7 @@ async def run_demo(out: TextIO = sys.stdout) -> int:
             async def get() -> None:
                 hits = flaky.hits
                 probe = breaker.state is State.HALF_OPEN
+                timeline.flush()
                 async with client.get(f"{proxy}/orders/42") as response:
                     await response.read()
                 reached = "reached the upstream" if flaky.hits > hits else "upstream not contacted"
