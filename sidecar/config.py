@@ -167,6 +167,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
 # -- YAML with positions ----------------------------------------------------------
 
 Path = tuple[str | int, ...]
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 T = TypeVar("T")
 _MISSING: Any = object()
 
@@ -223,6 +224,10 @@ class _Reader:
         if self._nodes > MAX_NODES:
             raise _TooLarge
         self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.CollectionNode) and node.tag not in _PLAIN_TAGS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the tag {node.tag!r} is not allowed here", node.start_mark
+            )
         if isinstance(node, yaml.MappingNode):
             return self._walk_mapping(loader, node, path)
         if isinstance(node, yaml.SequenceNode):
@@ -246,8 +251,10 @@ class _Reader:
                 self.error((*path, str(key)), "keys must be strings")
                 continue
             if key in result:
-                self.lines[(*path, key, "(again)")] = key_node.start_mark.line + 1
-                self.error((*path, key, "(again)"), f"duplicate key {key!r}")
+                line = key_node.start_mark.line + 1
+                self.problems.append(
+                    Problem(self.file, line, _dotted((*path, key)), f"duplicate key {key!r}")
+                )
                 continue
             self.lines[(*path, key)] = key_node.start_mark.line + 1
             result[key] = self._walk(loader, value_node, (*path, key))
@@ -397,7 +404,8 @@ class _Reader:
         if table is None:
             return None, None
         if "host" not in table and "path_prefix" not in table:
-            self.error(path, "needs at least one of 'host' and 'path_prefix'")
+            if not table:  # otherwise its unknown keys were reported, with a suggestion
+                self.error(path, "needs at least one of 'host' and 'path_prefix'")
             return None, None
         host = self.field(table, "host", path, _match_host, None)
         prefix = self.field(table, "path_prefix", path, _path_prefix, None)

@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.app import Sidecar
-from sidecar.breaker import Breaker, State
+from sidecar.breaker import Breaker, Clock, State
 from sidecar.config import parse_config
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
@@ -58,14 +58,15 @@ class FlakyUpstream:
 class Timeline:
     """Prints one line per request and per state change, with the time since the start."""
 
-    def __init__(self, out: TextIO, threshold: int) -> None:
+    def __init__(self, out: TextIO, threshold: int, clock: Clock) -> None:
         self.out = out
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
         self.threshold = threshold
         self._pending: list[str] = []
 
     def line(self, text: str) -> None:
-        print(f"  {time.monotonic() - self.started:5.1f}s  {text}", file=self.out, flush=True)
+        print(f"  {self.clock() - self.started:5.1f}s  {text}", file=self.out, flush=True)
         self.flush()
 
     def flush(self) -> None:
@@ -87,7 +88,12 @@ class Timeline:
         self._pending.append(f"** {from_state.name} -> {to_state.name}: {why}")
 
 
-async def run_demo(out: TextIO = sys.stdout) -> int:
+async def run_demo(
+    out: TextIO = sys.stdout,
+    clock: Clock = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> int:
+    """Run the tour; tests pass a fake `clock` and a `sleep` that advances it."""
     flaky = FlakyUpstream()
     upstream_app = web.Application()
     upstream_app.router.add_route("*", "/{path:.*}", flaky.handle)
@@ -98,9 +104,9 @@ async def run_demo(out: TextIO = sys.stdout) -> int:
     port = upstream_runner.addresses[0][1]
 
     config = parse_config(DEMO_CONFIG.format(port=port), "demo.yaml")
-    sidecar = Sidecar(config)
+    sidecar = Sidecar(config, clock=clock)
     breaker = sidecar.proxy.breakers[0]
-    timeline = Timeline(out, breaker.settings.failure_threshold)
+    timeline = Timeline(out, breaker.settings.failure_threshold, clock)
     breaker.add_listener(timeline.on_transition)
     await sidecar.start()
     proxy = f"http://{sidecar.addresses['proxy']}"
@@ -141,11 +147,11 @@ async def run_demo(out: TextIO = sys.stdout) -> int:
             for _ in range(3):
                 await get()
             timeline.note("while OPEN, the sidecar answers at once, never touching the upstream")
-            await _poll_until_half_open(breaker, get)
+            await _poll_until_half_open(breaker, get, sleep)
             await get()  # the probe: the upstream still fails
             timeline.note("the upstream recovers; the circuit stays open until its period is over")
             flaky.healthy = True
-            await _poll_until_half_open(breaker, get)
+            await _poll_until_half_open(breaker, get, sleep)
             await get()  # the probe succeeds
             for _ in range(2):
                 await get()
@@ -170,8 +176,12 @@ async def run_demo(out: TextIO = sys.stdout) -> int:
     return 0
 
 
-async def _poll_until_half_open(breaker: Breaker, get: Callable[[], Awaitable[None]]) -> None:
+async def _poll_until_half_open(
+    breaker: Breaker,
+    get: Callable[[], Awaitable[None]],
+    sleep: Callable[[float], Awaitable[None]],
+) -> None:
     """One request a second while OPEN, so that the Retry-After is seen counting down."""
     while breaker.state is State.OPEN:
         await get()
-        await asyncio.sleep(1.0)
+        await sleep(1.0)

@@ -1,0 +1,101 @@
+"""Routing as a pure function: no HTTP needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.config import Route, parse_config
+from sidecar.routing import Router, normalize_host, upstream_target
+
+
+def routes(yaml_routes: str) -> tuple[Route, ...]:
+    return parse_config("routes:\n" + yaml_routes).routes
+
+
+def router(yaml_routes: str) -> Router[str]:
+    return Router([(r, r.name) for r in routes(yaml_routes)])
+
+
+TABLE = """
+  - {name: api-host, match: {host: API.internal}, upstream: "http://a"}
+  - {name: orders-on-shop, match: {host: shop.internal, path_prefix: /orders}, upstream: "http://b"}
+  - {name: orders, match: {path_prefix: /orders}, upstream: "http://c"}
+  - {name: root, match: {path_prefix: /}, upstream: "http://d"}
+"""
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "expected"),
+    [
+        ("api.internal", "/anything", "api-host"),
+        ("API.INTERNAL:8443", "/orders", "api-host"),  # host first in file order, port ignored
+        ("api.internal.", "/x", "api-host"),
+        ("shop.internal", "/orders/7", "orders-on-shop"),
+        ("shop.internal:80", "/orders", "orders-on-shop"),
+        ("shop.internal", "/ordersx", "root"),  # segment-aware
+        ("other", "/orders", "orders"),
+        (None, "/orders/", "orders"),
+        (None, "/orders-v2", "root"),
+        (None, "/", "root"),
+    ],
+)
+def test_first_match_in_file_order(host: str | None, path: str, expected: str) -> None:
+    assert router(TABLE).match(host, path) == expected
+
+
+def test_no_match() -> None:
+    r = router('  - {name: a, match: {path_prefix: /a}, upstream: "http://a"}\n'
+               '  - {name: h, match: {host: h.internal}, upstream: "http://a"}\n')
+    assert r.match("x", "/b") is None
+    assert r.match("x", "/ab") is None
+    assert r.match(None, "/") is None
+    assert r.match("h.internal.evil", "/") is None
+
+
+def test_prefix_with_trailing_slash_is_the_same_prefix() -> None:
+    r = router('  - {name: a, match: {path_prefix: /a/}, upstream: "http://a"}\n')
+    assert r.match(None, "/a") == "a"
+    assert r.match(None, "/a/b") == "a"
+    assert r.match(None, "/ab") is None
+
+
+@pytest.mark.parametrize(
+    ("header", "host"),
+    [("Example.COM:8080", "example.com"), ("[::1]:80", "::1"), ("[::1]", "::1"), ("h", "h"),
+     ("", None), (None, None), ("h.:1", "h")],
+)  # fmt: skip
+def test_normalize_host(header: str | None, host: str | None) -> None:
+    assert normalize_host(header) == host
+
+
+def one(yaml_route: str) -> Route:
+    return routes(yaml_route)[0]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "strip", "raw", "expected"),
+    [
+        ("http://u", False, "/pay/x?a=1&b", "/pay/x?a=1&b"),
+        ("http://u", True, "/pay/x?a=1", "/x?a=1"),
+        ("http://u", True, "/pay", "/"),
+        ("http://u", True, "/pay?q", "/?q"),
+        ("http://u", True, "/pay/", "/"),
+        ("http://u/api", True, "/pay/x", "/api/x"),
+        ("http://u/api/", True, "/pay/x", "/api/x"),  # no '//' from the join
+        ("http://u/api", True, "/pay", "/api"),
+        ("http://u/api", False, "/pay/x", "/api/pay/x"),
+        ("http://u/api/", False, "/pay?x=%2F", "/api/pay?x=%2F"),  # query kept verbatim
+        ("http://u", False, "/pay/a%20b", "/pay/a%20b"),  # percent-encoding kept
+    ],
+)
+def test_upstream_target(upstream: str, strip: bool, raw: str, expected: str) -> None:
+    route = one(
+        f'  - {{name: a, match: {{path_prefix: /pay}}, upstream: "{upstream}", '
+        f"strip_prefix: {str(strip).lower()}}}\n"
+    )
+    assert upstream_target(route, raw) == expected
+
+
+def test_strip_prefix_of_root_strips_nothing() -> None:
+    route = one('  - {name: a, match: {path_prefix: /}, upstream: "http://u/base", strip_prefix: true}\n')
+    assert upstream_target(route, "/x/y") == "/base/x/y"
