@@ -1,0 +1,232 @@
+"""Fixtures: a running sidecar with a fake clock, real in-process upstreams, a client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from sidecar.app import Sidecar
+from sidecar.breaker import Breaker
+from sidecar.config import parse_config
+from tests.fakes import FakeClock
+
+
+@dataclass
+class Running:
+    """A started sidecar and where to reach it."""
+
+    sidecar: Sidecar
+    clock: FakeClock
+    proxy: str
+    admin: str
+
+    def breaker(self, name: str) -> Breaker:
+        return next(b for b in self.sidecar.proxy.breakers if b.name == name)
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.sidecar.metrics.registry.get_sample_value(name, labels)
+
+
+StartSidecar = Callable[[str], Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_sidecar() -> AsyncIterator[StartSidecar]:
+    """Start a sidecar from YAML (listeners on free loopback ports), stopped after the test."""
+    started: list[Sidecar] = []
+
+    async def start(yaml_text: str) -> Running:
+        text = "listen: 127.0.0.1:0\nadmin: {listen: 127.0.0.1:0}\n" + yaml_text
+        clock = FakeClock()
+        sidecar = Sidecar(parse_config(text, "test.yaml"), clock=clock)
+        await sidecar.start()
+        started.append(sidecar)
+        return Running(
+            sidecar,
+            clock,
+            f"http://{sidecar.addresses['proxy']}",
+            f"http://{sidecar.addresses['admin']}",
+        )
+
+    yield start
+    for sidecar in started:
+        await sidecar.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client, as a service would use against the sidecar."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@dataclass
+class Upstream:
+    """A real aiohttp server that records what reaches it."""
+
+    url: str
+    server: TestServer
+    hits: int = 0
+    requests: list[dict[str, object]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: int = 0
+
+
+def upstream_app(state: Upstream) -> web.Application:
+    async def echo(request: web.Request) -> web.Response:
+        state.hits += 1
+        body = await request.read()
+        record = {
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body": body.decode("latin-1"),
+        }
+        state.requests.append(record)
+        return web.json_response(record)
+
+    async def status(request: web.Request) -> web.Response:
+        state.hits += 1
+        return web.json_response({"status": "set"}, status=int(request.match_info["code"]))
+
+    async def hang(request: web.Request) -> web.Response:
+        """Answers only when the test sets `release`; status from ?status=."""
+        state.hits += 1
+        state.entered.set()
+        try:
+            await state.release.wait()
+        except asyncio.CancelledError:
+            state.cancelled += 1
+            raise
+        return web.json_response({"hung": True}, status=int(request.query.get("status", "200")))
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        state.hits += 1
+        size = int(request.match_info["size"])
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if "chunked" not in request.query:
+            response.content_length = size
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        sent = size if request.method == "HEAD" else 0  # aiohttp would write a HEAD's body
+        while sent < size:
+            piece = chunk[: min(len(chunk), size - sent)]
+            await response.write(piece)
+            sent += len(piece)
+        await response.write_eof()
+        return response
+
+    async def upload(request: web.Request) -> web.Response:
+        state.hits += 1
+        received = 0
+        async for chunk in request.content.iter_any():
+            received += len(chunk)
+        return web.json_response(
+            {
+                "received": received,
+                "content_length": request.headers.get("Content-Length"),
+                "transfer_encoding": request.headers.get("Transfer-Encoding"),
+            }
+        )
+
+    async def break_mid_body(request: web.Request) -> web.StreamResponse:
+        state.hits += 1
+        response = web.StreamResponse(status=200)
+        if "chunked" not in request.query:
+            response.content_length = 100_000
+        await response.prepare(request)
+        await response.write(b"y" * 1000)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    async def redirect(_request: web.Request) -> web.Response:
+        state.hits += 1
+        return web.Response(status=302, headers={"Location": "/elsewhere"})
+
+    async def gzipped(_request: web.Request) -> web.Response:
+        state.hits += 1
+        import gzip
+
+        return web.Response(
+            body=gzip.compress(b"compressed payload"),
+            headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/status/{code}", status)
+    app.router.add_route("*", "/hang", hang)
+    app.router.add_get("/big/{size}", big)
+    app.router.add_route("*", "/upload", upload)
+    app.router.add_get("/break", break_mid_body)
+    app.router.add_get("/redirect", redirect)
+    app.router.add_get("/gzip", gzipped)
+    app.router.add_route("*", "/{path:.*}", echo)
+    return app
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    state = Upstream(url="", server=None)  # type: ignore[arg-type]
+    server = TestServer(upstream_app(state), host="127.0.0.1")
+    await server.start_server()
+    state.server = server
+    state.url = f"http://127.0.0.1:{server.port}"
+    yield state
+    state.release.set()
+    await server.close()
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]]:
+    """A TCP server speaking whatever bytes a test scripts, for what aiohttp won't send."""
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: RawHandler) -> str:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait for something the sidecar does on its own (not for time to pass)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.005)
+
+
+async def json_body(response: aiohttp.ClientResponse) -> object:
+    return json.loads(await response.read())
