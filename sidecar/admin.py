@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from sidecar.breaker import Breaker
 from sidecar.metrics import Metrics
@@ -45,7 +46,8 @@ def create_admin_app(metrics: Metrics, health: Health) -> web.Application:
         for breaker in metrics.breakers():
             _ = breaker.state
         response = web.Response(body=generate_latest(metrics.registry))
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        # Text format 0.0.4: what every Prometheus version scrapes (our names need no escaping).
+        response.headers["Content-Type"] = CONTENT_TYPE_PLAIN_0_0_4
         return response
 
     async def get_healthz(_request: web.Request) -> web.Response:

@@ -1,0 +1,183 @@
+"""The command line, as a user runs it: exit codes, messages, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from sidecar import __version__
+from sidecar.demo import run_demo
+from tests.fakes import FakeClock
+
+EXAMPLE = str(Path(__file__).parent.parent / "config.example.yaml")
+
+
+def sidecar(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def config_text(upstream: str = "http://127.0.0.1:1", listen: str = "127.0.0.1:0") -> str:
+    return f"""
+listen: {listen}
+admin: {{listen: 127.0.0.1:0}}
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: {upstream}
+"""
+
+
+def test_version() -> None:
+    result = sidecar("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"sidecar {__version__}")
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = sidecar()
+    assert result.returncode == 2
+    assert "usage: sidecar" in result.stderr
+
+
+def test_unknown_option_is_a_usage_error() -> None:
+    result = sidecar("run", "--bogus")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --bogus" in result.stderr
+
+
+def test_check_valid_prints_effective_settings() -> None:
+    result = sidecar("check", "-c", EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{EXAMPLE}: valid, 3 routes\n")
+    assert "- payments: path_prefix=/payments -> http://payments.internal:8080" in result.stdout
+    assert "breaker: failure_threshold 3, open_duration 60s" in result.stdout
+
+
+def test_check_invalid_lists_every_error_and_exits_2(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "routes:\n  - name: A\n    match: {path_prefix: x}\n    upstream: http://u\n"
+        "    breaker: {failure_threshold: 0}\n",
+    )
+    result = sidecar("check", "--config", path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{path}:2: routes[0].name: 'A' is not a valid route name: "
+        "use lower-case letters, digits, '_' and '-'",
+        f"{path}:3: routes[0].match.path_prefix: must start with '/', not a string ('x')",
+        f"{path}:5: routes[0].breaker.failure_threshold: must be >= 1, not 0",
+        f"sidecar check: {path}: 3 errors",
+    ]
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_missing_config_file_exits_2_without_traceback(command: str, tmp_path: Path) -> None:
+    result = sidecar(command, "-c", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{tmp_path / 'nope.yaml'}:0: (file): no such file" in result.stderr
+
+
+def test_no_config_given_exits_2() -> None:
+    result = sidecar("run", env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert "no config: pass --config PATH or set SIDECAR_CONFIG" in result.stderr
+
+
+def test_config_from_environment(tmp_path: Path) -> None:
+    import os
+
+    env = dict(os.environ, SIDECAR_CONFIG=EXAMPLE)
+    assert sidecar("check", env=env).returncode == 0
+
+
+def test_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = sidecar("run", "-c", write(tmp_path, config_text(listen=f"127.0.0.1:{port}")))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sidecar run: cannot listen on 127.0.0.1:{port} (proxy): address already in use"
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_run_serves_and_stops_gracefully_on_signal(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "run", "-c", write(tmp_path, config_text()),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        found = re.search(r"proxy on (\S+), admin on (\S+),", line)
+        assert found, line
+        proxy, admin = found.groups()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://{proxy}/x") as response:
+                assert response.status == 502  # nothing listens on the upstream's port
+            async with http.get(f"http://{admin}/readyz") as response:
+                assert response.status == 200
+        process.send_signal(signum)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+        rest = (await process.stderr.read()).decode()
+        assert "stopping gracefully" in rest
+        assert "Traceback" not in rest
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_demo_tells_the_seed_scenario() -> None:
+    clock = FakeClock()
+    out = io.StringIO()
+    assert await run_demo(out, clock=clock, sleep=clock.sleep) == 0
+    text = out.getvalue()
+    for expected in (
+        "failure 1/3",
+        "failure 2/3",
+        "failure 3/3",
+        "** CLOSED -> OPEN: 3 consecutive failures",
+        "circuit_open, Retry-After: 4",
+        "circuit_open, Retry-After: 3",
+        "circuit_open, Retry-After: 2",
+        "circuit_open, Retry-After: 1",
+        "** OPEN -> HALF_OPEN",
+        "probe failed",
+        "** HALF_OPEN -> OPEN",
+        "probe ok",
+        "** HALF_OPEN -> CLOSED",
+        'sidecar_breaker_state{route="orders",state="closed"} 1.0',
+        "sidecar run -c config.example.yaml",
+    ):
+        assert expected in text, expected
+    assert text.index("failure 3/3") < text.index("CLOSED -> OPEN") < text.index("probe failed")
+    assert text.index("probe failed") < text.index("probe ok") < text.index("HALF_OPEN -> CLOSED")
+    assert "(upstream not contacted)" in text
