@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sidecar", description="A circuit-breaker reverse proxy that runs next to your service."
+        prog="sidecar",
+        description="A circuit-breaker reverse proxy that runs next to your service.",
     )
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

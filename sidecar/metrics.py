@@ -77,7 +77,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, version: str) -> None:
         # `*_created` series double the exposition and no dashboard of ours reads them.
         # (prometheus-client only offers this switch process-wide.)
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         self._breakers: Callable[[], Iterable[Breaker]] = list
         self.transitions = Counter(
@@ -135,9 +135,7 @@ class Metrics:
     def add_route(self, breaker: Breaker) -> RouteMetrics:
         """Create every series of a route and follow its breaker's transitions."""
         name = breaker.name
-        edges = {
-            (a, b): self.transitions.labels(name, a.value, b.value) for a, b in TRANSITIONS
-        }
+        edges = {(a, b): self.transitions.labels(name, a.value, b.value) for a, b in TRANSITIONS}
         breaker.add_listener(lambda _b, from_state, to_state: edges[from_state, to_state].inc())
         return RouteMetrics(self, name)
 

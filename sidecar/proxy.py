@@ -76,9 +76,7 @@ def error_response(
     )
 
 
-def _without_hop_by_hop(
-    headers: CIMultiDictProxy[str], drop: frozenset[str]
-) -> CIMultiDict[str]:
+def _without_hop_by_hop(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
     out = CIMultiDict(headers)
     named = headers.get("Connection")
     for name in drop:

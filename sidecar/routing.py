@@ -38,7 +38,7 @@ class Router(Generic[T]):
             (
                 route.host,
                 route.path_prefix if route.path_prefix != "/" else None,
-                None if route.path_prefix in (None, "/") else f"{route.path_prefix}/",
+                "" if route.path_prefix in (None, "/") else f"{route.path_prefix}/",
                 target,
             )
             for route, target in entries
@@ -51,7 +51,7 @@ class Router(Generic[T]):
         for route_host, prefix, prefix_slash, target in self._entries:
             if route_host is not None and route_host != host:
                 continue
-            if prefix is not None and path != prefix and not path.startswith(prefix_slash):  # type: ignore[arg-type]
+            if prefix is not None and path != prefix and not path.startswith(prefix_slash):
                 continue
             return target
         return None
@@ -60,7 +60,8 @@ class Router(Generic[T]):
 def upstream_target(route: Route, raw_path: str) -> str:
     """The path and query to request at the upstream for `raw_path` (with its query)."""
     path, sep, query = raw_path.partition("?")
-    if route.strip_prefix and route.path_prefix not in (None, "/"):
-        path = path[len(route.path_prefix) :]  # type: ignore[arg-type]
+    prefix = route.path_prefix
+    if route.strip_prefix and prefix is not None and prefix != "/":
+        path = path[len(prefix) :]
     path = route.upstream.base_path + path
     return (path or "/") + sep + query

@@ -119,7 +119,7 @@ async def send(
                 compress=None,
                 chunked=None,
             )
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
         # ValueError: aiohttp's own complaint about a header it cannot send on.
         raise translate(e, after_headers=False) from e
 
@@ -129,5 +129,5 @@ async def iter_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.content.iter_any():
             yield chunk
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         raise translate(e, after_headers=True) from e

@@ -317,12 +317,14 @@ def test_proxy_and_admin_cannot_share_an_address() -> None:
 )
 def test_bad_matches(match: str, message: str) -> None:
     error = one_error(MINIMAL.replace("{path_prefix: /payments}", match))
-    assert error.startswith(f"c.yaml:4: routes[0].match")
+    assert error.startswith("c.yaml:4: routes[0].match")
     assert message in error
 
 
 def test_host_and_prefix_together() -> None:
-    config = parse_config(MINIMAL.replace("{path_prefix: /payments}", "{host: p.internal, path_prefix: /v1/}"))
+    config = parse_config(
+        MINIMAL.replace("{path_prefix: /payments}", "{host: p.internal, path_prefix: /v1/}")
+    )
     route = config.routes[0]
     assert (route.host, route.path_prefix) == ("p.internal", "/v1")
 
@@ -346,7 +348,8 @@ def test_strip_prefix_must_be_a_boolean() -> None:
         ("routes: []\n", "c.yaml:1: routes: at least one route is required"),
         ("routes: {a: 1}\n", "c.yaml:1: routes: must be a list of routes, not a mapping"),
         ("- a\n- b\n", "c.yaml:1: (top level): must be a mapping of keys, not a list"),
-        ("routes:\n  - just-a-string\n", "c.yaml:2: routes[0]: must be a mapping of keys, not a string ('just-a-string')"),
+        ("routes:\n  - just-a-string\n",
+         "c.yaml:2: routes[0]: must be a mapping of keys, not a string ('just-a-string')"),
     ],
 )  # fmt: skip
 def test_shape_errors(text: str, message: str) -> None:
@@ -382,7 +385,9 @@ def test_python_tags_are_refused_not_executed() -> None:
 def test_alias_bomb_is_stopped() -> None:
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
     for i in range(1, 9):
-        bomb += f"a{i}: &a{i} [*a{i - 1 if i > 1 else ''}" + f", *a{i - 1 if i > 1 else ''}" * 9 + "]\n"
+        bomb += (
+            f"a{i}: &a{i} [*a{i - 1 if i > 1 else ''}" + f", *a{i - 1 if i > 1 else ''}" * 9 + "]\n"
+        )
     bomb = bomb.replace("*a0", "*a")
     found = errors(bomb)
     assert found == ["c.yaml:1: (yaml): more than 100000 values (an alias bomb?)"]
@@ -434,6 +439,15 @@ def test_load_config_not_utf8(tmp_path: Path) -> None:
 def test_the_example_config_is_valid() -> None:
     config = load_config(str(Path(__file__).parent.parent / "config.example.yaml"))
     by_name = {r.name: r for r in config.routes}
-    assert (by_name["payments"].breaker.failure_threshold, by_name["payments"].breaker.open_duration) == (3, 60.0)
-    assert (by_name["recommendations"].breaker.failure_threshold, by_name["recommendations"].breaker.open_duration) == (10, 30.0)
-    assert (by_name["log-shipping"].breaker.failure_threshold, by_name["log-shipping"].breaker.open_duration) == (20, 300.0)
+    assert (
+        by_name["payments"].breaker.failure_threshold,
+        by_name["payments"].breaker.open_duration,
+    ) == (3, 60.0)
+    assert (
+        by_name["recommendations"].breaker.failure_threshold,
+        by_name["recommendations"].breaker.open_duration,
+    ) == (10, 30.0)
+    assert (
+        by_name["log-shipping"].breaker.failure_threshold,
+        by_name["log-shipping"].breaker.open_duration,
+    ) == (20, 300.0)

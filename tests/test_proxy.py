@@ -17,12 +17,13 @@ from tests.conftest import (
     StartSidecar,
     Upstream,
     eventually,
-    json_body,
     read_request_head,
 )
 
 
-def routes(upstream: str, *, threshold: int = 3, open_duration: str = "10s", extra: str = "") -> str:
+def routes(
+    upstream: str, *, threshold: int = 3, open_duration: str = "10s", extra: str = ""
+) -> str:
     return f"""
 routes:
   - name: api
@@ -111,7 +112,10 @@ async def test_hop_by_hop_request_headers_are_dropped(
         assert dropped not in names
     assert "x-end-to-end" in names
     # The connection header the upstream sees is aiohttp's own, for its keep-alive pool.
-    assert dict((k.lower(), v) for k, v in seen["headers"]).get("connection") in (None, "keep-alive")
+    assert dict((k.lower(), v) for k, v in seen["headers"]).get("connection") in (
+        None,
+        "keep-alive",
+    )
 
 
 async def test_hop_by_hop_response_headers_are_dropped(
@@ -286,7 +290,9 @@ async def test_half_open_with_probe_slots_taken_answers_503_retry_after_1(
     upstream.release.set()
     assert (await probe)[0] == 200
     assert sc.breaker("api").state is State.CLOSED
-    assert sc.sample("sidecar_rejected_requests_total", route="api", reason="circuit_half_open") == 1
+    assert (
+        sc.sample("sidecar_rejected_requests_total", route="api", reason="circuit_half_open") == 1
+    )
 
 
 # -- upstream refuses, resets, times out -------------------------------------------------------
@@ -343,9 +349,7 @@ async def test_close_right_after_accept_is_502(
 async def test_upstream_timeout_is_504_and_a_timeout_failure(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    sc = await start_sidecar(
-        routes(upstream.url).replace("request: 2s", "request: 100ms")
-    )
+    sc = await start_sidecar(routes(upstream.url).replace("request: 2s", "request: 100ms"))
     status, headers, body = await get(http, f"{sc.proxy}/api/hang")
     assert status == 504
     assert headers["Content-Type"] == "application/json"
@@ -407,7 +411,7 @@ async def test_absolute_form_requests_are_routed_by_path_never_to_their_host(
 
 async def _disconnect_while_at_upstream(sc: Running, upstream: Upstream) -> None:
     host, port = sc.proxy[len("http://") :].rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    _reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"GET /api/hang HTTP/1.1\r\nHost: svc\r\n\r\n")
     await writer.drain()
     await upstream.entered.wait()
@@ -463,6 +467,9 @@ async def test_slow_request_admitted_closed_does_not_extend_the_open_period(
     assert (await slow)[0] == 500
     _, headers, _ = await get(http, f"{sc.proxy}/api/x")
     assert headers["Retry-After"] == "4"
-    assert sc.sample(
-        "sidecar_breaker_transitions_total", route="api", from_state="closed", to_state="open"
-    ) == 1
+    assert (
+        sc.sample(
+            "sidecar_breaker_transitions_total", route="api", from_state="closed", to_state="open"
+        )
+        == 1
+    )

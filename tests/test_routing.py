@@ -44,8 +44,10 @@ def test_first_match_in_file_order(host: str | None, path: str, expected: str) -
 
 
 def test_no_match() -> None:
-    r = router('  - {name: a, match: {path_prefix: /a}, upstream: "http://a"}\n'
-               '  - {name: h, match: {host: h.internal}, upstream: "http://a"}\n')
+    r = router(
+        '  - {name: a, match: {path_prefix: /a}, upstream: "http://a"}\n'
+        '  - {name: h, match: {host: h.internal}, upstream: "http://a"}\n'
+    )
     assert r.match("x", "/b") is None
     assert r.match("x", "/ab") is None
     assert r.match(None, "/") is None
@@ -97,5 +99,7 @@ def test_upstream_target(upstream: str, strip: bool, raw: str, expected: str) ->
 
 
 def test_strip_prefix_of_root_strips_nothing() -> None:
-    route = one('  - {name: a, match: {path_prefix: /}, upstream: "http://u/base", strip_prefix: true}\n')
+    route = one(
+        '  - {name: a, match: {path_prefix: /}, upstream: "http://u/base", strip_prefix: true}\n'
+    )
     assert upstream_target(route, "/x/y") == "/base/x/y"
