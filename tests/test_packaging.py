@@ -1,0 +1,49 @@
+"""The repository's own checks: Dockerfile lint, type checking, code style."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if path is None:
+        pytest.fail(f"{name} is missing: install the test extra (pip install -e '.[test]')")
+    return path
+
+
+def test_dockerfile_is_hadolint_clean() -> None:
+    result = run(tool("hadolint"), "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_contract() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "USER 10001" in text  # non-root
+    assert "EXPOSE 8080 9901" in text
+    assert "HEALTHCHECK" in text and "/healthz" in text
+    assert "SIDECAR_CONFIG=/etc/sidecar/config.yaml" in text
+
+
+def test_package_type_checks_strictly() -> None:
+    result = run(sys.executable, "-m", "mypy")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_lint_and_format() -> None:
+    ruff = tool("ruff")
+    lint = run(ruff, "check", "sidecar", "tests", "benchmarks")
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    fmt = run(ruff, "format", "--check", "sidecar", "tests")
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
