@@ -52,7 +52,9 @@ MAX_NODES = 100_000
 """YAML nodes walked at the most: an alias bomb stops here, not in memory."""
 
 ROUTE_NAME = re.compile(r"[a-z0-9_-]+")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(ms|s|m|h)")
+_URL_PATH = re.compile(r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@%]*)*")
+"""A path as it goes on the wire: RFC 3986 characters only, anything else percent-encoded."""
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _HOSTNAME = re.compile(
     r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?"
@@ -217,6 +219,10 @@ class _Reader:
             self.problems.append(
                 Problem(self.file, 1, "(yaml)", f"more than {MAX_NODES} values (an alias bomb?)")
             )
+        except RecursionError:
+            self.problems.append(Problem(self.file, 1, "(yaml)", "nested far too deeply"))
+        except (ValueError, OverflowError) as e:  # e.g. an integer of thousands of digits
+            self.problems.append(Problem(self.file, 1, "(yaml)", f"invalid value: {e}"))
         finally:
             loader.dispose()
         return None
@@ -244,8 +250,12 @@ class _Reader:
                 # `<<: *base` merges a mapping (or a list of them); explicit keys win.
                 value = self._walk(loader, value_node, path)
                 for source in value if isinstance(value, list) else [value]:
-                    if isinstance(source, dict):
-                        merged = {**source, **merged}
+                    if not isinstance(source, dict):
+                        line = key_node.start_mark.line + 1
+                        message = f"'<<' merges mappings, not {_kind(source)}"
+                        self.problems.append(Problem(self.file, line, _dotted(path), message))
+                        continue
+                    merged = {**source, **merged}
                 continue
             key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, str):
@@ -289,7 +299,9 @@ class _Reader:
             return parse(table[key])
         except _Invalid as e:
             self.error((*path, key), str(e))
-            return default
+        except (ValueError, OverflowError):
+            self.error((*path, key), f"{_kind(table[key])} is out of range")
+        return default
 
     # -- the schema --
 
@@ -487,6 +499,8 @@ def _kind(value: Any) -> str:
         return "a list"
     if isinstance(value, str):
         return f"a string ({value!r})" if len(value) <= 40 else "a string"
+    if isinstance(value, int) and not -(10**18) < value < 10**18:
+        return "a very large number"
     return f"{type(value).__name__} {value!r}"
 
 
@@ -503,7 +517,10 @@ def parse_duration(value: Any) -> float:
             raise _Invalid(f"{value!r} is not a duration; use seconds (1.5) or a unit: ms, s, m, h")
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
     if not math.isfinite(seconds) or seconds > MAX_DURATION:
         raise _Invalid(f"must be at most {MAX_DURATION / 3600:.0f}h")
     if seconds < 0:
@@ -543,7 +560,9 @@ def _status_set(value: Any) -> frozenset[int]:
     statuses = set()
     for item in value:
         if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
-            raise _Invalid(f"{item!r} is not an HTTP status (100-599)")
+            short = isinstance(item, str) and len(item) < 20
+            shown = repr(item) if short else _kind(item).removeprefix("int ")
+            raise _Invalid(f"{shown} is not an HTTP status (100-599)")
         statuses.add(item)
     return frozenset(statuses)
 
@@ -560,7 +579,7 @@ def _match_host(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Invalid(f"must be a host name such as 'payments.internal', not {_kind(value)}")
     host = value.strip().lower()
-    if not (_HOSTNAME.fullmatch(host) or _is_ip(host.strip("[]"))):
+    if not ((host.isascii() and _HOSTNAME.fullmatch(host)) or _is_ip(host.strip("[]"))):
         if ":" in host and not _is_ip(host):
             raise _Invalid(f"{value!r}: match the host without a port (the port is ignored)")
         raise _Invalid(f"{value!r} is not a host name")
@@ -570,8 +589,13 @@ def _match_host(value: Any) -> str:
 def _path_prefix(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise _Invalid(f"must start with '/', not {_kind(value)}")
-    if any(c in value for c in "?# \t") or any(ord(c) < 0x20 for c in value):
-        raise _Invalid(f"{value!r}: a path prefix holds no query, fragment, space or control")
+    if any(c in value for c in "?#"):
+        raise _Invalid(f"{value!r}: a path prefix holds no query or fragment")
+    if not _URL_PATH.fullmatch(value):
+        raise _Invalid(
+            f"{value!r}: write the prefix as it appears on the wire, percent-encoded "
+            "(no spaces, controls or non-ASCII)"
+        )
     return value.rstrip("/") or "/"
 
 
@@ -594,9 +618,9 @@ def parse_address(value: Any) -> Address:
         host = host[1:-1]
         if not _is_ip(host):
             raise _Invalid(f"{value!r}: {host!r} is not an IPv6 address")
-    elif not (_is_ip(host) or _HOSTNAME.fullmatch(host.lower())):
+    elif not (_is_ip(host) or (host.isascii() and _HOSTNAME.fullmatch(host.lower()))):
         raise _Invalid(f"{value!r}: {host!r} is not an IP address or host name")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise _Invalid(f"{value!r}: the port must be a number from 0 to 65535")
     return Address(host, int(port_text))
 
@@ -613,6 +637,13 @@ def parse_upstream(value: Any) -> Upstream:
         raise _Invalid(f"{value!r}: the scheme must be http or https")
     if not parts.hostname:
         raise _Invalid(f"{value!r}: the URL has no host")
+    hostname = parts.hostname
+    if not (_is_ip(hostname) or (hostname.isascii() and _HOSTNAME.fullmatch(hostname))):
+        raise _Invalid(f"{value!r}: {parts.hostname!r} is not an IP address or host name")
+    if not _URL_PATH.fullmatch(parts.path):
+        raise _Invalid(
+            f"{value!r}: write the base path percent-encoded (no spaces, controls or non-ASCII)"
+        )
     if parts.username is not None or parts.password is not None:
         raise _Invalid(f"{value!r}: credentials in the URL are not supported")
     if parts.query or parts.fragment:

@@ -308,7 +308,7 @@ def test_proxy_and_admin_cannot_share_an_address() -> None:
 @pytest.mark.parametrize(
     ("match", "message"),
     [
-        ("{path_prefix: '/a?b'}", "path_prefix: '/a?b': a path prefix holds no query, fragment"),
+        ("{path_prefix: '/a?b'}", "path_prefix: '/a?b': a path prefix holds no query or fragment"),
         ("{host: 'api.internal:8080'}", "host: 'api.internal:8080': match the host without a port"),
         ("{host: 'not a host'}", "host: 'not a host' is not a host name"),
         ("{host: ''}", "host: must be a host name such as 'payments.internal', not a string"),
@@ -451,3 +451,46 @@ def test_the_example_config_is_valid() -> None:
         by_name["log-shipping"].breaker.failure_threshold,
         by_name["log-shipping"].breaker.open_duration,
     ) == (20, 300.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("routes: " + "[" * 1000 + "]" * 1000 + "\n", "c.yaml:1: (yaml): nested far too deeply"),
+        ("listen: " + "1" * 5000 + "\n" + MINIMAL, "c.yaml:1: (yaml): invalid value: Exceeds"),
+        (
+            "defaults: {breaker: {open_duration: " + "9" * 400 + "}}\n" + MINIMAL,
+            "c.yaml:1: defaults.breaker.open_duration: must be at most 8784h",
+        ),
+        (
+            "defaults: {breaker: {failure_status: [0x" + "f" * 4000 + "]}}\n" + MINIMAL,
+            "failure_status: a very large number is not an HTTP status (100-599)",
+        ),
+        ("listen: '127.0.0.1:\u00b2'\n" + MINIMAL, "the port must be a number from 0 to 65535"),
+        ("listen: '\u212a:80'\n" + MINIMAL, "is not an IP address or host name"),
+        ("defaults: {<<: 5}\n" + MINIMAL, "c.yaml:1: defaults: '<<' merges mappings, not int 5"),
+    ],
+)
+def test_hostile_values_give_messages_not_tracebacks(text: str, message: str) -> None:
+    found = errors(text)
+    assert len(found) == 1, found
+    assert message in found[0]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "message"),
+    [
+        ("'http://a b:80/'", "'a b' is not an IP address or host name"),
+        ("'http://u/p\u00e4th'", "write the base path percent-encoded"),
+        ("'http://u/a b'", "write the base path percent-encoded"),
+    ],
+)
+def test_upstreams_must_be_sendable_as_written(upstream: str, message: str) -> None:
+    assert message in one_error(MINIMAL.replace("http://payments:8080", upstream))
+
+
+def test_path_prefix_must_be_on_the_wire_form() -> None:
+    error = one_error(MINIMAL.replace("/payments}", "'/caf\u00e9'}"))
+    assert "write the prefix as it appears on the wire, percent-encoded" in error
+    config = parse_config(MINIMAL.replace("/payments}", "/caf%C3%A9}"))
+    assert config.routes[0].path_prefix == "/caf%C3%A9"
