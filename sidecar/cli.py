@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from sidecar import __version__
 from sidecar.breaker import Breaker, State
 from sidecar.config import Config, ConfigError, Route, load_config
@@ -134,7 +136,22 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("aiohttp.server").addFilter(one_line_client_errors)
     return run_loop(_serve(config))
+
+
+def one_line_client_errors(record: logging.LogRecord) -> bool:
+    """A malformed request is the client's mistake: one warning line, not an error traceback."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        reason = " ".join(str(error.message).split())
+        what = record.getMessage().replace("Error handling request", "bad request")
+        record.msg = "%s: %d %s"
+        record.args = (what, error.code, reason)
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:

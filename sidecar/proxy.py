@@ -21,7 +21,14 @@ from sidecar.breaker import Breaker, Clock, Permit, Rejection, State
 from sidecar.config import Route
 from sidecar.metrics import Metrics, RouteMetrics
 from sidecar.routing import Router, upstream_target
-from sidecar.upstream import UpstreamError, client_timeout, iter_body, send
+from sidecar.upstream import (
+    ClientBodyTimeout,
+    InvalidRequest,
+    UpstreamError,
+    client_timeout,
+    iter_body,
+    send,
+)
 
 __all__ = ["HOP_BY_HOP", "Proxy", "Target", "error_response"]
 
@@ -77,14 +84,18 @@ def error_response(
 
 
 def _without_hop_by_hop(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    out = CIMultiDict(headers)
-    named = headers.get("Connection")
-    for name in drop:
-        out.popall(name, None)
-    if named:
-        for token in named.split(","):
-            out.popall(token.strip(), None)
-    return out
+    """A copy of `headers` without `drop`, the `Proxy-*` family, and what `Connection` names."""
+    named = drop
+    connection = headers.getall("Connection", ())
+    if connection:
+        named = drop | {t.strip().lower() for value in connection for t in value.split(",")}
+    return CIMultiDict(
+        (name, value)
+        for name, value in headers.items()
+        if (lower := name.lower()) not in named
+        and not lower.startswith("proxy-")
+        and lower != "proxy"
+    )
 
 
 class Proxy:
@@ -123,6 +134,10 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw_path = request.raw_path
+        if raw_path[:1] != "/":
+            # Absolute form (`GET http://host/x`): routed by its path like any other,
+            # never sent to the host it names.
+            raw_path = request.rel_url.raw_path_qs
         target = self._router.match(request.headers.get("Host"), raw_path.partition("?")[0])
         if target is None:
             self._metrics.unrouted.inc()
@@ -175,25 +190,38 @@ class Proxy:
             status = _ERROR_STATUS[error]
             metrics.count_response(status)
             return error_response(status, error, route.name)
+        except ClientBodyTimeout:
+            # The client's fault, not the upstream's: no outcome (the permit is released).
+            metrics.count_response(408)
+            return error_response(408, "client_timeout", route.name)
+        except InvalidRequest:
+            metrics.count_response(400)
+            return error_response(400, "bad_request", route.name)
 
         try:
             metrics.duration.observe(loop.time() - started)
             if upstream.status in route.breaker.failure_status:
                 permit.failed()
                 metrics.failures["status"].inc()
+            elif permit.state is State.HALF_OPEN:
+                # A probe is judged by its answer: its slot must not wait on a long body,
+                # nor on a client that reads slowly (or not at all).
+                permit.succeeded()
 
             response = web.StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=_without_hop_by_hop(upstream.headers, HOP_BY_HOP),
             )
-            await response.prepare(request)
-            metrics.count_response(upstream.status)
             try:
-                async for chunk in iter_body(upstream):
+                await response.prepare(request)
+                metrics.count_response(upstream.status)
+                async for chunk in iter_body(upstream, route.timeouts.request):
                     await response.write(chunk)
+                permit.succeeded()
+                await response.write_eof()
             except ConnectionResetError:
-                # The client went away mid-body: no outcome (the permit is released).
+                # The client went away mid-response: no outcome (the permit is released).
                 return response
             except UpstreamError as e:
                 if not permit.done:
@@ -202,9 +230,6 @@ class Proxy:
                 # Never end the response as if it were whole: abort the client's connection.
                 if request.transport is not None:
                     request.transport.abort()
-                return response
-            permit.succeeded()
-            await response.write_eof()
             return response
         finally:
             # A no-op once the body was read whole (the connection went back to the
@@ -215,9 +240,11 @@ class Proxy:
     def _add_forwarded(request: web.BaseRequest, headers: CIMultiDict[str]) -> None:
         client = request.remote
         if client:
-            prior = headers.get("X-Forwarded-For")
+            prior = ", ".join(headers.popall("X-Forwarded-For", ()))
             headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
         headers["X-Forwarded-Proto"] = request.scheme
         host = request.headers.get("Host")
         if host:
             headers["X-Forwarded-Host"] = host
+        else:  # never pass on a client's own claim as if it were ours
+            headers.popall("X-Forwarded-Host", None)

@@ -1,12 +1,14 @@
 """The boundary to upstreams: one pooled aiohttp client, and its errors made ours.
 
-aiohttp's exceptions are translated into `UpstreamError`s in exactly one
-place, `translate()`; the proxy handler never catches aiohttp exceptions itself.
+aiohttp's exceptions are translated into the project's own in exactly one
+place, this module; the proxy handler never catches aiohttp exceptions itself.
 
     UpstreamError               the upstream exchange failed; `kind` is the failure label
      +-- UpstreamUnreachable    refused, unresolvable, or reset before response headers (502)
      +-- UpstreamTimeout        connect or response-headers deadline passed (504)
      +-- UpstreamReset          broke off after its response headers (client aborted)
+    ClientBodyTimeout           the client stopped sending its body (408, no outcome)
+    InvalidRequest              aiohttp will not send what the client sent (400, no outcome)
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from yarl import URL
 from sidecar.config import Timeouts
 
 __all__ = [
+    "ClientBodyTimeout",
+    "InvalidRequest",
     "UpstreamError",
     "UpstreamReset",
     "UpstreamTimeout",
@@ -34,8 +38,18 @@ __all__ = [
 
 POOL_SIZE = 0
 """Connections per session; 0 is unlimited, as a sidecar's caller already bounds its concurrency."""
+MAX_HEADER_SIZE = 65536
+"""Bytes in one response status line or header line from an upstream."""
 KEEPALIVE_TIMEOUT = 30.0
 """Seconds an idle upstream connection is kept for reuse."""
+
+
+class ClientBodyTimeout(Exception):
+    """The client stopped sending its request body: its fault, not the upstream's."""
+
+
+class InvalidRequest(Exception):
+    """The client's request cannot be sent upstream as it is."""
 
 
 class UpstreamError(Exception):
@@ -68,7 +82,10 @@ def new_client_session() -> aiohttp.ClientSession:
         auto_decompress=False,  # a proxy forwards the bytes it was given
         cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies between clients
         timeout=aiohttp.ClientTimeout(total=None),  # per-route deadlines are set per request
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        # Envoy's limits, not aiohttp's 8 KiB: an upstream's large cookie is no outage.
+        max_line_size=MAX_HEADER_SIZE,
+        max_field_size=MAX_HEADER_SIZE,
         trust_env=False,
         raise_for_status=False,
     )
@@ -86,15 +103,46 @@ def translate(exc: BaseException, *, after_headers: bool) -> UpstreamError:
 
 
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    """aiohttp's deadlines for a route, made once.
+    """aiohttp's own deadlines for a route, made once: only the TCP connect.
 
-    The request deadline (until response headers) is enforced by `send`; here it
-    also bounds each read of the body, so an upstream that stops sending mid-body
-    cannot hold a client forever.
+    The request deadline is kept by `send` (it must not run while the client is
+    still uploading) and the body's idle deadline by `iter_body`.
     """
-    return aiohttp.ClientTimeout(
-        total=None, connect=None, sock_connect=timeouts.connect, sock_read=timeouts.request
-    )
+    return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeouts.connect)
+
+
+class _Upload:
+    """The client's request body on its way upstream.
+
+    Every chunk that moves pushes the request deadline out again, and the
+    deadline only starts for real once the body is whole, as Envoy's route
+    timeout does: a slow uploader is not an upstream timeout. `waiting_on_client`
+    says whose turn it was when a deadline passed.
+    """
+
+    __slots__ = ("_deadline", "_idle", "_source", "client_failed", "waiting_on_client")
+
+    def __init__(self, source: aiohttp.StreamReader, deadline: asyncio.Timeout, idle: float):
+        self._source = source
+        self._deadline = deadline
+        self._idle = idle
+        self.waiting_on_client = False
+        self.client_failed = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.waiting_on_client = True
+            try:
+                chunk = await self._source.readany()
+            except Exception:
+                self.client_failed = True  # e.g. broken chunked framing from the client
+                raise
+            self.waiting_on_client = False
+            self._deadline.reschedule(loop.time() + self._idle)
+            if not chunk:
+                return
+            yield chunk
 
 
 async def send(
@@ -106,28 +154,83 @@ async def send(
     timeout: aiohttp.ClientTimeout,
     request_timeout: float,
 ) -> aiohttp.ClientResponse:
-    """Send a request upstream and return once its response headers are in."""
+    """Send a request upstream and return once its response headers are in.
+
+    Raises `UpstreamError`, `ClientBodyTimeout` (the client stopped sending its
+    body), or `InvalidRequest` (aiohttp will not send what the client sent).
+    """
+    upload: _Upload | None = None
     try:
-        async with asyncio.timeout(request_timeout):
-            return await session.request(
+        async with asyncio.timeout(request_timeout) as deadline:
+            data = None
+            if body is not None:
+                upload = _Upload(body, deadline, request_timeout)
+                data = upload.chunks()
+            response = await session.request(
                 method,
                 url,
                 headers=headers,
-                data=body,
+                data=data,
                 timeout=timeout,
                 allow_redirects=False,
                 compress=None,
                 chunked=None,
             )
-    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
-        # ValueError: aiohttp's own complaint about a header it cannot send on.
+    except TimeoutError as e:
+        if upload is not None and upload.waiting_on_client:
+            raise ClientBodyTimeout("the client stopped sending its request body") from e
         raise translate(e, after_headers=False) from e
+    except (aiohttp.ClientError, OSError) as e:
+        if upload is not None and upload.client_failed:
+            raise InvalidRequest("the client's request body broke off") from e
+        raise translate(e, after_headers=False) from e
+    except ValueError as e:  # e.g. a header value aiohttp refuses to put on the wire
+        raise InvalidRequest(str(e)) from e
+    if not 200 <= response.status <= 599:
+        # 1xx were consumed by aiohttp; a 101 nobody asked for, or a status out of
+        # range, is not an answer a client can use.
+        response.close()
+        raise UpstreamUnreachable(f"unusable status {response.status}")
+    return response
 
 
-async def iter_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The response body as it arrives; a break-off raises `UpstreamReset` or `UpstreamTimeout`."""
+def _read_until_close(response: aiohttp.ClientResponse) -> asyncio.Future[None] | None:
+    """For a body that ends when the connection closes: the future that says how it closed."""
+    if response.content_length is not None or response.connection is None:
+        return None
+    if "chunked" in response.headers.get("Transfer-Encoding", "").lower():
+        return None
+    protocol = response.connection.protocol
+    closed = protocol.closed if protocol is not None else None
+    if closed is not None:
+        closed.add_done_callback(_retrieve)
+    return closed
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it retrieved: no "never retrieved" noise
+
+
+async def iter_body(response: aiohttp.ClientResponse, idle_timeout: float) -> AsyncIterator[bytes]:
+    """The response body as it arrives.
+
+    Raises `UpstreamTimeout` when nothing arrives for `idle_timeout` seconds and
+    `UpstreamReset` when the upstream breaks off, including a reset of a body
+    that was to end with the connection (which aiohttp alone takes for an end).
+    """
+    closed = _read_until_close(response)
+    content = response.content
     try:
-        async for chunk in response.content.iter_any():
+        while True:
+            async with asyncio.timeout(idle_timeout):
+                chunk = await content.readany()
+            if not chunk:
+                break
             yield chunk
     except (TimeoutError, aiohttp.ClientError, OSError) as e:
         raise translate(e, after_headers=True) from e
+    if closed is not None and closed.done() and not closed.cancelled():
+        error = closed.exception()
+        if error is not None:
+            raise UpstreamReset(str(error))

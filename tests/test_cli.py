@@ -181,3 +181,23 @@ async def test_demo_tells_the_seed_scenario() -> None:
     assert text.index("failure 3/3") < text.index("CLOSED -> OPEN") < text.index("probe failed")
     assert text.index("probe failed") < text.index("probe ok") < text.index("HALF_OPEN -> CLOSED")
     assert "(upstream not contacted)" in text
+
+
+def test_malformed_requests_log_one_warning_line_not_a_traceback() -> None:
+    import logging
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from sidecar.cli import one_line_client_errors
+
+    try:
+        raise BadHttpMessage("Duplicate 'Host' header found.")
+    except BadHttpMessage:
+        record = logging.LogRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+            ("127.0.0.1",), sys.exc_info(),
+        )  # fmt: skip
+    assert one_line_client_errors(record)
+    assert record.levelname == "WARNING"
+    assert record.exc_info is None
+    assert record.getMessage() == ("bad request from 127.0.0.1: 400 Duplicate 'Host' header found.")

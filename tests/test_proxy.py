@@ -473,3 +473,150 @@ async def test_slow_request_admitted_closed_does_not_extend_the_open_period(
         )
         == 1
     )
+
+
+# -- whose fault: the client's mistakes are never the upstream's failures -------------------------
+
+
+async def raw_exchange(proxy: str, request: bytes) -> bytes:
+    host, port = proxy[len("http://") :].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+async def test_a_probe_is_judged_by_its_answer_not_by_a_slow_reader(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(routes(upstream.url))
+    await trip(http, sc)
+    sc.clock.advance(10)
+    async with http.get(f"{sc.proxy}/api/big/{64 << 20}") as probe:  # body left unread
+        assert probe.status == 200
+        assert sc.breaker("api").state is State.CLOSED
+        status, _, _ = await get(http, f"{sc.proxy}/api/ok")
+        assert status == 200
+
+
+async def test_a_slow_upload_is_not_an_upstream_timeout(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(routes(upstream.url).replace("request: 2s", "request: 200ms"))
+
+    async def trickle() -> Any:
+        for _ in range(5):  # 0.5 s in all, more than the request timeout
+            await asyncio.sleep(0.1)
+            yield b"x" * 100
+
+    async with http.post(f"{sc.proxy}/api/upload", data=trickle()) as response:
+        assert response.status == 200
+        assert (await response.json())["received"] == 500
+    assert sc.breaker("api").consecutive_failures == 0
+
+
+async def test_a_client_that_stops_sending_its_body_gets_408_and_counts_nothing(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    sc = await start_sidecar(routes(upstream.url).replace("request: 2s", "request: 100ms"))
+    host, port = sc.proxy[len("http://") :].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /api/upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000\r\n\r\nonly-this")
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    body = await reader.read(200)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
+    assert body == b'{"error":"client_timeout","route":"api"}'
+    assert sc.breaker("api").consecutive_failures == 0
+    assert sc.sample("sidecar_requests_total", route="api", code="408") == 1
+
+
+async def test_absolute_form_is_forwarded_by_its_path(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    sc = await start_sidecar(
+        f"routes:\n  - {{name: all, match: {{path_prefix: /}}, upstream: '{upstream.url}/base'}}\n"
+    )
+    data = await raw_exchange(
+        sc.proxy,
+        b"GET http://evil.example/x?q=1 HTTP/1.1\r\n"
+        b"Host: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    assert data.startswith(b"HTTP/1.1 200")
+    assert upstream.requests[-1]["path"] == "/base/x?q=1"
+
+
+async def test_every_connection_header_and_the_whole_proxy_family_are_dropped(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    sc = await start_sidecar(routes(upstream.url))
+    await raw_exchange(
+        sc.proxy,
+        b"GET /api/x HTTP/1.1\r\nHost: svc\r\n"
+        b"Connection: keep-alive\r\nConnection: X-Second, close\r\nX-Second: secret\r\n"
+        b"Proxy-Foo: 1\r\nProxy: 2\r\n"
+        b"X-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: 2.2.2.2\r\n\r\n",
+    )
+    headers = {k.lower(): v for k, v in upstream.requests[-1]["headers"]}  # type: ignore[union-attr]
+    assert "x-second" not in headers
+    assert "proxy-foo" not in headers and "proxy" not in headers
+    assert headers["x-forwarded-for"] == "1.1.1.1, 2.2.2.2, 127.0.0.1"
+
+
+async def test_a_clients_own_x_forwarded_host_is_not_passed_on(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    sc = await start_sidecar(routes(upstream.url))
+    await raw_exchange(sc.proxy, b"GET /api/x HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\n\r\n")
+    headers = {k.lower(): v for k, v in upstream.requests[-1]["headers"]}  # type: ignore[union-attr]
+    assert "x-forwarded-host" not in headers
+
+
+async def test_no_content_type_is_invented_for_a_request(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    sc = await start_sidecar(routes(upstream.url))
+    await raw_exchange(
+        sc.proxy,
+        b"POST /api/x HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    )
+    headers = {k.lower(): v for k, v in upstream.requests[-1]["headers"]}  # type: ignore[union-attr]
+    assert "content-type" not in headers
+    assert upstream.requests[-1]["body"] == "hi"
+
+
+async def test_a_body_ending_with_the_connection_that_is_reset_aborts_the_client(
+    start_sidecar: StartSidecar, raw_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"p" * 5000)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # let the first bytes reach the sidecar before the reset
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.close()
+
+    sc = await start_sidecar(routes(await raw_upstream(handler)))
+    async with http.get(f"{sc.proxy}/api/x") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="reset") == 1
+
+
+async def test_an_unsolicited_101_is_a_502(
+    start_sidecar: StartSidecar, raw_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: nonsense\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    sc = await start_sidecar(routes(await raw_upstream(handler)))
+    status, _, body = await get(http, f"{sc.proxy}/api/x")
+    assert (status, body) == (502, b'{"error":"upstream_unreachable","route":"api"}')
