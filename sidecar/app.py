@@ -43,7 +43,9 @@ class Sidecar:
         # Every route's breaker and series exist from here, before the first scrape.
         self.proxy = Proxy(config.routes, self.metrics, clock)
         self.proxy_app = web.Application()
-        self.proxy_app.router.add_route("*", "/{path:.*}", self.proxy.handle)
+        self.proxy_app.router.add_route(
+            "*", "/{path:.*}", self.proxy.handle, expect_handler=self.proxy.expect
+        )
         self.proxy_app.cleanup_ctx.append(self._client_session)
         self.admin_app = create_admin_app(self.metrics, self.health)
         self._runners: list[web.AppRunner] = []

@@ -157,15 +157,21 @@ class Breaker:
 
     def acquire(self) -> Permit | Rejection:
         """Admit one request, or say why not."""
+        rejection = self.rejection()
+        if rejection is not None:
+            return rejection
+        if self._state is State.HALF_OPEN:
+            self._probes_in_flight += 1
+        return Permit(self, self._generation, self._state)
+
+    def rejection(self) -> Rejection | None:
+        """What `acquire()` would answer now if it rejects, without taking a probe slot."""
         state = self.state
-        if state is State.CLOSED:
-            return Permit(self, self._generation, state)
         if state is State.OPEN:
             return Rejection(state, max(1, math.ceil(self._open_until - self._clock())))
-        if self._probes_in_flight < self.settings.half_open_requests:
-            self._probes_in_flight += 1
-            return Permit(self, self._generation, state)
-        return Rejection(state, 1)
+        if state is State.HALF_OPEN and self._probes_in_flight >= self.settings.half_open_requests:
+            return Rejection(state, 1)
+        return None
 
     def _on_success(self, permit: Permit) -> None:
         if permit.generation != self._generation:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -133,23 +133,14 @@ class Proxy:
         return [t.breaker for t in self.targets]
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        raw_path = request.raw_path
-        if raw_path[:1] != "/":
-            # Absolute form (`GET http://host/x`): routed by its path like any other,
-            # never sent to the host it names.
-            raw_path = request.rel_url.raw_path_qs
-        target = self._router.match(request.headers.get("Host"), raw_path.partition("?")[0])
+        raw_path, target = self._route(request)
         if target is None:
             self._metrics.unrouted.inc()
             return error_response(404, "no_route")
 
         permit = target.breaker.acquire()
         if isinstance(permit, Rejection):
-            half_open = permit.state is State.HALF_OPEN
-            reason = "circuit_half_open" if half_open else "circuit_open"
-            target.metrics.rejected[reason].inc()
-            target.metrics.count_response(503)
-            return error_response(503, reason, target.route.name, permit.retry_after)
+            return self._reject(target, permit)
 
         in_flight = target.metrics.in_flight
         in_flight.inc()
@@ -160,6 +151,36 @@ class Proxy:
             # Still open here only if the client went away (cancellation) before an
             # outcome was known: that is neither success nor failure, and frees a probe slot.
             permit.released()
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: refuse at once what would be refused, before any upload."""
+        _, target = self._route(request)
+        rejection = target.breaker.rejection() if target is not None else None
+        if target is not None and rejection is not None:
+            return self._reject(target, rejection)
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error_response(417, "expectation_failed")
+        if request.version >= HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # A request no route matches is answered by `handle`, which counts it.
+        return None
+
+    def _route(self, request: web.BaseRequest) -> tuple[str, Target | None]:
+        """The raw path and query to forward, and the route's target (None: no route)."""
+        raw_path = request.raw_path
+        if raw_path[:1] != "/":
+            # Absolute form (`GET http://host/x`): routed by its path like any other,
+            # never sent to the host it names.
+            raw_path = request.rel_url.raw_path_qs
+        path = raw_path.partition("?")[0]
+        return raw_path, self._router.match(request.headers.get("Host"), path)
+
+    @staticmethod
+    def _reject(target: Target, rejection: Rejection) -> web.Response:
+        reason = "circuit_half_open" if rejection.state is State.HALF_OPEN else "circuit_open"
+        target.metrics.rejected[reason].inc()
+        target.metrics.count_response(503)
+        return error_response(503, reason, target.route.name, rejection.retry_after)
 
     async def _forward(
         self, request: web.BaseRequest, target: Target, permit: Permit, raw_path: str

@@ -620,3 +620,37 @@ async def test_an_unsolicited_101_is_a_502(
     sc = await start_sidecar(routes(await raw_upstream(handler)))
     status, _, body = await get(http, f"{sc.proxy}/api/x")
     assert (status, body) == (502, b'{"error":"upstream_unreachable","route":"api"}')
+
+
+async def test_expect_100_continue_is_refused_at_once_while_open(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(routes(upstream.url))
+    await trip(http, sc)
+    data = await raw_exchange(
+        sc.proxy,
+        b"PUT /api/upload HTTP/1.1\r\nHost: svc\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 1000000000\r\nConnection: close\r\n\r\n",
+    )
+    assert data.startswith(b"HTTP/1.1 503")  # never "100 Continue" first
+    assert data.endswith(b'{"error":"circuit_open","route":"api","retry_after":10}')
+    assert sc.sample("sidecar_rejected_requests_total", route="api", reason="circuit_open") == 1
+
+
+async def test_expect_100_continue_while_closed_forwards_the_body(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    sc = await start_sidecar(routes(upstream.url))
+    host, port = sc.proxy[len("http://") :].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"PUT /api/upload HTTP/1.1\r\nHost: svc\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 5\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    data = await reader.read()
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b'"received": 5' in data
