@@ -654,3 +654,18 @@ async def test_expect_100_continue_while_closed_forwards_the_body(
     writer.close()
     assert data.startswith(b"HTTP/1.1 200")
     assert b'"received": 5' in data
+
+
+def test_error_bodies_are_valid_json() -> None:
+    import json
+
+    from sidecar.proxy import error_response
+
+    for response in (
+        error_response(404, "no_route"),
+        error_response(502, "upstream_unreachable", "r-1_x"),
+        error_response(503, "circuit_open", "r", 17),
+    ):
+        assert response.body is not None
+        assert isinstance(json.loads(response.body), dict)  # type: ignore[arg-type]
+    assert error_response(503, "circuit_open", "r", 17).headers["Retry-After"] == "17"
