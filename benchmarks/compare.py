@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import http.client
 import json
+import math
 import os
 import platform
 import re
@@ -45,6 +46,8 @@ HOST = "127.0.0.1"
 SERVER_CPU = "0"
 WRK_CPU = "1"
 PASS_RATIO = 0.90
+STEAL_WARNING = 5.0
+"""Steal time (percent of CPU 0) above which a run is flagged as disturbed."""
 ROUTE = "bench"
 CLOSED_PORT = 1
 """Nothing listens on 127.0.0.1:1: the OPEN setup's upstream, refused at once."""
@@ -191,6 +194,8 @@ class Setup:
     prepare: Callable[[int], None] | None = None
     ok_status: str = "2xx"
     """What wrk should see: "2xx" (no Non-2xx line) or "503" (every response non-2xx)."""
+    forwards: bool = True
+    """Whether requests reach the upstream (its CPU per request is reported then)."""
 
 
 def _python(script: str, *args: str) -> list[str]:
@@ -254,6 +259,7 @@ SETUPS = [
         lambda ctx, port: _python("bare503.py", "--port", str(port)),
         expect_circuit_open,
         ok_status="503",
+        forwards=False,
     ),
     Setup(
         "sidecar-open",
@@ -262,6 +268,7 @@ SETUPS = [
         expect_circuit_open,
         prepare=trip_breaker,
         ok_status="503",
+        forwards=False,
     ),
 ]
 RATIOS = [("sidecar-forward", "minimal-proxy"), ("sidecar-open", "bare-503")]
@@ -278,6 +285,12 @@ class WrkResult:
     requests: int
     non_2xx: int
     socket_errors: int
+    server_cpu_us: float = float("nan")
+    """CPU time (user + system) of the server under test per request, in microseconds."""
+    upstream_cpu_us: float = float("nan")
+    """The same for the upstream process (forwarding setups only)."""
+    steal_pct: float = float("nan")
+    """Share of CPU 0's time stolen by the hypervisor during the run (noisy neighbours)."""
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -309,6 +322,29 @@ def parse_wrk(output: str) -> WrkResult:
         non_2xx=int(non_2xx[1]) if non_2xx else 0,
         socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
     )
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (from /proc; NaN if unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_ticks(cpu: str) -> tuple[int, int]:
+    """(steal, total) jiffies of one CPU so far, from /proc/stat; (0, 0) if unreadable."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *values = line.split()
+            if name == f"cpu{cpu}":
+                numbers = [int(v) for v in values[:8]]
+                return numbers[7], sum(numbers)
+    return 0, 0
 
 
 def run_wrk(processes: Processes, url: str, seconds: int, connections: int, log: Path) -> WrkResult:
@@ -366,11 +402,13 @@ def measure(
         raise BenchError(f"the upstream exited with {upstream.returncode}")
     log = ctx.tmp / f"{setup.name}.{round_no}.log"
     server = None
+    measured = upstream.pid
     if setup.name == "upstream-direct":
         port = ctx.upstream_port
     else:
         port = free_port()
         server = ctx.processes.start(pinned(SERVER_CPU, setup.command(ctx, port)), log)
+        measured = server.pid
     try:
         if server is not None:
             wait_for_port(port, server, log)
@@ -380,7 +418,23 @@ def measure(
         url = f"http://{HOST}:{port}/bench/item?id=1"
         if args.warmup > 0:
             run_wrk(ctx.processes, url, args.warmup, args.connections, log)
+        cpu0, up0, (steal0, total0) = (
+            cpu_seconds(measured),
+            cpu_seconds(upstream.pid),
+            cpu_ticks(SERVER_CPU),
+        )
         result = run_wrk(ctx.processes, url, args.duration, args.connections, log)
+        cpu1, up1, (steal1, total1) = (
+            cpu_seconds(measured),
+            cpu_seconds(upstream.pid),
+            cpu_ticks(SERVER_CPU),
+        )
+        if result.requests:
+            result.server_cpu_us = (cpu1 - cpu0) / result.requests * 1e6
+            if setup.forwards and server is not None:
+                result.upstream_cpu_us = (up1 - up0) / result.requests * 1e6
+        if total1 > total0:
+            result.steal_pct = 100.0 * (steal1 - steal0) / (total1 - total0)
         if server is not None and server.poll() is not None:
             raise BenchError(f"{setup.name} exited during the run:\n{tail(log)}")
         return result
@@ -421,7 +475,28 @@ def describe_machine() -> list[str]:
         f"python    {platform.python_version()}, aiohttp {aiohttp_version}, "
         f"uvloop {uvloop_version}",
         f"wrk       {wrk_version.strip() or 'unknown'}",
+        f"sidecar   {sidecar_revision()}",
     ]
+
+
+def sidecar_revision() -> str:
+    """The commit the sidecar code was measured at, and whether sidecar/ had local edits."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "sidecar"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"git {head}" + (" + uncommitted edits in sidecar/" if dirty else " (sidecar/ clean)")
 
 
 def check_cpus() -> None:
@@ -461,11 +536,17 @@ def run(args: argparse.Namespace) -> Results:
                     print(
                         f"round {round_no}/{args.rounds}  {setup.name:<16} "
                         f"{result.rps:>10.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
-                        f"p99 {result.p99_ms:6.2f} ms" + (f"  !! {note}" if note else ""),
+                        f"p99 {result.p99_ms:6.2f} ms  cpu {_us(result.server_cpu_us):>4} us/req  "
+                        f"steal {result.steal_pct:4.1f}%" + (f"  !! {note}" if note else ""),
                         flush=True,
                     )
         finally:
-            processes.stop_all()
+            # A second Ctrl-C must not cut the clean-up short.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                processes.stop_all()
+            finally:
+                signal.signal(signal.SIGINT, previous)
     return results
 
 
@@ -475,37 +556,54 @@ def _anomaly(setup: Setup, result: WrkResult) -> str:
         notes.append(f"{result.socket_errors} socket errors")
     if setup.ok_status == "2xx" and result.non_2xx:
         notes.append(f"{result.non_2xx} non-2xx responses")
+    if result.steal_pct > STEAL_WARNING:
+        notes.append(f"{result.steal_pct:.0f}% of CPU {SERVER_CPU} stolen by the hypervisor")
     if setup.ok_status == "503" and result.non_2xx != result.requests:
         notes.append(f"only {result.non_2xx} of {result.requests} responses were non-2xx")
     return ", ".join(notes)
 
 
+def _us(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0f}"
+
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else float("nan")
+
+
 def report(results: Results, args: argparse.Namespace, machine: list[str]) -> str:
-    lines = ["", "=" * 78, "sidecar throughput comparison (issue 2)", *machine]
+    lines = ["", "=" * 100, "sidecar throughput comparison (issue 2)", *machine]
     lines.append(
-        f"load      taskset -c {WRK_CPU} wrk -t1 -c{args.connections} -d{args.duration:g}s "
-        f"--latency (warm-up {args.warmup:g}s); servers and upstream on CPU {SERVER_CPU}; "
+        f"load      taskset -c {WRK_CPU} wrk -t1 -c{args.connections} -d{args.duration}s "
+        f"--latency (warm-up {args.warmup}s); servers and upstream on CPU {SERVER_CPU}; "
         f"{args.rounds} rounds, interleaved"
     )
     lines.append("")
     lines.append(
-        f"{'setup':<16} {'median req/s':>12} {'min':>9} {'max':>9} "
-        f"{'p50 ms':>7} {'p99 ms':>7}   per round"
+        f"{'setup':<16} {'median req/s':>12} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'cpu us/req':>10} {'upstr us/req':>12} {'steal%':>6}   req/s per round"
     )
     medians: dict[str, float] = {}
     for setup in SETUPS:
         runs = results.by_setup[setup.name]
         if not runs:
             continue
-        rps = [r.rps for r in runs]
-        medians[setup.name] = statistics.median(rps)
+        medians[setup.name] = statistics.median(r.rps for r in runs)
         lines.append(
-            f"{setup.name:<16} {medians[setup.name]:>12.0f} {min(rps):>9.0f} {max(rps):>9.0f} "
-            f"{statistics.median(r.p50_ms for r in runs):>7.2f} "
-            f"{statistics.median(r.p99_ms for r in runs):>7.2f}   "
-            + " ".join(f"{x:.0f}" for x in rps)
+            f"{setup.name:<16} {medians[setup.name]:>12.0f} "
+            f"{_median([r.p50_ms for r in runs]):>7.2f} "
+            f"{_median([r.p99_ms for r in runs]):>7.2f} "
+            f"{_us(_median([r.server_cpu_us for r in runs])):>10} "
+            f"{_us(_median([r.upstream_cpu_us for r in runs])):>12} "
+            f"{_median([r.steal_pct for r in runs]):>6.1f}   "
+            + " ".join(f"{r.rps:.0f}" for r in runs)
         )
     lines.append("")
+    lines.append(
+        f"ratio of medians (the verdict; bar {PASS_RATIO:.2f})   "
+        "[median and range of the per-round ratios]"
+    )
     for ours, baseline in RATIOS:
         if ours not in medians or baseline not in medians:
             continue
@@ -516,8 +614,8 @@ def report(results: Results, args: argparse.Namespace, machine: list[str]) -> st
         ]
         verdict = "PASS" if ratio >= PASS_RATIO else "FAIL"
         lines.append(
-            f"{ours + ' / ' + baseline:<34} {ratio:5.3f}  {verdict} (bar {PASS_RATIO:.2f}; "
-            f"per-round {min(paired):.3f}..{max(paired):.3f})"
+            f"  {ours + ' / ' + baseline:<34} {ratio:5.3f}  {verdict}   "
+            f"[{statistics.median(paired):.3f}, {min(paired):.3f}..{max(paired):.3f}]"
         )
     if results.warnings:
         lines.append("")
@@ -526,7 +624,10 @@ def report(results: Results, args: argparse.Namespace, machine: list[str]) -> st
     lines.append("")
     for setup in SETUPS:
         lines.append(f"  {setup.name:<16} {setup.description}")
-    lines.append("=" * 78)
+    lines.append("  cpu us/req   user+system CPU time of the server under test, per request")
+    lines.append("  upstr us/req the same for the upstream (forwarding setups)")
+    lines.append("  steal%       CPU 0 time taken by the hypervisor during the run (high: noisy)")
+    lines.append("=" * 100)
     return "\n".join(lines)
 
 
@@ -536,16 +637,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument(
-        "--duration", type=int, default=5.0, help="seconds of each measured wrk run (default 5)"
+        "--duration", type=int, default=5, help="seconds of each measured wrk run (default 5)"
     )
     parser.add_argument(
-        "--warmup", type=int, default=1.0, help="seconds of wrk before each measurement (default 1)"
+        "--warmup", type=int, default=1, help="seconds of wrk before each measurement (default 1)"
     )
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration < 1 or args.connections < 1 or args.warmup < 0:
         parser.error("--rounds, --duration and --connections must be at least 1, --warmup 0")
 
+    # Ctrl-C, even when started from a shell that ignores SIGINT in background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_interrupt)
     try:
