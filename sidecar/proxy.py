@@ -133,19 +133,19 @@ class Proxy:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw_path, target = self._route(request)
         if target is None:
-            self._metrics.unrouted.inc()
+            self._metrics.unrouted += 1
             return error_response(404, "no_route")
 
         permit = target.breaker.acquire()
         if isinstance(permit, Rejection):
             return self._reject(target, permit)
 
-        in_flight = target.metrics.in_flight
-        in_flight.inc()
+        metrics = target.metrics
+        metrics.in_flight += 1
         try:
             return await self._forward(request, target, permit, raw_path)
         finally:
-            in_flight.dec()
+            metrics.in_flight -= 1
             # Still open here only if the client went away (cancellation) before an
             # outcome was known: that is neither success nor failure, and frees a probe slot.
             permit.released()
@@ -154,7 +154,7 @@ class Proxy:
         """`Expect: 100-continue`: refuse at once what would be refused, before any upload."""
         _, target = self._route(request)
         if target is None:
-            self._metrics.unrouted.inc()
+            self._metrics.unrouted += 1
             return error_response(404, "no_route")
         rejection = target.breaker.rejection()
         if rejection is not None:
@@ -178,7 +178,7 @@ class Proxy:
     @staticmethod
     def _reject(target: Target, rejection: Rejection) -> web.Response:
         reason = "circuit_half_open" if rejection.state is State.HALF_OPEN else "circuit_open"
-        target.metrics.rejected[reason].inc()
+        target.metrics.rejected[reason] += 1
         target.metrics.count_response(503)
         return error_response(503, reason, target.route.name, rejection.retry_after)
 
@@ -206,7 +206,7 @@ class Proxy:
             )
         except UpstreamError as e:
             permit.failed()
-            metrics.failures[e.kind].inc()
+            metrics.failures[e.kind] += 1
             error = "upstream_timeout" if e.kind == "timeout" else "upstream_unreachable"
             status = _ERROR_STATUS[error]
             metrics.count_response(status)
@@ -220,10 +220,10 @@ class Proxy:
             return error_response(400, "bad_request", route.name)
 
         try:
-            metrics.duration.observe(loop.time() - started)
+            metrics.observe_duration(loop.time() - started)
             if upstream.status in route.breaker.failure_status:
                 permit.failed()
-                metrics.failures["status"].inc()
+                metrics.failures["status"] += 1
             elif permit.state is State.HALF_OPEN:
                 # A probe is judged by its answer: its slot must not wait on a long body,
                 # nor on a client that reads slowly (or not at all).
@@ -247,7 +247,7 @@ class Proxy:
             except UpstreamError as e:
                 if not permit.done:
                     permit.failed()
-                    metrics.failures[e.kind].inc()
+                    metrics.failures[e.kind] += 1
                 # Never end the response as if it were whole: abort the client's connection.
                 if request.transport is not None:
                     request.transport.abort()

@@ -92,6 +92,9 @@ async def test_metric_values_after_a_scripted_scenario(
     assert s("sidecar_rejected_requests_total", reason="circuit_open") == 2
     assert s("sidecar_upstream_failures_total", kind="status") == 4
     assert s("sidecar_upstream_request_duration_seconds_count") == 6
+    assert s("sidecar_upstream_request_duration_seconds_bucket", le="+Inf") == 6
+    assert s("sidecar_upstream_request_duration_seconds_bucket", le="60.0") == 6
+    assert 0 < (s("sidecar_upstream_request_duration_seconds_sum") or 0) < 60
     assert s("sidecar_in_flight_requests") == 0
     assert s("sidecar_breaker_consecutive_failures") == 0
     transitions = {
