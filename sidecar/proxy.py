@@ -25,7 +25,6 @@ from sidecar.upstream import (
     InvalidRequest,
     UpstreamError,
     client_timeout,
-    iter_body,
     send,
 )
 
@@ -195,7 +194,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            upstream = await send(
+            exchange = await send(
                 self._session,
                 request.method,
                 url,
@@ -219,6 +218,7 @@ class Proxy:
             metrics.count_response(400)
             return error_response(400, "bad_request", route.name)
 
+        upstream = exchange.response
         try:
             metrics.observe_duration(loop.time() - started)
             if upstream.status in route.breaker.failure_status:
@@ -237,7 +237,7 @@ class Proxy:
             try:
                 await response.prepare(request)
                 metrics.count_response(upstream.status)
-                async for chunk in iter_body(upstream, route.timeouts.request):
+                async for chunk in exchange.body():
                     await response.write(chunk)
                 permit.succeeded()
                 await response.write_eof()
@@ -253,9 +253,7 @@ class Proxy:
                     request.transport.abort()
             return response
         finally:
-            # A no-op once the body was read whole (the connection went back to the
-            # pool then); otherwise the connection is closed, never reused half-read.
-            upstream.close()
+            exchange.close()
 
     @staticmethod
     def _add_forwarded(request: web.BaseRequest, headers: CIMultiDict[str]) -> None:

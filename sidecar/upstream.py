@@ -24,13 +24,13 @@ from sidecar.config import Timeouts
 
 __all__ = [
     "ClientBodyTimeout",
+    "Exchange",
     "InvalidRequest",
     "UpstreamError",
     "UpstreamReset",
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "client_timeout",
-    "iter_body",
     "new_client_session",
     "send",
     "translate",
@@ -105,32 +105,74 @@ def translate(exc: BaseException, *, after_headers: bool) -> UpstreamError:
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     """aiohttp's own deadlines for a route, made once: only the TCP connect.
 
-    The request deadline is kept by `send` (it must not run while the client is
-    still uploading) and the body's idle deadline by `iter_body`.
+    The request deadline (which must not run while the client is still
+    uploading) and the body's idle deadline are kept by one `_Watchdog`.
     """
     return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeouts.connect)
+
+
+class _Watchdog:
+    """One timer for a whole upstream exchange, instead of one per await.
+
+    Progress (a chunk of the upload, each wait for the response body) moves the
+    deadline without touching the timer. When the timer fires, it re-arms at the
+    moved deadline, or at a fresh one while `paused` (the sidecar is writing to
+    its client, which is not the upstream's time), or else cancels the task;
+    `expired()` then tells that cancellation from any other.
+    """
+
+    __slots__ = ("_deadline", "_fired", "_handle", "_loop", "_task", "_timeout", "paused")
+
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._timeout = timeout
+        self._deadline = self._loop.time() + timeout
+        self._handle = self._loop.call_at(self._deadline, self._fire)
+        self._fired = False
+        self.paused = False
+
+    def progress(self) -> None:
+        self._deadline = self._loop.time() + self._timeout
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def expired(self) -> bool:
+        """After a CancelledError: was it this deadline alone (then it is swallowed)?"""
+        return self._fired and self._task.uncancel() == 0
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        if self.paused:
+            self._deadline = now + self._timeout
+        if now < self._deadline:
+            self._handle = self._loop.call_at(self._deadline, self._fire)
+            return
+        self._fired = True
+        self._task.cancel()
 
 
 class _Upload:
     """The client's request body on its way upstream.
 
-    Every chunk that moves pushes the request deadline out again, and the
-    deadline only starts for real once the body is whole, as Envoy's route
-    timeout does: a slow uploader is not an upstream timeout. `waiting_on_client`
-    says whose turn it was when a deadline passed.
+    Every chunk that moves pushes the request deadline out again, so the
+    deadline only runs for real once the body is whole, as Envoy's route timeout
+    does: a slow uploader is not an upstream timeout. `waiting_on_client` says
+    whose turn it was when the deadline passed.
     """
 
-    __slots__ = ("_deadline", "_idle", "_source", "client_failed", "waiting_on_client")
+    __slots__ = ("_source", "_watchdog", "client_failed", "waiting_on_client")
 
-    def __init__(self, source: aiohttp.StreamReader, deadline: asyncio.Timeout, idle: float):
+    def __init__(self, source: aiohttp.StreamReader, watchdog: _Watchdog) -> None:
         self._source = source
-        self._deadline = deadline
-        self._idle = idle
+        self._watchdog = watchdog
         self.waiting_on_client = False
         self.client_failed = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
         while True:
             self.waiting_on_client = True
             try:
@@ -139,10 +181,57 @@ class _Upload:
                 self.client_failed = True  # e.g. broken chunked framing from the client
                 raise
             self.waiting_on_client = False
-            self._deadline.reschedule(loop.time() + self._idle)
+            self._watchdog.progress()
             if not chunk:
                 return
             yield chunk
+
+
+class Exchange:
+    """One request to an upstream, from its response headers to the end of its body."""
+
+    __slots__ = ("_closed", "_watchdog", "response")
+
+    def __init__(self, response: aiohttp.ClientResponse, watchdog: _Watchdog) -> None:
+        self.response = response
+        self._watchdog = watchdog
+        watchdog.paused = True  # the body's clock starts when the proxy asks for it
+        self._closed = _read_until_close(response)
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The response body as it arrives.
+
+        Raises `UpstreamTimeout` when nothing arrives for the request timeout, and
+        `UpstreamReset` when the upstream breaks off, including a reset of a body
+        that was to end with the connection (which aiohttp alone takes for an end).
+        """
+        watchdog = self._watchdog
+        content = self.response.content
+        try:
+            while True:
+                watchdog.paused = False
+                watchdog.progress()
+                chunk = await content.readany()
+                watchdog.paused = True
+                if not chunk:
+                    break
+                yield chunk
+        except asyncio.CancelledError:
+            if watchdog.expired():
+                raise UpstreamTimeout("the response body stalled") from None
+            raise
+        except (aiohttp.ClientError, OSError) as e:
+            raise translate(e, after_headers=True) from e
+        closed = self._closed
+        if closed is not None and closed.done() and not closed.cancelled():
+            error = closed.exception()
+            if error is not None:
+                raise UpstreamReset(str(error))
+
+    def close(self) -> None:
+        """Let the connection go: back to the pool if the body was read whole, else closed."""
+        self._watchdog.stop()
+        self.response.close()
 
 
 async def send(
@@ -153,45 +242,48 @@ async def send(
     body: aiohttp.StreamReader | None,
     timeout: aiohttp.ClientTimeout,
     request_timeout: float,
-) -> aiohttp.ClientResponse:
+) -> Exchange:
     """Send a request upstream and return once its response headers are in.
 
     Raises `UpstreamError`, `ClientBodyTimeout` (the client stopped sending its
     body), or `InvalidRequest` (aiohttp will not send what the client sent).
+    The caller must `close()` the exchange.
     """
-    upload: _Upload | None = None
+    watchdog = _Watchdog(request_timeout)
+    upload = _Upload(body, watchdog) if body is not None else None
     try:
-        async with asyncio.timeout(request_timeout) as deadline:
-            data = None
-            if body is not None:
-                upload = _Upload(body, deadline, request_timeout)
-                data = upload.chunks()
-            response = await session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                timeout=timeout,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
-            )
-    except TimeoutError as e:
+        response = await session.request(
+            method,
+            url,
+            headers=headers,
+            data=upload.chunks() if upload is not None else None,
+            timeout=timeout,
+            allow_redirects=False,
+            compress=None,
+            chunked=None,
+        )
+    except asyncio.CancelledError:
+        watchdog.stop()
+        if not watchdog.expired():
+            raise
         if upload is not None and upload.waiting_on_client:
-            raise ClientBodyTimeout("the client stopped sending its request body") from e
-        raise translate(e, after_headers=False) from e
-    except (aiohttp.ClientError, OSError) as e:
+            raise ClientBodyTimeout("the client stopped sending its request body") from None
+        raise UpstreamTimeout("no response headers in time") from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        watchdog.stop()
         if upload is not None and upload.client_failed:
             raise InvalidRequest("the client's request body broke off") from e
         raise translate(e, after_headers=False) from e
     except ValueError as e:  # e.g. a header value aiohttp refuses to put on the wire
+        watchdog.stop()
         raise InvalidRequest(str(e)) from e
     if not 200 <= response.status <= 599:
         # 1xx were consumed by aiohttp; a 101 nobody asked for, or a status out of
         # range, is not an answer a client can use.
+        watchdog.stop()
         response.close()
         raise UpstreamUnreachable(f"unusable status {response.status}")
-    return response
+    return Exchange(response, watchdog)
 
 
 def _read_until_close(response: aiohttp.ClientResponse) -> asyncio.Future[None] | None:
@@ -210,27 +302,3 @@ def _read_until_close(response: aiohttp.ClientResponse) -> asyncio.Future[None] 
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()  # marks it retrieved: no "never retrieved" noise
-
-
-async def iter_body(response: aiohttp.ClientResponse, idle_timeout: float) -> AsyncIterator[bytes]:
-    """The response body as it arrives.
-
-    Raises `UpstreamTimeout` when nothing arrives for `idle_timeout` seconds and
-    `UpstreamReset` when the upstream breaks off, including a reset of a body
-    that was to end with the connection (which aiohttp alone takes for an end).
-    """
-    closed = _read_until_close(response)
-    content = response.content
-    try:
-        while True:
-            async with asyncio.timeout(idle_timeout):
-                chunk = await content.readany()
-            if not chunk:
-                break
-            yield chunk
-    except (TimeoutError, aiohttp.ClientError, OSError) as e:
-        raise translate(e, after_headers=True) from e
-    if closed is not None and closed.done() and not closed.cancelled():
-        error = closed.exception()
-        if error is not None:
-            raise UpstreamReset(str(error))

@@ -669,3 +669,45 @@ def test_error_bodies_are_valid_json() -> None:
         assert response.body is not None
         assert isinstance(json.loads(response.body), dict)  # type: ignore[arg-type]
     assert error_response(503, "circuit_open", "r", 17).headers["Retry-After"] == "17"
+
+
+async def test_a_stalled_response_body_times_out_and_aborts_the_client(
+    start_sidecar: StartSidecar, raw_upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    stop = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"d" * 10)
+        await writer.drain()
+        await stop.wait()  # ... and nothing more
+        writer.close()
+
+    sc = await start_sidecar(
+        routes(await raw_upstream(handler)).replace("request: 2s", "request: 100ms")
+    )
+    try:
+        async with http.get(f"{sc.proxy}/api/x") as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+    finally:
+        stop.set()
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="timeout") == 1
+    assert sc.breaker("api").consecutive_failures == 1
+
+
+async def test_a_slow_reader_is_not_an_upstream_timeout(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(routes(upstream.url).replace("request: 2s", "request: 100ms"))
+    size = 32 << 20  # far more than the socket buffers: the sidecar must wait on the client
+    received = 0
+    async with http.get(f"{sc.proxy}/api/big/{size}") as response:
+        received += len(await response.content.readany())
+        await asyncio.sleep(0.4)  # the client dawdles, well past the request timeout
+        async for chunk in response.content.iter_any():
+            received += len(chunk)
+    assert received == size
+    assert sc.breaker("api").consecutive_failures == 0
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="timeout") == 0
