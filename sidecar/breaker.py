@@ -157,18 +157,26 @@ class Breaker:
 
     def acquire(self) -> Permit | Rejection:
         """Admit one request, or say why not."""
+        state = self._state
+        if state is State.CLOSED:  # the common case, kept to one comparison
+            return Permit(self, self._generation, state)
         rejection = self.rejection()
         if rejection is not None:
             return rejection
-        if self._state is State.HALF_OPEN:
+        state = self._state
+        if state is State.HALF_OPEN:
             self._probes_in_flight += 1
-        return Permit(self, self._generation, self._state)
+        return Permit(self, self._generation, state)
 
     def rejection(self) -> Rejection | None:
         """What `acquire()` would answer now if it rejects, without taking a probe slot."""
-        state = self.state
+        state = self._state
         if state is State.OPEN:
-            return Rejection(state, max(1, math.ceil(self._open_until - self._clock())))
+            left = self._open_until - self._clock()
+            if left > 0:
+                return Rejection(state, max(1, math.ceil(left)))
+            self._transition(State.HALF_OPEN)
+            state = State.HALF_OPEN
         if state is State.HALF_OPEN and self._probes_in_flight >= self.settings.half_open_requests:
             return Rejection(state, 1)
         return None

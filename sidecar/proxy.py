@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import HttpVersion11, web
@@ -48,6 +48,9 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "expect"}
 """Host is rewritten to the upstream's; aiohttp's server already answered `Expect: 100-continue`."""
 
+REJECTION_CACHE_SIZE = 1024
+"""Finished 503s kept per route: one per second of `Retry-After` counting down."""
+
 _ERROR_STATUS = {"upstream_unreachable": 502, "upstream_timeout": 504}
 
 
@@ -60,6 +63,10 @@ class Target:
     metrics: RouteMetrics
     origin: str
     timeout: aiohttp.ClientTimeout
+    rejections: dict[tuple[State, int], tuple[str, bytes, CIMultiDict[str]]] = field(
+        default_factory=dict
+    )
+    """Finished 503s by (state, retry_after), so that rejecting formats nothing."""
 
 
 def error_response(
@@ -130,7 +137,10 @@ class Proxy:
         return [t.breaker for t in self.targets]
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        raw_path, target = self._route(request)
+        raw_path = request.raw_path
+        if raw_path[:1] != "/":
+            raw_path = request.rel_url.raw_path_qs  # see _route
+        target = self._router.match(request.headers.get("Host"), raw_path.partition("?")[0])
         if target is None:
             self._metrics.unrouted += 1
             return error_response(404, "no_route")
@@ -176,10 +186,21 @@ class Proxy:
 
     @staticmethod
     def _reject(target: Target, rejection: Rejection) -> web.Response:
-        reason = "circuit_half_open" if rejection.state is State.HALF_OPEN else "circuit_open"
-        target.metrics.rejected[reason] += 1
-        target.metrics.count_response(503)
-        return error_response(503, reason, target.route.name, rejection.retry_after)
+        key = (rejection.state, rejection.retry_after)
+        cached = target.rejections.get(key)
+        if cached is None:
+            half_open = rejection.state is State.HALF_OPEN
+            reason = "circuit_half_open" if half_open else "circuit_open"
+            made = error_response(503, reason, target.route.name, rejection.retry_after)
+            assert isinstance(made.body, bytes)
+            cached = (reason, made.body, CIMultiDict(made.headers))
+            if len(target.rejections) < REJECTION_CACHE_SIZE:
+                target.rejections[key] = cached
+        reason, body, headers = cached
+        metrics = target.metrics
+        metrics.rejected[reason] += 1
+        metrics.requests[503] += 1
+        return web.Response(status=503, body=body, headers=headers)
 
     async def _forward(
         self, request: web.BaseRequest, target: Target, permit: Permit, raw_path: str
