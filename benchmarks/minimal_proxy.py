@@ -12,13 +12,12 @@ double-chunk the body). Runs on uvloop where it is installed.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from servekit import arguments, serve
 from yarl import URL
 
 HOP_BY_HOP = frozenset(
@@ -74,28 +73,9 @@ def make_app(upstream: str) -> web.Application:
     return app
 
 
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream", required=True, help="origin to forward to, http://HOST:PORT")
-    args = parser.parse_args()
-    web.run_app(
-        make_app(args.upstream),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=None,
-        loop=new_loop(),
-    )
+    args = arguments(__doc__ or "", upstream=True)
+    serve(make_app(args.upstream), args)
 
 
 if __name__ == "__main__":

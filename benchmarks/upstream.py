@@ -9,10 +9,8 @@ Runs on uvloop where it is installed.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-
 from aiohttp import web
+from servekit import arguments, serve
 
 BODY = b"x" * 99 + b"\n"
 assert len(BODY) == 100
@@ -24,22 +22,11 @@ async def handle(request: web.BaseRequest) -> web.Response:
     return web.Response(body=BODY, content_type="text/plain")
 
 
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
+    args = arguments(__doc__ or "")
     app = web.Application()
     app.router.add_route("*", "/{path:.*}", handle)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=new_loop())
+    serve(app, args)
 
 
 if __name__ == "__main__":
