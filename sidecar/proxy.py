@@ -267,6 +267,11 @@ class Proxy:
             except ConnectionResetError:
                 # The client went away mid-response: no outcome (the permit is released).
                 return response
+            except ClientBodyTimeout:
+                # The upstream answered early and waits for an upload the client stalled:
+                # the client's fault, no outcome. The response cannot end whole: abort it.
+                if request.transport is not None:
+                    request.transport.abort()
             except UpstreamError as e:
                 if not permit.done:
                     permit.failed()

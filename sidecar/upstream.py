@@ -111,6 +111,10 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeouts.connect)
 
 
+_TIMER_RESOLUTION = 0.001
+"""uvloop's timers tick in whole milliseconds: re-arming for less would spin until the tick."""
+
+
 class _Watchdog:
     """One timer for a whole upstream exchange, instead of one per await.
 
@@ -148,7 +152,7 @@ class _Watchdog:
         now = self._loop.time()
         if self.paused:
             self._deadline = now + self._timeout
-        if now < self._deadline:
+        if self._deadline - now > _TIMER_RESOLUTION:
             self._handle = self._loop.call_at(self._deadline, self._fire)
             return
         self._fired = True
@@ -164,11 +168,14 @@ class _Upload:
     whose turn it was when the deadline passed.
     """
 
-    __slots__ = ("_source", "_watchdog", "client_failed", "waiting_on_client")
+    __slots__ = ("_source", "client_failed", "waiting_on_client", "watchdog")
 
     def __init__(self, source: aiohttp.StreamReader, watchdog: _Watchdog) -> None:
         self._source = source
-        self._watchdog = watchdog
+        self.watchdog: _Watchdog | None = watchdog
+        """Set to None once the response headers are in: from then on only the
+        response body's progress may move the deadline, or an endless upload
+        would hide a stalled response."""
         self.waiting_on_client = False
         self.client_failed = False
 
@@ -177,11 +184,18 @@ class _Upload:
             self.waiting_on_client = True
             try:
                 chunk = await self._source.readany()
+            except asyncio.CancelledError:
+                # Put into the body by the server (shutdown, client gone), unless this
+                # task itself is being cancelled.
+                task = asyncio.current_task()
+                self.client_failed = task is not None and task.cancelling() == 0
+                raise
             except Exception:
                 self.client_failed = True  # e.g. broken chunked framing from the client
                 raise
             self.waiting_on_client = False
-            self._watchdog.progress()
+            if self.watchdog is not None:
+                self.watchdog.progress()
             if not chunk:
                 return
             yield chunk
@@ -190,20 +204,27 @@ class _Upload:
 class Exchange:
     """One request to an upstream, from its response headers to the end of its body."""
 
-    __slots__ = ("_closed", "_watchdog", "response")
+    __slots__ = ("_closed", "_upload", "_watchdog", "response")
 
-    def __init__(self, response: aiohttp.ClientResponse, watchdog: _Watchdog) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, watchdog: _Watchdog, upload: _Upload | None
+    ) -> None:
         self.response = response
         self._watchdog = watchdog
         watchdog.paused = True  # the body's clock starts when the proxy asks for it
+        self._upload = upload
+        if upload is not None:
+            upload.watchdog = None
         self._closed = _read_until_close(response)
 
     async def body(self) -> AsyncIterator[bytes]:
         """The response body as it arrives.
 
-        Raises `UpstreamTimeout` when nothing arrives for the request timeout, and
-        `UpstreamReset` when the upstream breaks off, including a reset of a body
-        that was to end with the connection (which aiohttp alone takes for an end).
+        Raises `UpstreamTimeout` when nothing arrives for the request timeout (or
+        `ClientBodyTimeout` if the upstream was waiting for the rest of a stalled
+        upload), and `UpstreamReset` when the upstream breaks off, including a reset
+        of a body that was to end with the connection (which aiohttp alone takes
+        for an end).
         """
         watchdog = self._watchdog
         content = self.response.content
@@ -217,9 +238,11 @@ class Exchange:
                     break
                 yield chunk
         except asyncio.CancelledError:
-            if watchdog.expired():
-                raise UpstreamTimeout("the response body stalled") from None
-            raise
+            if not watchdog.expired():
+                raise
+            if self._upload is not None and self._upload.waiting_on_client:
+                raise ClientBodyTimeout("the client stopped sending its request body") from None
+            raise UpstreamTimeout("the response body stalled") from None
         except (aiohttp.ClientError, OSError) as e:
             raise translate(e, after_headers=True) from e
         closed = self._closed
@@ -277,13 +300,16 @@ async def send(
     except ValueError as e:  # e.g. a header value aiohttp refuses to put on the wire
         watchdog.stop()
         raise InvalidRequest(str(e)) from e
+    except BaseException:
+        watchdog.stop()  # never leave a cancellation armed against the task
+        raise
     if not 200 <= response.status <= 599:
         # 1xx were consumed by aiohttp; a 101 nobody asked for, or a status out of
         # range, is not an answer a client can use.
         watchdog.stop()
         response.close()
         raise UpstreamUnreachable(f"unusable status {response.status}")
-    return Exchange(response, watchdog)
+    return Exchange(response, watchdog, upload)
 
 
 def _read_until_close(response: aiohttp.ClientResponse) -> asyncio.Future[None] | None:

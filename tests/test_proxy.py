@@ -711,3 +711,61 @@ async def test_a_slow_reader_is_not_an_upstream_timeout(
     assert received == size
     assert sc.breaker("api").consecutive_failures == 0
     assert sc.sample("sidecar_upstream_failures_total", route="api", kind="timeout") == 0
+
+
+async def _early_answer_then_stall(
+    start_sidecar: StartSidecar, raw_upstream: Any, client_sends: bytes, trickle: bool
+) -> tuple[Running, int]:
+    """The upstream answers at once, sends 10 of 1000 bytes and waits for the rest of the upload."""
+    stop = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"e" * 10)
+        await writer.drain()
+        await stop.wait()
+        writer.close()
+
+    sc = await start_sidecar(
+        routes(await raw_upstream(handler)).replace("request: 2s", "request: 200ms")
+    )
+    host, port = sc.proxy[len("http://") :].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /api/x HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n")
+    writer.write(client_sends)
+    trickled = 0
+    try:
+        for _ in range(40 if trickle else 0):  # 2 s of trickle must not hide the stall
+            await asyncio.sleep(0.05)
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            trickled += 1
+        assert (await reader.read()).startswith(b"HTTP/1.1 200")  # then aborted, never whole
+    except ConnectionResetError:
+        pass
+    finally:
+        stop.set()
+        writer.close()
+    await eventually(lambda: sc.sample("sidecar_in_flight_requests", route="api") == 0)
+    return sc, trickled
+
+
+async def test_a_stalled_body_is_found_even_while_the_client_trickles_its_upload(
+    start_sidecar: StartSidecar, raw_upstream: Any
+) -> None:
+    sc, trickled = await _early_answer_then_stall(
+        start_sidecar, raw_upstream, b"1\r\nx\r\n", trickle=True
+    )
+    assert trickled < 40  # found: the client was aborted while still uploading
+    # ... and not charged to the upstream, which may be waiting for the rest of the upload.
+    assert sc.breaker("api").consecutive_failures == 0
+
+
+async def test_a_client_that_stalls_its_upload_after_an_early_answer_counts_nothing(
+    start_sidecar: StartSidecar, raw_upstream: Any
+) -> None:
+    sc, _ = await _early_answer_then_stall(
+        start_sidecar, raw_upstream, b"a\r\n0123456789\r\n", trickle=False
+    )
+    assert sc.breaker("api").consecutive_failures == 0
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="timeout") == 0
