@@ -160,13 +160,15 @@ class Breaker:
         state = self._state
         if state is State.CLOSED:  # the common case, kept to one comparison
             return Permit(self, self._generation, state)
-        rejection = self.rejection()
-        if rejection is not None:
-            return rejection
-        state = self._state
-        if state is State.HALF_OPEN:
-            self._probes_in_flight += 1
-        return Permit(self, self._generation, state)
+        if state is State.OPEN:
+            left = self._open_until - self._clock()
+            if left > 0:
+                return Rejection(state, max(1, math.ceil(left)))
+            self._transition(State.HALF_OPEN)
+        if self._probes_in_flight >= self.settings.half_open_requests:
+            return Rejection(State.HALF_OPEN, 1)
+        self._probes_in_flight += 1
+        return Permit(self, self._generation, State.HALF_OPEN)
 
     def rejection(self) -> Rejection | None:
         """What `acquire()` would answer now if it rejects, without taking a probe slot."""

@@ -61,10 +61,8 @@ class Target:
     metrics: RouteMetrics
     origin: str
     timeout: aiohttp.ClientTimeout
-    rejections: dict[tuple[State, int], tuple[str, bytes, CIMultiDict[str]]] = field(
-        default_factory=dict
-    )
-    """Finished 503s by (state, retry_after), so that rejecting formats nothing."""
+    rejections: dict[int, tuple[str, bytes, CIMultiDict[str]]] = field(default_factory=dict)
+    """Finished 503s by `Retry-After` (0 for HALF_OPEN's), so that rejecting formats nothing."""
 
 
 def error_response(
@@ -188,10 +186,11 @@ class Proxy:
 
     @staticmethod
     def _reject(target: Target, rejection: Rejection) -> web.Response:
-        key = (rejection.state, rejection.retry_after)
+        # Keyed by an int, not by (State, int): an Enum hashes in Python, not C.
+        half_open = rejection.state is State.HALF_OPEN
+        key = 0 if half_open else rejection.retry_after
         cached = target.rejections.get(key)
         if cached is None:
-            half_open = rejection.state is State.HALF_OPEN
             reason = "circuit_half_open" if half_open else "circuit_open"
             made = error_response(503, reason, target.route.name, rejection.retry_after)
             assert isinstance(made.body, bytes)
