@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -42,36 +42,35 @@ class Sidecar:
         self.metrics = Metrics(registry or CollectorRegistry(auto_describe=True), __version__)
         # Every route's breaker and series exist from here, before the first scrape.
         self.proxy = Proxy(config.routes, self.metrics, clock)
-        self.proxy_app = web.Application()
-        self.proxy_app.router.add_route(
-            "*", "/{path:.*}", self.proxy.handle, expect_handler=self.proxy.expect
-        )
-        self.proxy_app.cleanup_ctx.append(self._client_session)
         self.admin_app = create_admin_app(self.metrics, self.health)
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
+        self._session: aiohttp.ClientSession | None = None
         self.addresses: dict[str, Address] = {}
-
-    async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
-        # The client session needs a running loop, so it is made at start-up and
-        # closed after the server has stopped handing requests to the proxy.
-        session = new_client_session()
-        self.proxy.attach(session)
-        yield
-        await session.close()
 
     async def start(self, shutdown_grace: float = SHUTDOWN_GRACE) -> None:
         """Listen on both addresses, or raise `StartupError` having opened neither."""
+        # The client session needs a running loop, so it is made here; it is closed
+        # in stop(), after the proxy listener has stopped handing requests over.
+        self._session = new_client_session()
+        self.proxy.attach(self._session)
+        # The proxy listener is aiohttp's low-level server: every request goes to one
+        # handler, so the Application's router and middleware machinery would only
+        # cost time. handler_cancellation: a client that goes away cancels its handler,
+        # which releases its permit (and probe slot) and its upstream request.
+        proxy_server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
         try:
-            for name, app, address, cancel in (
-                ("admin", self.admin_app, self.config.admin_listen, False),
-                ("proxy", self.proxy_app, self.config.listen, True),
+            for name, runner, address in (
+                (
+                    "admin",
+                    web.AppRunner(self.admin_app, shutdown_timeout=shutdown_grace, access_log=None),
+                    self.config.admin_listen,
+                ),
+                (
+                    "proxy",
+                    web.ServerRunner(proxy_server, shutdown_timeout=shutdown_grace),
+                    self.config.listen,
+                ),
             ):
-                runner = web.AppRunner(
-                    app,
-                    handler_cancellation=cancel,
-                    shutdown_timeout=shutdown_grace,
-                    access_log=None,
-                )
                 await runner.setup()
                 self._runners.append(runner)
                 site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
@@ -93,9 +92,12 @@ class Sidecar:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
-def _bound_address(runner: web.AppRunner, wanted: Address) -> Address:
+def _bound_address(runner: web.BaseRunner, wanted: Address) -> Address:
     for sock_address in runner.addresses:
         if isinstance(sock_address, tuple):
             return Address(wanted.host, int(sock_address[1]))

@@ -139,7 +139,9 @@ class Proxy:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw_path = request.raw_path
         if raw_path[:1] != "/":
-            raw_path = request.rel_url.raw_path_qs  # see _route
+            # Absolute form (`GET http://host/x`): routed by its path like any other,
+            # never sent to the host it names.
+            raw_path = request.rel_url.raw_path_qs
         target = self._router.match(request.headers.get("Host"), raw_path.partition("?")[0])
         if target is None:
             self._metrics.unrouted += 1
@@ -152,37 +154,19 @@ class Proxy:
         metrics = target.metrics
         metrics.in_flight += 1
         try:
+            if "Expect" in request.headers:
+                # Only now, admitted, may the client send its body: an OPEN route has
+                # refused above before a single byte of the upload was asked for.
+                if request.headers["Expect"].lower() != "100-continue":
+                    return error_response(417, "expectation_failed")
+                if request.version >= HttpVersion11:
+                    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return await self._forward(request, target, permit, raw_path)
         finally:
             metrics.in_flight -= 1
             # Still open here only if the client went away (cancellation) before an
             # outcome was known: that is neither success nor failure, and frees a probe slot.
             permit.released()
-
-    async def expect(self, request: web.Request) -> web.StreamResponse | None:
-        """`Expect: 100-continue`: refuse at once what would be refused, before any upload."""
-        _, target = self._route(request)
-        if target is None:
-            self._metrics.unrouted += 1
-            return error_response(404, "no_route")
-        rejection = target.breaker.rejection()
-        if rejection is not None:
-            return self._reject(target, rejection)
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            return error_response(417, "expectation_failed")
-        if request.version >= HttpVersion11:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return None
-
-    def _route(self, request: web.BaseRequest) -> tuple[str, Target | None]:
-        """The raw path and query to forward, and the route's target (None: no route)."""
-        raw_path = request.raw_path
-        if raw_path[:1] != "/":
-            # Absolute form (`GET http://host/x`): routed by its path like any other,
-            # never sent to the host it names.
-            raw_path = request.rel_url.raw_path_qs
-        path = raw_path.partition("?")[0]
-        return raw_path, self._router.match(request.headers.get("Host"), path)
 
     @staticmethod
     def _reject(target: Target, rejection: Rejection) -> web.Response:
