@@ -10,7 +10,7 @@ OPEN route's rejection is compared against. Runs on uvloop where it is installed
 from __future__ import annotations
 
 from aiohttp import web
-from servekit import arguments, serve
+from servekit import arguments, catch_all, serve
 
 
 async def handle(request: web.BaseRequest) -> web.Response:
@@ -23,10 +23,7 @@ async def handle(request: web.BaseRequest) -> web.Response:
 
 
 def main() -> None:
-    args = arguments(__doc__ or "")
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", handle)
-    serve(app, args)
+    serve(catch_all(handle), arguments(__doc__ or ""))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from servekit import arguments, serve
+from servekit import arguments, catch_all, serve
 from yarl import URL
 
 HOP_BY_HOP = frozenset(
@@ -67,9 +67,8 @@ def make_app(upstream: str) -> web.Application:
             await response.write_eof()
             return response
 
-    app = web.Application()
+    app = catch_all(handle)
     app.cleanup_ctx.append(session_ctx)
-    app.router.add_route("*", "/{path:.*}", handle)
     return app
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def arguments(description: str, *, upstream: bool = False) -> argparse.Namespace:
@@ -25,6 +28,13 @@ def new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def catch_all(handler: Handler) -> web.Application:
+    """An `Application` whose one route takes every method and path, as the baselines need."""
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", handler)
+    return app
 
 
 def serve(app: web.Application, args: argparse.Namespace) -> None:
