@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -201,3 +202,33 @@ def test_malformed_requests_log_one_warning_line_not_a_traceback() -> None:
     assert record.levelname == "WARNING"
     assert record.exc_info is None
     assert record.getMessage() == ("bad request from 127.0.0.1: 400 Duplicate 'Host' header found.")
+
+
+async def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path, upstream: Any) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "run", "-c", write(tmp_path, config_text(upstream.url)),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        found = re.search(r"proxy on (\S+), admin on (\S+),", line)
+        assert found, line
+        proxy, admin = found.groups()
+        async with aiohttp.ClientSession() as http:
+            in_flight = asyncio.create_task(http.get(f"http://{proxy}/hang"))
+            await upstream.entered.wait()
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.stderr.readline(), 30)  # "stopping gracefully"
+            async with http.get(f"http://{admin}/readyz") as response:
+                assert response.status == 503  # draining: not ready
+            upstream.release.set()
+            response = await in_flight
+            assert response.status == 200
+            assert await response.json() == {"hung": True}
+            response.release()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
