@@ -151,7 +151,7 @@ class Breaker:
         """Whole seconds until a probe is admitted while OPEN, else None."""
         if self.state is not State.OPEN:
             return None
-        return max(1, math.ceil(self._open_until - self._clock()))
+        return _whole_seconds(self._open_until - self._clock())
 
     # -- the two steps ---------------------------------------------------------
 
@@ -163,25 +163,12 @@ class Breaker:
         if state is State.OPEN:
             left = self._open_until - self._clock()
             if left > 0:
-                return Rejection(state, max(1, math.ceil(left)))
+                return Rejection(state, _whole_seconds(left))
             self._transition(State.HALF_OPEN)
         if self._probes_in_flight >= self.settings.half_open_requests:
             return Rejection(State.HALF_OPEN, 1)
         self._probes_in_flight += 1
         return Permit(self, self._generation, State.HALF_OPEN)
-
-    def rejection(self) -> Rejection | None:
-        """What `acquire()` would answer now if it rejects, without taking a probe slot."""
-        state = self._state
-        if state is State.OPEN:
-            left = self._open_until - self._clock()
-            if left > 0:
-                return Rejection(state, max(1, math.ceil(left)))
-            self._transition(State.HALF_OPEN)
-            state = State.HALF_OPEN
-        if state is State.HALF_OPEN and self._probes_in_flight >= self.settings.half_open_requests:
-            return Rejection(state, 1)
-        return None
 
     def _on_success(self, permit: Permit) -> None:
         if permit.generation != self._generation:
@@ -221,3 +208,8 @@ class Breaker:
             self._consecutive_failures = 0
         for listener in self._listeners:
             listener(self, from_state, to_state)
+
+
+def _whole_seconds(left: float) -> int:
+    """What `Retry-After` says for `left` seconds: rounded up, never 0."""
+    return max(1, math.ceil(left))

@@ -49,8 +49,6 @@ _NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "expect"}
 REJECTION_CACHE_SIZE = 1024
 """Finished 503s kept per route: one per second of `Retry-After` counting down."""
 
-_ERROR_STATUS = {"upstream_unreachable": 502, "upstream_timeout": 504}
-
 
 @dataclass(slots=True)
 class Target:
@@ -212,8 +210,8 @@ class Proxy:
         except UpstreamError as e:
             permit.failed()
             metrics.failures[e.kind] += 1
-            error = "upstream_timeout" if e.kind == "timeout" else "upstream_unreachable"
-            status = _ERROR_STATUS[error]
+            timeout = e.kind == "timeout"
+            status, error = (504, "upstream_timeout") if timeout else (502, "upstream_unreachable")
             metrics.count_response(status)
             return error_response(status, error, route.name)
         except ClientBodyTimeout:
