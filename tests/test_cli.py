@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import re
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -126,20 +128,30 @@ def test_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_run_serves_and_stops_gracefully_on_signal(
-    tmp_path: Path, signum: signal.Signals
-) -> None:
+@contextlib.asynccontextmanager
+async def running(config_path: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
+    """`sidecar run` as a child process, with the proxy and admin addresses it logged."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "run", "-c", write(tmp_path, config_text()),
-        stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "sidecar", "run", "-c", config_path, stderr=asyncio.subprocess.PIPE
     )  # fmt: skip
     assert process.stderr is not None
     try:
         line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
         found = re.search(r"proxy on (\S+), admin on (\S+),", line)
         assert found, line
-        proxy, admin = found.groups()
+        yield process, found[1], found[2]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_run_serves_and_stops_gracefully_on_signal(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    async with running(write(tmp_path, config_text())) as (process, proxy, admin):
+        assert process.stderr is not None
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://{proxy}/x") as response:
                 assert response.status == 502  # nothing listens on the upstream's port
@@ -150,10 +162,6 @@ async def test_run_serves_and_stops_gracefully_on_signal(
         rest = (await process.stderr.read()).decode()
         assert "stopping gracefully" in rest
         assert "Traceback" not in rest
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_demo_tells_the_seed_scenario() -> None:
@@ -205,16 +213,8 @@ def test_malformed_requests_log_one_warning_line_not_a_traceback() -> None:
 
 
 async def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path, upstream: Any) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "run", "-c", write(tmp_path, config_text(upstream.url)),
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
-        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-        found = re.search(r"proxy on (\S+), admin on (\S+),", line)
-        assert found, line
-        proxy, admin = found.groups()
+    async with running(write(tmp_path, config_text(upstream.url))) as (process, proxy, admin):
+        assert process.stderr is not None
         async with aiohttp.ClientSession() as http:
             in_flight = asyncio.create_task(http.get(f"http://{proxy}/hang"))
             await upstream.entered.wait()
@@ -228,7 +228,3 @@ async def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path, upstream
             assert await response.json() == {"hung": True}
             response.release()
         assert await asyncio.wait_for(process.wait(), 30) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
