@@ -44,7 +44,7 @@ HOP_BY_HOP = frozenset(
 """Never forwarded either way (RFC 9110 7.6.1); nor is the `Proxy-*` family."""
 
 _NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "expect"}
-"""Host is rewritten to the upstream's; aiohttp's server already answered `Expect: 100-continue`."""
+"""Host is rewritten to the upstream's; the handler itself answers `Expect: 100-continue`."""
 
 REJECTION_CACHE_SIZE = 1024
 """Finished 503s kept per route: one per second of `Retry-After` counting down."""
