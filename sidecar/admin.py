@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 from aiohttp import web
@@ -24,19 +25,53 @@ class Health:
 def breaker_report(breaker: Breaker) -> dict[str, Any]:
     """One route's entry in /breakers."""
     settings = breaker.settings
+    window = settings.window
+    counts = breaker.window_counts()
+    rates = breaker.rates()
     return {
         "name": breaker.name,
         "state": breaker.state.value,
+        "mode": settings.mode,
         "consecutive_failures": breaker.consecutive_failures,
         "retry_after": breaker.retry_after(),
+        "open_period": breaker.open_period,
+        "window": None
+        if counts is None
+        else {
+            "requests": counts.total,
+            "failures": counts.failures,
+            "slow_calls": counts.slow,
+            "failure_rate": None if rates is None else rates[0],
+            "slow_call_rate": None if rates is None else rates[1],
+        },
+        "shadow_rejections": breaker.shadow_rejections,
         "settings": {
             "failure_threshold": settings.failure_threshold,
             "open_duration": settings.open_duration,
             "half_open_requests": settings.half_open_requests,
             "success_threshold": settings.success_threshold,
             "failure_status": sorted(settings.failure_status),
+            "window": None
+            if window is None
+            else {
+                "duration": window.duration,
+                "requests": window.requests,
+                "min_requests": window.min_requests,
+            },
+            "failure_rate": _fraction(settings.failure_rate),
+            "slow_call_duration": settings.slow_call_duration,
+            "slow_call_rate": _fraction(settings.slow_call_rate),
+            "backoff_multiplier": settings.backoff_multiplier,
+            "max_open_duration": settings.open_duration_cap,
+            "jitter": settings.jitter,
+            "respect_retry_after": settings.respect_retry_after,
+            "mode": settings.mode,
         },
     }
+
+
+def _fraction(rate: Fraction | None) -> float | None:
+    return None if rate is None else float(rate)
 
 
 def create_admin_app(metrics: Metrics, health: Health) -> web.Application:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import random
 import time
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -35,13 +37,14 @@ class Sidecar:
         config: Config,
         *,
         clock: Clock = time.monotonic,
+        rand: Callable[[], float] = random.random,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
         self.health = Health()
         self.metrics = Metrics(registry or CollectorRegistry(auto_describe=True), __version__)
         # Every route's breaker and series exist from here, before the first scrape.
-        self.proxy = Proxy(config.routes, self.metrics, clock)
+        self.proxy = Proxy(config.routes, self.metrics, clock, rand)
         self.admin_app = create_admin_app(self.metrics, self.health)
         self._runners: list[web.BaseRunner] = []
         self._session: aiohttp.ClientSession | None = None

@@ -4,36 +4,56 @@ The breaker speaks in two steps, as a proxy needs. `Breaker.acquire()` is asked
 before forwarding: it returns a `Permit`, or a `Rejection` that says why and for
 how long. When the upstream has answered, the outcome is reported on the
 permit (`succeeded`, `failed`, or `released` when the client went away and
-there is no outcome to speak of).
+there is no outcome to speak of), with the time the upstream took to answer.
 
 Every state change bumps a generation; a permit remembers the generation it
 was issued in, and an outcome reported on a permit from an older generation is
 ignored. That is what keeps a slow request admitted while CLOSED from
-re-opening, or extending, a period that began after it was admitted.
+re-opening, or extending, a period that began after it was admitted, and what
+keeps probe outcomes out of the window that closing starts afresh.
 
-Standard library only: time comes from an injected clock, and the outside
-world (metrics, logs) subscribes to state changes through listeners.
+Three rules open a CLOSED circuit, whichever trips first: consecutive failures,
+and the failure and slow-call rates over a sliding window (`sidecar.window`).
+An upstream's own `Retry-After` may open it too. Each re-open straight from
+HALF_OPEN multiplies the open period (backoff), and jitter stretches every
+period by a random fraction, so that a fleet of sidecars does not probe in step.
+In shadow mode the breaker keeps its state as usual but admits everything,
+counting what it would have rejected.
+
+Standard library only: time comes from an injected clock, randomness from an
+injected source, and the outside world (metrics, logs) subscribes to state
+changes through listeners.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+from sidecar.window import Counts, CountWindow, TimeWindow, Window
 
 __all__ = [
     "Breaker",
     "BreakerSettings",
     "Clock",
+    "Mode",
     "Permit",
     "Rejection",
     "State",
     "StateListener",
+    "WindowSettings",
+    "format_percent",
 ]
 
 Clock = Callable[[], float]
 """Monotonic seconds; `time.monotonic` in production, a fake in tests."""
+
+Mode = Literal["enforce", "shadow"]
 
 
 class State(enum.Enum):
@@ -43,23 +63,63 @@ class State(enum.Enum):
 
 
 StateListener = Callable[["Breaker", State, State], None]
-"""Called as `listener(breaker, from_state, to_state)` after every transition."""
+"""Called as `listener(breaker, from_state, to_state)` after every transition;
+`breaker.reason` then says why it happened."""
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSettings:
+    """A sliding window of recent outcomes: exactly one of `duration` and `requests`."""
+
+    duration: float | None
+    """Seconds of outcomes kept (time-based), or None."""
+    requests: int | None
+    """Outcomes kept (count-based), or None."""
+    min_requests: int | None
+    """Outcomes the window must hold before a rate rule may trip (the config always
+    sets it; None, only seen between config layers, means 1)."""
 
 
 @dataclass(frozen=True, slots=True)
 class BreakerSettings:
-    """The breaker's thresholds; validation lives in `sidecar.config`."""
+    """The breaker's thresholds; validation lives in `sidecar.config`.
 
-    failure_threshold: int
-    """Consecutive failures (CLOSED, or a failed probe) that open the circuit."""
+    The fields after `failure_status` default to "off": no window, no rate
+    rules, no backoff, no jitter, Retry-After ignored, enforcing.
+    """
+
+    failure_threshold: int | None
+    """Consecutive failures that open the circuit; None disables the rule."""
     open_duration: float
-    """Seconds the circuit stays OPEN before it admits probes."""
+    """Seconds the circuit stays OPEN before it admits probes (before backoff and jitter)."""
     half_open_requests: int
     """Probes in flight at once while HALF_OPEN."""
     success_threshold: int
     """Probe successes that close the circuit again."""
     failure_status: frozenset[int]
     """Upstream statuses that the proxy reports as failures; the breaker never reads it."""
+    window: WindowSettings | None = None
+    failure_rate: Fraction | None = None
+    """Open when failures / outcomes in the window reach this (0 < rate <= 1)."""
+    slow_call_duration: float | None = None
+    """A call whose answer took longer than this many seconds is slow; None: none is."""
+    slow_call_rate: Fraction | None = None
+    """Open when slow calls / outcomes in the window reach this (0 < rate <= 1)."""
+    backoff_multiplier: float = 1.0
+    """Each re-open straight from HALF_OPEN multiplies the open period by this."""
+    max_open_duration: float | None = None
+    """The longest open period, before jitter; None: `open_duration` (no backoff)."""
+    jitter: float = 0.0
+    """Each open period is stretched by a random fraction from 0 up to this."""
+    respect_retry_after: bool = False
+    """The proxy passes an upstream's 503/429 `Retry-After` to the breaker."""
+    mode: Mode = "enforce"
+    """"shadow": keep state as usual, but admit every request."""
+
+    @property
+    def open_duration_cap(self) -> float:
+        """The longest open period before jitter: `max_open_duration` or `open_duration`."""
+        return self.open_duration if self.max_open_duration is None else self.max_open_duration
 
 
 class Rejection:
@@ -73,6 +133,11 @@ class Rejection:
         """Whole seconds, at least 1: what a `Retry-After` header should say."""
 
 
+_SHADOW_GENERATION = -1
+"""The generation of a shadow-mode permit for a request that enforcing would have
+rejected: no breaker generation matches it, so its outcome changes nothing."""
+
+
 class Permit:
     """Leave to forward one request; report its outcome exactly once."""
 
@@ -83,19 +148,24 @@ class Permit:
         self._done = False
         self.generation = generation
         self.state = state
-        """The state the request was admitted in: CLOSED, or HALF_OPEN for a probe."""
+        """The state the request was admitted in: CLOSED, or HALF_OPEN for a probe
+        (or, in shadow mode, OPEN for a request that enforcing would have rejected)."""
 
-    def succeeded(self) -> None:
-        """Report that the upstream answered well."""
+    def succeeded(self, elapsed: float = 0.0) -> None:
+        """Report that the upstream answered well, after `elapsed` seconds."""
         if not self._done:
             self._done = True
-            self._breaker._on_success(self)
+            self._breaker._on_success(self, elapsed)
 
-    def failed(self) -> None:
-        """Report that the upstream failed."""
+    def failed(self, elapsed: float = 0.0, retry_after: float | None = None) -> None:
+        """Report that the upstream failed after `elapsed` seconds.
+
+        `retry_after`: the upstream asked, with a `Retry-After` of that many
+        seconds, not to be called again before then; the circuit opens for that long.
+        """
         if not self._done:
             self._done = True
-            self._breaker._on_failure(self)
+            self._breaker._on_failure(self, elapsed, retry_after)
 
     def released(self) -> None:
         """Give the permit back with no outcome (the client went away)."""
@@ -111,17 +181,40 @@ class Permit:
 class Breaker:
     """One route's circuit breaker."""
 
-    def __init__(self, name: str, settings: BreakerSettings, clock: Clock) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: BreakerSettings,
+        clock: Clock,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
         self.name = name
         self.settings = settings
         self._clock = clock
+        self._random = rand
         self._listeners: list[StateListener] = []
         self._state = State.CLOSED
         self._generation = 0
         self._consecutive_failures = 0
         self._open_until = 0.0
+        self._period = settings.open_duration
+        """The open period before jitter: grows by backoff, reset when closing."""
+        self._open_period = 0.0
+        """The period in force (jitter included) of the current or last OPEN."""
         self._probes_in_flight = 0
         self._probe_successes = 0
+        self._shadow = settings.mode == "shadow"
+        self.shadow_rejections = 0
+        """Requests a shadow-mode breaker admitted that enforcing would have rejected."""
+        self.reason = ""
+        """Why the last transition happened, for logs: "3 consecutive failures"."""
+        self._slow_after = (
+            math.inf if settings.slow_call_duration is None else settings.slow_call_duration
+        )
+        self._window = _make_window(settings.window)
+        self._min_requests = (settings.window.min_requests or 1) if settings.window else 0
+        self._failure_rate = _ratio(settings.failure_rate)
+        self._slow_call_rate = _ratio(settings.slow_call_rate)
 
     def add_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
@@ -132,7 +225,7 @@ class Breaker:
     def state(self) -> State:
         """The current state; OPEN turns HALF_OPEN here once its period is over."""
         if self._state is State.OPEN and self._clock() >= self._open_until:
-            self._transition(State.HALF_OPEN)
+            self._to_half_open()
         return self._state
 
     @property
@@ -147,11 +240,27 @@ class Breaker:
     def probes_in_flight(self) -> int:
         return self._probes_in_flight if self.state is State.HALF_OPEN else 0
 
+    @property
+    def open_period(self) -> float | None:
+        """Seconds of the open period in force (backoff and jitter included) while OPEN."""
+        return self._open_period if self.state is State.OPEN else None
+
     def retry_after(self) -> int | None:
         """Whole seconds until a probe is admitted while OPEN, else None."""
         if self.state is not State.OPEN:
             return None
         return _whole_seconds(self._open_until - self._clock())
+
+    def window_counts(self) -> Counts | None:
+        """Outcomes, failures and slow calls in the window now; None without a window."""
+        return self._window.counts(self._clock()) if self._window is not None else None
+
+    def rates(self) -> tuple[float, float] | None:
+        """(failure rate, slow-call rate) over the window, or None below `min_requests`."""
+        counts = self.window_counts()
+        if counts is None or counts.total == 0 or counts.total < self._min_requests:
+            return None
+        return counts.failures / counts.total, counts.slow / counts.total
 
     # -- the two steps ---------------------------------------------------------
 
@@ -163,53 +272,139 @@ class Breaker:
         if state is State.OPEN:
             left = self._open_until - self._clock()
             if left > 0:
-                return Rejection(state, _whole_seconds(left))
-            self._transition(State.HALF_OPEN)
+                return self._refuse(Rejection(state, _whole_seconds(left)))
+            self._to_half_open()
         if self._probes_in_flight >= self.settings.half_open_requests:
-            return Rejection(State.HALF_OPEN, 1)
+            return self._refuse(Rejection(State.HALF_OPEN, 1))
         self._probes_in_flight += 1
         return Permit(self, self._generation, State.HALF_OPEN)
 
-    def _on_success(self, permit: Permit) -> None:
+    def _refuse(self, rejection: Rejection) -> Permit | Rejection:
+        if not self._shadow:
+            return rejection
+        self.shadow_rejections += 1
+        return Permit(self, _SHADOW_GENERATION, rejection.state)
+
+    def _on_success(self, permit: Permit, elapsed: float) -> None:
         if permit.generation != self._generation:
             return
-        self._consecutive_failures = 0
+        slow = elapsed > self._slow_after
         if permit.state is State.HALF_OPEN:
             self._probes_in_flight -= 1
+            if slow and self._slow_call_rate is not None:
+                # The slow-call rule is what opened it, most likely: a slow answer is no recovery.
+                self._open(f"probe slow ({elapsed:.3g} s > {self._slow_after:g} s)")
+                return
+            self._consecutive_failures = 0
             self._probe_successes += 1
             if self._probe_successes >= self.settings.success_threshold:
-                self._transition(State.CLOSED)
+                n = self._probe_successes
+                self._transition(State.CLOSED, f"{n} probe{'s' * (n != 1)} succeeded")
+            return
+        self._consecutive_failures = 0
+        if self._window is not None:
+            self._check_rates(self._window.add(self._clock(), False, slow))
 
-    def _on_failure(self, permit: Permit) -> None:
+    def _on_failure(self, permit: Permit, elapsed: float, retry_after: float | None) -> None:
         if permit.generation != self._generation:
             return
         self._consecutive_failures += 1
+        asked = retry_after is not None and retry_after > 0
         if permit.state is State.HALF_OPEN:
-            # Any failed probe re-opens at once, whatever the threshold says.
-            self._transition(State.OPEN)
-        elif self._consecutive_failures >= self.settings.failure_threshold:
-            self._transition(State.OPEN)
+            # Any failed probe re-opens at once, whatever the thresholds say.
+            if asked:
+                self._open(
+                    f"probe failed; upstream asked to retry after {retry_after:g} s", retry_after
+                )
+            else:
+                self._open("probe failed")
+            return
+        counts = None
+        if self._window is not None:
+            counts = self._window.add(self._clock(), True, elapsed > self._slow_after)
+        threshold = self.settings.failure_threshold
+        if asked:
+            self._open(f"upstream asked to retry after {retry_after:g} s", retry_after)
+        elif threshold is not None and self._consecutive_failures >= threshold:
+            self._open(f"{self._consecutive_failures} consecutive failures")
+        elif counts is not None:
+            self._check_rates(counts)
 
     def _on_release(self, permit: Permit) -> None:
         if permit.generation == self._generation and permit.state is State.HALF_OPEN:
             self._probes_in_flight -= 1
 
+    def _check_rates(self, counts: Counts) -> None:
+        total, failures, slow = counts
+        if total < self._min_requests:
+            return
+        # Exact: a rate of 30 % trips at 3 of 10, whatever 0.3 is in binary.
+        for n, ratio, what in (
+            (failures, self._failure_rate, "failure rate"),
+            (slow, self._slow_call_rate, "slow-call rate"),
+        ):
+            if ratio is not None and n * ratio[1] >= ratio[0] * total:
+                limit = format_percent(Fraction(*ratio))
+                self._open(
+                    f"{what} {format_percent(Fraction(n, total))} >= {limit} over {total} requests"
+                )
+                return
+
     # -- transitions -----------------------------------------------------------
 
-    def _transition(self, to_state: State) -> None:
+    def _open(self, reason: str, requested: float | None = None) -> None:
+        """Open for the period in force: backed off, or as the upstream asked; jittered."""
+        settings = self.settings
+        cap = settings.open_duration_cap
+        if self._state is State.HALF_OPEN:
+            self._period = min(self._period * settings.backoff_multiplier, cap)
+        else:
+            self._period = settings.open_duration
+        period = self._period if requested is None else min(requested, cap)
+        if settings.jitter:
+            period *= 1 + self._random() * settings.jitter
+        self._open_period = period
+        self._open_until = self._clock() + period
+        self._transition(State.OPEN, reason)
+
+    def _to_half_open(self) -> None:
+        self._transition(State.HALF_OPEN, f"open period of {self._open_period:.3g} s over")
+
+    def _transition(self, to_state: State, reason: str) -> None:
         from_state = self._state
         self._state = to_state
         self._generation += 1
         self._probes_in_flight = 0
         self._probe_successes = 0
-        if to_state is State.OPEN:
-            self._open_until = self._clock() + self.settings.open_duration
-        elif to_state is State.CLOSED:
+        self.reason = reason
+        if to_state is State.CLOSED:
             self._consecutive_failures = 0
+            self._period = self.settings.open_duration
+            if self._window is not None:
+                self._window.clear()
         for listener in self._listeners:
             listener(self, from_state, to_state)
+
+
+def _make_window(settings: WindowSettings | None) -> Window | None:
+    if settings is None:
+        return None
+    if settings.requests is not None:
+        return CountWindow(settings.requests)
+    assert settings.duration is not None
+    return TimeWindow(settings.duration)
+
+
+def _ratio(rate: Fraction | None) -> tuple[int, int] | None:
+    return None if rate is None else (rate.numerator, rate.denominator)
 
 
 def _whole_seconds(left: float) -> int:
     """What `Retry-After` says for `left` seconds: rounded up, never 0."""
     return max(1, math.ceil(left))
+
+
+def format_percent(rate: Fraction | float) -> str:
+    """`Fraction(5, 8)` as "62.5 %": at most one decimal, none when whole."""
+    text = f"{float(rate) * 100:.1f}".removesuffix(".0")
+    return f"{text} %"

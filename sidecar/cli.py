@@ -18,10 +18,10 @@ from typing import Any
 from aiohttp.http_exceptions import HttpProcessingError
 
 from sidecar import __version__
-from sidecar.breaker import Breaker, State
-from sidecar.config import Config, ConfigError, Route, load_config
+from sidecar.breaker import Breaker, State, format_percent
+from sidecar.config import Config, ConfigError, Route, format_duration, load_config
 
-__all__ = ["format_duration", "main", "run_loop"]
+__all__ = ["main", "run_loop"]
 
 log = logging.getLogger("sidecar")
 
@@ -108,25 +108,40 @@ def describe_route(route: Route) -> str:
         if value is not None
     )
     b = route.breaker
-    return "\n".join(
-        [
-            f"- {route.name}: {match} -> {route.upstream.url}"
-            + (" (strip_prefix)" if route.strip_prefix else ""),
-            f"    timeouts: connect {format_duration(route.timeouts.connect)}, "
-            f"request {format_duration(route.timeouts.request)}",
-            f"    breaker: failure_threshold {b.failure_threshold}, "
-            f"open_duration {format_duration(b.open_duration)}, "
-            f"half_open_requests {b.half_open_requests}, "
-            f"success_threshold {b.success_threshold}, "
-            f"failure_status {sorted(b.failure_status)}",
-        ]
+    lines = [
+        f"- {route.name}: {match} -> {route.upstream.url}"
+        + (" (strip_prefix)" if route.strip_prefix else ""),
+        f"    timeouts: connect {format_duration(route.timeouts.connect)}, "
+        f"request {format_duration(route.timeouts.request)}",
+        f"    breaker: failure_threshold {b.failure_threshold or 'off'}, "
+        f"open_duration {format_duration(b.open_duration)}, "
+        f"half_open_requests {b.half_open_requests}, "
+        f"success_threshold {b.success_threshold}, "
+        f"failure_status {sorted(b.failure_status)}",
+    ]
+    rules = []
+    if b.window is not None:
+        size = (
+            f"last {b.window.requests} requests"
+            if b.window.requests is not None
+            else f"last {format_duration(b.window.duration or 0)}"
+        )
+        rules.append(f"window {size} (min_requests {b.window.min_requests})")
+    if b.failure_rate is not None:
+        rules.append(f"failure_rate {format_percent(b.failure_rate)}")
+    if b.slow_call_duration is not None:
+        rules.append(f"slow_call_duration {format_duration(b.slow_call_duration)}")
+    if b.slow_call_rate is not None:
+        rules.append(f"slow_call_rate {format_percent(b.slow_call_rate)}")
+    if rules:
+        lines.append(f"    rates: {', '.join(rules)}")
+    lines.append(
+        f"    opening: backoff_multiplier {b.backoff_multiplier:g}, "
+        f"max_open_duration {format_duration(b.open_duration_cap)}, "
+        f"jitter {format_percent(b.jitter)}, "
+        f"respect_retry_after {str(b.respect_retry_after).lower()}, mode {b.mode}"
     )
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
+    return "\n".join(lines)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -167,9 +182,17 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 def log_transition(breaker: Breaker, from_state: State, to_state: State) -> None:
     extra = ""
-    if to_state is State.OPEN:
-        extra = f" for {format_duration(breaker.settings.open_duration)}"
-    log.info("route %s: %s -> %s%s", breaker.name, from_state.value, to_state.value, extra)
+    period = breaker.open_period
+    if to_state is State.OPEN and period is not None:
+        extra = f" for {format_duration(period)}"
+    log.info(
+        "route %s: %s -> %s%s (%s)",
+        breaker.name,
+        from_state.value,
+        to_state.value,
+        extra,
+        breaker.reason,
+    )
 
 
 async def _serve(config: Config) -> int:

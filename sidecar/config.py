@@ -10,18 +10,20 @@ them key by key, and each route overrides `defaults:` key by key.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 
-from sidecar.breaker import BreakerSettings
+from sidecar.breaker import BreakerSettings, Mode, WindowSettings
 
 __all__ = [
     "Address",
@@ -31,6 +33,7 @@ __all__ = [
     "Route",
     "Timeouts",
     "Upstream",
+    "format_duration",
     "load_config",
     "parse_config",
 ]
@@ -44,15 +47,28 @@ DEFAULT_OPEN_DURATION = 30.0
 DEFAULT_HALF_OPEN_REQUESTS = 1
 DEFAULT_SUCCESS_THRESHOLD = 1
 DEFAULT_FAILURE_STATUS = frozenset({500, 502, 503, 504})
+DEFAULT_MIN_REQUESTS = 20
+"""A window's floor for the rate rules; a count window of fewer requests uses its size."""
+DEFAULT_MAX_OPEN_DURATION = 300.0
+"""The backoff's and an upstream's Retry-After's cap, unless `open_duration` is longer."""
+DEFAULT_BACKOFF_MULTIPLIER = 1.0
+DEFAULT_JITTER = 0.0
+DEFAULT_RESPECT_RETRY_AFTER = False
+DEFAULT_MODE: Mode = "enforce"
+MODES: tuple[Mode, ...] = ("enforce", "shadow")
 
 MAX_DURATION = 366 * 24 * 3600.0
 """Longer than any sane timeout or open period; keeps the arithmetic finite."""
 MAX_COUNT = 1_000_000
+MAX_WINDOW_REQUESTS = 100_000
+"""A count window keeps one byte per outcome: 100 KB at the most per route."""
+MAX_BACKOFF_MULTIPLIER = 100.0
 MAX_NODES = 100_000
 """YAML nodes walked at the most: an alias bomb stops here, not in memory."""
 
 ROUTE_NAME = re.compile(r"[a-z0-9_-]+")
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(ms|s|m|h)")
+_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*%")
 _URL_PATH = re.compile(r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@%]*)*")
 """A path as it goes on the wire: RFC 3986 characters only, anything else percent-encoded."""
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -332,7 +348,22 @@ class _Reader:
                 half_open_requests=DEFAULT_HALF_OPEN_REQUESTS,
                 success_threshold=DEFAULT_SUCCESS_THRESHOLD,
                 failure_status=DEFAULT_FAILURE_STATUS,
+                window=None,
+                failure_rate=None,
+                slow_call_duration=None,
+                slow_call_rate=None,
+                backoff_multiplier=DEFAULT_BACKOFF_MULTIPLIER,
+                max_open_duration=None,  # filled in per route: see `_resolve`
+                jitter=DEFAULT_JITTER,
+                respect_retry_after=DEFAULT_RESPECT_RETRY_AFTER,
+                mode=DEFAULT_MODE,
             ),
+        )
+        defaults_table = defaults.get("breaker")
+        defaults_valid = self.check_breaker(
+            base_breaker,
+            ("defaults", "breaker"),
+            defaults_table if isinstance(defaults_table, dict) else {},
         )
 
         routes_value = top.get("routes", _MISSING)
@@ -344,7 +375,7 @@ class _Reader:
             return None
         routes: list[tuple[int, Route]] = []
         for i, item in enumerate(routes_value):
-            route = self.route(item, ("routes", i), base_timeouts, base_breaker)
+            route = self.route(item, ("routes", i), base_timeouts, base_breaker, defaults_valid)
             if route is not None:
                 routes.append((i, route))
         self.check_names(routes)
@@ -361,26 +392,136 @@ class _Reader:
 
     def breaker(self, value: Any, path: Path, base: BreakerSettings) -> BreakerSettings:
         table = self.mapping(value, path, BREAKER_KEYS) or {}
+
+        def get(key: str, parse: Callable[[Any], T], default: T) -> T:
+            return self.field(table, key, path, parse, default)
+
         return BreakerSettings(
-            failure_threshold=self.field(
-                table, "failure_threshold", path, _count, base.failure_threshold
+            failure_threshold=get("failure_threshold", _optional(_count), base.failure_threshold),
+            open_duration=get(
+                "open_duration", _duration(minimum_exclusive=0.0), base.open_duration
             ),
-            open_duration=self.field(
-                table, "open_duration", path, _duration(minimum_exclusive=0.0), base.open_duration
+            half_open_requests=get("half_open_requests", _count, base.half_open_requests),
+            success_threshold=get("success_threshold", _count, base.success_threshold),
+            failure_status=get("failure_status", _status_set, base.failure_status),
+            window=self.window(table, path, base.window),
+            failure_rate=get("failure_rate", _optional(_rate), base.failure_rate),
+            slow_call_duration=get(
+                "slow_call_duration",
+                _optional(_duration(minimum_exclusive=0.0)),
+                base.slow_call_duration,
             ),
-            half_open_requests=self.field(
-                table, "half_open_requests", path, _count, base.half_open_requests
+            slow_call_rate=get("slow_call_rate", _optional(_rate), base.slow_call_rate),
+            backoff_multiplier=get(
+                "backoff_multiplier", _backoff_multiplier, base.backoff_multiplier
             ),
-            success_threshold=self.field(
-                table, "success_threshold", path, _count, base.success_threshold
+            max_open_duration=get(
+                "max_open_duration", _duration(minimum_exclusive=0.0), base.max_open_duration
             ),
-            failure_status=self.field(
-                table, "failure_status", path, _status_set, base.failure_status
-            ),
+            jitter=get("jitter", _jitter, base.jitter),
+            respect_retry_after=get("respect_retry_after", _bool, base.respect_retry_after),
+            mode=get("mode", _mode, base.mode),
         )
 
+    def window(
+        self, table: dict[str, Any], path: Path, base: WindowSettings | None
+    ) -> WindowSettings | None:
+        """`window:` over `base`: a new kind or size replaces the old, `min_requests` inherits."""
+        if "window" not in table:
+            return base
+        path = (*path, "window")
+        if table["window"] is None:
+            return None  # `window: null` turns an inherited window off
+        window = self.mapping(table["window"], path, WINDOW_KEYS)
+        if window is None:
+            return base
+        duration = self.field(window, "duration", path, _duration(minimum_exclusive=0.0), None)
+        requests = self.field(window, "requests", path, _window_requests, None)
+        min_requests = self.field(
+            window, "min_requests", path, _count, base.min_requests if base else None
+        )
+        if "duration" in window and "requests" in window:
+            self.error(
+                path, "takes one of 'duration' (time-based) and 'requests' (count-based), not both"
+            )
+            return base
+        if "duration" not in window and "requests" not in window:
+            if base is None:
+                self.error(
+                    path,
+                    "needs 'duration' (the last N seconds) or 'requests' (the last N outcomes)",
+                )
+                return None
+            duration, requests = base.duration, base.requests
+        elif duration is None and requests is None:
+            return base  # the value was wrong, and that was reported
+        return WindowSettings(duration=duration, requests=requests, min_requests=min_requests)
+
+    def check_breaker(self, settings: BreakerSettings, path: Path, table: dict[str, Any]) -> bool:
+        """Report settings that contradict each other; False if there were any.
+
+        Each problem is reported at the key that `table` (this level's mapping)
+        sets, or at `path` itself when every key involved was inherited.
+        """
+        problems = len(self.problems)
+
+        def at(*keys: str) -> Path:
+            for key in keys:
+                if key in table:
+                    return (*path, key)
+            return path
+
+        window = settings.window
+        for key in ("failure_rate", "slow_call_rate"):
+            if getattr(settings, key) is not None and window is None:
+                self.error(
+                    at(key, "window"),
+                    f"{key} needs a window: add window.duration (time-based) "
+                    "or window.requests (count-based)",
+                )
+        if settings.slow_call_rate is not None and settings.slow_call_duration is None:
+            self.error(
+                at("slow_call_rate"),
+                "slow_call_rate needs slow_call_duration: when is a call slow?",
+            )
+        if (
+            window is not None
+            and window.requests is not None
+            and window.min_requests is not None
+            and window.min_requests > window.requests
+        ):
+            self.error(
+                (*path, "window", "min_requests") if "window" in table else path,
+                f"min_requests ({window.min_requests}) is more than window.requests "
+                f"({window.requests}): no rate rule could ever trip",
+            )
+        longest = settings.max_open_duration
+        if longest is not None and longest < settings.open_duration:
+            self.error(
+                at("max_open_duration", "open_duration"),
+                f"max_open_duration ({format_duration(longest)}) is shorter than open_duration "
+                f"({format_duration(settings.open_duration)})",
+            )
+        if (
+            settings.failure_threshold is None
+            and settings.failure_rate is None
+            and settings.slow_call_rate is None
+            and not settings.respect_retry_after
+        ):
+            self.error(
+                at("failure_threshold"),
+                "no rule can open this circuit: set failure_threshold, failure_rate, "
+                "slow_call_rate or respect_retry_after",
+            )
+        return len(self.problems) == problems
+
     def route(
-        self, value: Any, path: Path, base_timeouts: Timeouts, base_breaker: BreakerSettings
+        self,
+        value: Any,
+        path: Path,
+        base_timeouts: Timeouts,
+        base_breaker: BreakerSettings,
+        defaults_valid: bool,
     ) -> Route | None:
         table = self.mapping(value, path, ROUTE_KEYS)
         if table is None:
@@ -399,7 +540,15 @@ class _Reader:
         if strip_prefix and path_prefix is None and "match" in table:
             self.error((*path, "strip_prefix"), "needs match.path_prefix to strip")
         timeouts = self.timeouts(table.get("timeouts"), (*path, "timeouts"), base_timeouts)
-        breaker = self.breaker(table.get("breaker"), (*path, "breaker"), base_breaker)
+        breaker_path = (*path, "breaker")
+        breaker_table = table.get("breaker")
+        breaker = self.breaker(breaker_table, breaker_path, base_breaker)
+        if defaults_valid or breaker_table:
+            # (When `defaults:` was already wrong and the route changes nothing, say it once.)
+            self.check_breaker(
+                breaker, breaker_path, breaker_table if isinstance(breaker_table, dict) else {}
+            )
+        breaker = _resolve(breaker)
         if not ok or name is None or upstream is None or (host is None and path_prefix is None):
             return None
         return Route(
@@ -465,7 +614,39 @@ BREAKER_KEYS = [
     "half_open_requests",
     "success_threshold",
     "failure_status",
+    "window",
+    "failure_rate",
+    "slow_call_duration",
+    "slow_call_rate",
+    "backoff_multiplier",
+    "max_open_duration",
+    "jitter",
+    "respect_retry_after",
+    "mode",
 ]
+WINDOW_KEYS = ["duration", "requests", "min_requests"]
+
+
+def _resolve(settings: BreakerSettings) -> BreakerSettings:
+    """Fill in the defaults that depend on other settings of the same route."""
+    window = settings.window
+    if window is not None and window.min_requests is None:
+        floor = DEFAULT_MIN_REQUESTS
+        if window.requests is not None:
+            floor = min(floor, window.requests)
+        window = dataclasses.replace(window, min_requests=floor)
+    longest = settings.max_open_duration
+    if longest is None:
+        longest = max(settings.open_duration, DEFAULT_MAX_OPEN_DURATION)
+    return dataclasses.replace(settings, window=window, max_open_duration=longest)
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as a user would write it: 10m, not 600s."""
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s" if seconds >= 1 else f"{seconds * 1000:g}ms"
 
 
 def _shadows(earlier: Route, later: Route) -> bool:
@@ -546,6 +727,65 @@ def _count(value: Any) -> int:
     if value > MAX_COUNT:
         raise _Invalid(f"must be at most {MAX_COUNT}")
     return value
+
+
+def _optional(parse: Callable[[Any], T]) -> Callable[[Any], T | None]:
+    """`parse`, or None for `null`: how a route turns off a rule it inherits."""
+
+    def parse_or_null(value: Any) -> T | None:
+        return None if value is None else parse(value)
+
+    return parse_or_null
+
+
+def _window_requests(value: Any) -> int:
+    count = _count(value)
+    if count > MAX_WINDOW_REQUESTS:
+        raise _Invalid(f"must be at most {MAX_WINDOW_REQUESTS}")
+    return count
+
+
+def parse_percentage(value: Any) -> Fraction:
+    """An exact fraction from `"50%"` or `0.5`; at most 100 %."""
+    if isinstance(value, str):
+        m = _PERCENT.fullmatch(value.strip())
+        if m is None:
+            raise _Invalid(f"{value!r} is not a percentage; write '50%' or a fraction such as 0.5")
+        rate = Fraction(m.group(1)) / 100
+        if rate > 1:
+            raise _Invalid(f"{value!r} is more than 100%")
+        return rate
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(f"must be a percentage such as '50%' or 0.5, not {_kind(value)}")
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise _Invalid(f"{value!r} is not a fraction from 0 to 1; write '50%' or 0.5 for half")
+    return Fraction(repr(value))  # 0.1 means one tenth, not the binary number nearest it
+
+
+def _rate(value: Any) -> Fraction:
+    rate = parse_percentage(value)
+    if rate == 0:
+        raise _Invalid("must be more than 0% (null turns the rule off)")
+    return rate
+
+
+def _jitter(value: Any) -> float:
+    return float(parse_percentage(value))
+
+
+def _backoff_multiplier(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(f"must be a number such as 2 (1 means no backoff), not {_kind(value)}")
+    if not math.isfinite(value) or not 1 <= value <= MAX_BACKOFF_MULTIPLIER:
+        raise _Invalid(f"must be from 1 (no backoff) to {MAX_BACKOFF_MULTIPLIER:g}, not {value}")
+    return float(value)
+
+
+def _mode(value: Any) -> Mode:
+    for mode in MODES:
+        if value == mode:
+            return mode
+    raise _Invalid(f"must be 'enforce' or 'shadow', not {_kind(value)}")
 
 
 def _bool(value: Any) -> bool:

@@ -106,7 +106,9 @@ async def run_demo(
     config = parse_config(DEMO_CONFIG.format(port=port), "demo.yaml")
     sidecar = Sidecar(config, clock=clock)
     breaker = sidecar.proxy.breakers[0]
-    timeline = Timeline(out, breaker.settings.failure_threshold, clock)
+    threshold = breaker.settings.failure_threshold
+    assert threshold is not None, "the demo's route opens on consecutive failures"
+    timeline = Timeline(out, threshold, clock)
     breaker.add_listener(timeline.on_transition)
     await sidecar.start()
     proxy = f"http://{sidecar.addresses['proxy']}"

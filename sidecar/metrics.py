@@ -55,6 +55,7 @@ class RouteMetrics:
         "name",
         "rejected",
         "requests",
+        "slow_calls",
         "transitions",
     )
 
@@ -66,6 +67,8 @@ class RouteMetrics:
         self.failures = dict.fromkeys(FAILURE_KINDS, 0)
         self.transitions = dict.fromkeys(TRANSITIONS, 0)
         self.in_flight = 0
+        self.slow_calls = 0
+        """Upstream exchanges that took longer than `slow_call_duration`."""
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
         self.duration_sum = 0.0
         self.duration_count = 0
@@ -134,11 +137,33 @@ class _Collector(Collector):
             "The route's current count of consecutive upstream failures.",
             labels=["route"],
         )
+        failure_rate = GaugeMetricFamily(
+            "sidecar_breaker_failure_rate",
+            "Failures / outcomes in the route's window, 0..1; -1 below min_requests "
+            "or without a window.",
+            labels=["route"],
+        )
+        slow_call_rate = GaugeMetricFamily(
+            "sidecar_breaker_slow_call_rate",
+            "Slow calls / outcomes in the route's window, 0..1; -1 below min_requests "
+            "or without a window.",
+            labels=["route"],
+        )
+        shadow = CounterMetricFamily(
+            "sidecar_breaker_shadow_rejections",
+            "Requests a shadow-mode route forwarded that enforcing would have rejected.",
+            labels=["route"],
+        )
         for breaker in metrics.breakers():
+            name = breaker.name
             current = breaker.state
             for s in State:
-                state.add_metric([breaker.name, s.value], 1.0 if s is current else 0.0)
-            consecutive.add_metric([breaker.name], float(breaker.consecutive_failures))
+                state.add_metric([name, s.value], 1.0 if s is current else 0.0)
+            consecutive.add_metric([name], float(breaker.consecutive_failures))
+            rates = breaker.rates()
+            failure_rate.add_metric([name], -1.0 if rates is None else rates[0])
+            slow_call_rate.add_metric([name], -1.0 if rates is None else rates[1])
+            shadow.add_metric([name], breaker.shadow_rejections)
 
         transitions = CounterMetricFamily(
             "sidecar_breaker_transitions",
@@ -170,6 +195,11 @@ class _Collector(Collector):
             "Requests being forwarded to the upstream now.",
             labels=["route"],
         )
+        slow_calls = CounterMetricFamily(
+            "sidecar_upstream_slow_calls",
+            "Upstream exchanges that took longer than the route's slow_call_duration.",
+            labels=["route"],
+        )
         for route in metrics.routes:
             name = route.name
             for (a, b), n in route.transitions.items():
@@ -187,6 +217,7 @@ class _Collector(Collector):
                 buckets.append((label, cumulative))
             duration.add_metric([name], buckets, route.duration_sum)
             in_flight.add_metric([name], route.in_flight)
+            slow_calls.add_metric([name], route.slow_calls)
 
         unrouted = CounterMetricFamily(
             "sidecar_unrouted_requests", "Requests that no route matched (answered 404)."
@@ -196,5 +227,6 @@ class _Collector(Collector):
             "sidecar_build_info", "The running sidecar's version.", labels=["version"]
         )
         build_info.add_metric([metrics.version], 1)
-        yield from (state, consecutive, transitions, requests, rejected, failures)
-        yield from (duration, in_flight, unrouted, build_info)
+        yield from (state, consecutive, failure_rate, slow_call_rate, shadow, transitions)
+        yield from (requests, rejected, failures, duration, in_flight, slow_calls)
+        yield from (unrouted, build_info)

@@ -6,9 +6,12 @@ sees"; the responses the sidecar makes itself are built by `error_response`.
 
 from __future__ import annotations
 
-import asyncio
+import datetime
+import email.utils
+import math
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -28,7 +31,7 @@ from sidecar.upstream import (
     send,
 )
 
-__all__ = ["HOP_BY_HOP", "Proxy", "Target", "error_response"]
+__all__ = ["HOP_BY_HOP", "Proxy", "Target", "error_response", "retry_after_seconds"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -49,6 +52,9 @@ _NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "expect"}
 REJECTION_CACHE_SIZE = 1024
 """Finished 503s kept per route: one per second of `Retry-After` counting down."""
 
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+"""Upstream answers whose `Retry-After` opens the route under `respect_retry_after`."""
+
 
 @dataclass(slots=True)
 class Target:
@@ -59,6 +65,10 @@ class Target:
     metrics: RouteMetrics
     origin: str
     timeout: aiohttp.ClientTimeout
+    slow_after: float
+    """`slow_call_duration`, or infinity without one."""
+    retry_after_statuses: frozenset[int]
+    """Statuses whose `Retry-After` the breaker hears: none unless `respect_retry_after`."""
     rejections: dict[int, tuple[str, bytes, CIMultiDict[str]]] = field(default_factory=dict)
     """Finished 503s by `Retry-After` (0 for HALF_OPEN's), so that rejecting formats nothing."""
 
@@ -108,12 +118,16 @@ class Proxy:
         routes: Sequence[Route],
         metrics: Metrics,
         clock: Clock = time.monotonic,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self._session: aiohttp.ClientSession  # given by `attach` once a loop runs
         self._metrics = metrics
+        self._clock = clock
         self.targets: list[Target] = []
         for route in routes:
-            breaker = Breaker(route.name, route.breaker, clock)
+            settings = route.breaker
+            breaker = Breaker(route.name, settings, clock, rand)
+            slow = settings.slow_call_duration
             self.targets.append(
                 Target(
                     route=route,
@@ -121,6 +135,10 @@ class Proxy:
                     metrics=metrics.add_route(breaker),
                     origin=route.upstream.origin,
                     timeout=client_timeout(route.timeouts),
+                    slow_after=math.inf if slow is None else slow,
+                    retry_after_statuses=(
+                        RETRY_AFTER_STATUSES if settings.respect_retry_after else frozenset()
+                    ),
                 )
             )
         self._router = Router([(t.route, t) for t in self.targets])
@@ -195,8 +213,6 @@ class Proxy:
         url = URL(target.origin + upstream_target(route, raw_path), encoded=True)
         body = request.content if request.body_exists else None
 
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         try:
             exchange = await send(
                 self._session,
@@ -206,9 +222,12 @@ class Proxy:
                 body,
                 target.timeout,
                 route.timeouts.request,
+                self._clock,
             )
         except UpstreamError as e:
-            permit.failed()
+            if e.elapsed > target.slow_after:
+                metrics.slow_calls += 1
+            permit.failed(e.elapsed)
             metrics.failures[e.kind] += 1
             timeout = e.kind == "timeout"
             status, error = (504, "upstream_timeout") if timeout else (502, "upstream_unreachable")
@@ -223,27 +242,34 @@ class Proxy:
             return error_response(400, "bad_request", route.name)
 
         upstream = exchange.response
+        elapsed = exchange.elapsed
         try:
-            metrics.observe_duration(loop.time() - started)
-            if upstream.status in route.breaker.failure_status:
-                permit.failed()
+            metrics.observe_duration(elapsed)
+            if elapsed > target.slow_after:
+                metrics.slow_calls += 1
+            status = upstream.status
+            asked = None
+            if status in target.retry_after_statuses:
+                asked = retry_after_seconds(upstream.headers.get("Retry-After"), time.time())
+            if asked is not None or status in route.breaker.failure_status:
+                permit.failed(elapsed, asked)
                 metrics.failures["status"] += 1
             elif permit.state is State.HALF_OPEN:
                 # A probe is judged by its answer: its slot must not wait on a long body,
                 # nor on a client that reads slowly (or not at all).
-                permit.succeeded()
+                permit.succeeded(elapsed)
 
             response = web.StreamResponse(
-                status=upstream.status,
+                status=status,
                 reason=upstream.reason,
                 headers=_without_hop_by_hop(upstream.headers, HOP_BY_HOP),
             )
             try:
                 await response.prepare(request)
-                metrics.count_response(upstream.status)
+                metrics.count_response(status)
                 async for chunk in exchange.body():
                     await response.write(chunk)
-                permit.succeeded()
+                permit.succeeded(elapsed)
                 await response.write_eof()
             except ConnectionResetError:
                 # The client went away mid-response: no outcome (the permit is released).
@@ -255,7 +281,7 @@ class Proxy:
                     request.transport.abort()
             except UpstreamError as e:
                 if not permit.done:
-                    permit.failed()
+                    permit.failed(elapsed)
                     metrics.failures[e.kind] += 1
                 # Never end the response as if it were whole: abort the client's connection.
                 if request.transport is not None:
@@ -276,3 +302,26 @@ class Proxy:
             headers["X-Forwarded-Host"] = host
         else:  # never pass on a client's own claim as if it were ours
             headers.popall("X-Forwarded-Host", None)
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Seconds a `Retry-After` header asks for (delta-seconds or an HTTP date), if > 0.
+
+    `now` is wall-clock time (`time.time()`), against which a date is read. A
+    value that is neither form, or that asks for no wait at all, is None.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        # Beyond 10^12 s (31,000 years) the breaker's cap applies anyway.
+        seconds = float(value) if len(value) <= 12 else 1e12
+    else:
+        try:
+            date = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if date.tzinfo is None:  # "-0000": RFC 5322's "no zone given", read as UTC
+            date = date.replace(tzinfo=datetime.UTC)
+        seconds = date.timestamp() - now
+    return seconds if seconds > 0 else None

@@ -20,6 +20,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar.breaker import Clock
 from sidecar.config import Timeouts
 
 __all__ = [
@@ -55,6 +56,8 @@ class InvalidRequest(Exception):
 class UpstreamError(Exception):
     kind = "connect"
     """The `kind` label of `sidecar_upstream_failures_total`."""
+    elapsed = 0.0
+    """Seconds the upstream had had when the exchange failed (see `Exchange.elapsed`)."""
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -168,10 +171,20 @@ class _Upload:
     whose turn it was when the deadline passed.
     """
 
-    __slots__ = ("_source", "client_failed", "waiting_on_client", "watchdog")
+    __slots__ = (
+        "_clock",
+        "_source",
+        "client_failed",
+        "finished_at",
+        "waiting_on_client",
+        "watchdog",
+    )
 
-    def __init__(self, source: aiohttp.StreamReader, watchdog: _Watchdog) -> None:
+    def __init__(self, source: aiohttp.StreamReader, watchdog: _Watchdog, clock: Clock) -> None:
         self._source = source
+        self._clock = clock
+        self.finished_at: float | None = None
+        """When the client's last byte went upstream: the upstream's time starts there."""
         self.watchdog: _Watchdog | None = watchdog
         """Set to None once the response headers are in: from then on only the
         response body's progress may move the deadline, or an endless upload
@@ -197,6 +210,7 @@ class _Upload:
             if self.watchdog is not None:
                 self.watchdog.progress()
             if not chunk:
+                self.finished_at = self._clock()
                 return
             yield chunk
 
@@ -204,12 +218,19 @@ class _Upload:
 class Exchange:
     """One request to an upstream, from its response headers to the end of its body."""
 
-    __slots__ = ("_closed", "_upload", "_watchdog", "response")
+    __slots__ = ("_closed", "_upload", "_watchdog", "elapsed", "response")
 
     def __init__(
-        self, response: aiohttp.ClientResponse, watchdog: _Watchdog, upload: _Upload | None
+        self,
+        response: aiohttp.ClientResponse,
+        watchdog: _Watchdog,
+        upload: _Upload | None,
+        elapsed: float,
     ) -> None:
         self.response = response
+        self.elapsed = elapsed
+        """Seconds the upstream took to answer: from the end of the request body (or the
+        start, if it answered before the body was whole) to the response headers."""
         self._watchdog = watchdog
         watchdog.paused = True  # the body's clock starts when the proxy asks for it
         self._upload = upload
@@ -265,51 +286,64 @@ async def send(
     body: aiohttp.StreamReader | None,
     timeout: aiohttp.ClientTimeout,
     request_timeout: float,
+    clock: Clock,
 ) -> Exchange:
     """Send a request upstream and return once its response headers are in.
 
-    Raises `UpstreamError`, `ClientBodyTimeout` (the client stopped sending its
-    body), or `InvalidRequest` (aiohttp will not send what the client sent).
-    The caller must `close()` the exchange.
+    Raises `UpstreamError` (with the time the upstream had in `elapsed`),
+    `ClientBodyTimeout` (the client stopped sending its body), or
+    `InvalidRequest` (aiohttp will not send what the client sent). `clock`
+    measures the upstream's time. The caller must `close()` the exchange.
     """
+    started = clock()
     watchdog = _Watchdog(request_timeout)
-    upload = _Upload(body, watchdog) if body is not None else None
+    upload = _Upload(body, watchdog, clock) if body is not None else None
+
+    def elapsed() -> float:
+        now = clock()
+        finished = upload.finished_at if upload is not None else None
+        return now - (finished if finished is not None else started)
+
     try:
-        response = await session.request(
-            method,
-            url,
-            headers=headers,
-            data=upload.chunks() if upload is not None else None,
-            timeout=timeout,
-            allow_redirects=False,
-            compress=None,
-            chunked=None,
-        )
-    except asyncio.CancelledError:
-        watchdog.stop()
-        if not watchdog.expired():
+        try:
+            response = await session.request(
+                method,
+                url,
+                headers=headers,
+                data=upload.chunks() if upload is not None else None,
+                timeout=timeout,
+                allow_redirects=False,
+                compress=None,
+                chunked=None,
+            )
+        except asyncio.CancelledError:
+            watchdog.stop()
+            if not watchdog.expired():
+                raise
+            if upload is not None and upload.waiting_on_client:
+                raise ClientBodyTimeout("the client stopped sending its request body") from None
+            raise UpstreamTimeout("no response headers in time") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            watchdog.stop()
+            if upload is not None and upload.client_failed:
+                raise InvalidRequest("the client's request body broke off") from e
+            raise translate(e, after_headers=False) from e
+        except ValueError as e:  # e.g. a header value aiohttp refuses to put on the wire
+            watchdog.stop()
+            raise InvalidRequest(str(e)) from e
+        except BaseException:
+            watchdog.stop()  # never leave a cancellation armed against the task
             raise
-        if upload is not None and upload.waiting_on_client:
-            raise ClientBodyTimeout("the client stopped sending its request body") from None
-        raise UpstreamTimeout("no response headers in time") from None
-    except (aiohttp.ClientError, OSError, TimeoutError) as e:
-        watchdog.stop()
-        if upload is not None and upload.client_failed:
-            raise InvalidRequest("the client's request body broke off") from e
-        raise translate(e, after_headers=False) from e
-    except ValueError as e:  # e.g. a header value aiohttp refuses to put on the wire
-        watchdog.stop()
-        raise InvalidRequest(str(e)) from e
-    except BaseException:
-        watchdog.stop()  # never leave a cancellation armed against the task
+        if not 200 <= response.status <= 599:
+            # 1xx were consumed by aiohttp; a 101 nobody asked for, or a status out of
+            # range, is not an answer a client can use.
+            watchdog.stop()
+            response.close()
+            raise UpstreamUnreachable(f"unusable status {response.status}")
+    except UpstreamError as e:
+        e.elapsed = elapsed()
         raise
-    if not 200 <= response.status <= 599:
-        # 1xx were consumed by aiohttp; a 101 nobody asked for, or a status out of
-        # range, is not an answer a client can use.
-        watchdog.stop()
-        response.close()
-        raise UpstreamUnreachable(f"unusable status {response.status}")
-    return Exchange(response, watchdog, upload)
+    return Exchange(response, watchdog, upload, elapsed())
 
 
 def _read_until_close(response: aiohttp.ClientResponse) -> asyncio.Future[None] | None:

@@ -73,7 +73,7 @@ def test_check_valid_prints_effective_settings() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{EXAMPLE}: valid, 3 routes\n")
     assert "- payments: path_prefix=/payments -> http://payments.internal:8080" in result.stdout
-    assert "breaker: failure_threshold 3, open_duration 60s" in result.stdout
+    assert "breaker: failure_threshold 3, open_duration 1m," in result.stdout
 
 
 def test_check_invalid_lists_every_error_and_exits_2(tmp_path: Path) -> None:

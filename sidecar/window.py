@@ -1,0 +1,172 @@
+"""Sliding windows of recent outcomes, for the breaker's rate rules.
+
+Two kinds, one interface: `add(now, failed, slow)` records an outcome,
+`counts(now)` says how many outcomes, failures and slow calls the window holds,
+`clear()` starts afresh. Both cost O(1) per call and hold a fixed amount of
+memory, whatever the request rate.
+
+- `CountWindow`: the last N outcomes, in a ring of N bytes.
+- `TimeWindow`: the outcomes of the last D seconds, in `TIME_WINDOW_BUCKETS`
+  buckets of D / buckets seconds each. The bucket holding `now` is the newest;
+  at time t the window holds the buckets whose index `floor(t / width)` is one
+  of the last `buckets`, so it spans between D - width and D seconds. Buckets
+  are evicted as time passes, on reads as well as on writes, so a window read
+  after a quiet minute is empty, and a gap longer than the whole window is
+  skipped in one step.
+
+Standard library only, like the breaker.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Protocol
+
+__all__ = ["TIME_WINDOW_BUCKETS", "CountWindow", "Counts", "TimeWindow", "Window"]
+
+TIME_WINDOW_BUCKETS = 20
+"""Buckets per time window: a 30 s window forgets in steps of 1.5 s."""
+
+_FAILED = 1
+_SLOW = 2
+_NEVER = -(1 << 62)
+"""A bucket number older than any clock reading."""
+
+
+class Counts(NamedTuple):
+    total: int
+    failures: int
+    slow: int
+
+
+class Window(Protocol):
+    def add(self, now: float, failed: bool, slow: bool) -> Counts: ...
+
+    def counts(self, now: float) -> Counts: ...
+
+    def clear(self) -> None: ...
+
+
+class CountWindow:
+    """The last `size` outcomes."""
+
+    __slots__ = ("_failures", "_filled", "_next", "_ring", "_slow", "size")
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("a window holds at least one outcome")
+        self.size = size
+        self._ring = bytearray(size)
+        self.clear()
+
+    def clear(self) -> None:
+        self._next = 0
+        self._filled = 0
+        self._failures = 0
+        self._slow = 0
+
+    def add(self, now: float, failed: bool, slow: bool) -> Counts:
+        """Record one outcome (evicting the oldest once full); the counts after it."""
+        ring = self._ring
+        i = self._next
+        if self._filled == self.size:
+            old = ring[i]
+            self._failures -= old & _FAILED
+            self._slow -= old >> 1
+        else:
+            self._filled += 1
+        ring[i] = failed | (slow << 1)
+        self._failures += failed
+        self._slow += slow
+        self._next = i + 1 if i + 1 < self.size else 0
+        return Counts(self._filled, self._failures, self._slow)
+
+    def counts(self, now: float) -> Counts:
+        return Counts(self._filled, self._failures, self._slow)
+
+
+class TimeWindow:
+    """The outcomes of the last `duration` seconds, in fixed buckets."""
+
+    __slots__ = (
+        "_bucket_failures",
+        "_bucket_slow",
+        "_bucket_total",
+        "_epoch",
+        "_failures",
+        "_head",
+        "_slow",
+        "_total",
+        "_width",
+        "buckets",
+        "duration",
+    )
+
+    def __init__(self, duration: float, buckets: int = TIME_WINDOW_BUCKETS) -> None:
+        if not (duration > 0 and math.isfinite(duration)) or buckets < 1:
+            raise ValueError("a time window needs a positive duration and at least one bucket")
+        self.duration = duration
+        self.buckets = buckets
+        self._width = duration / buckets
+        # Slot i holds bucket number _epoch[i] (i == _epoch[i] % buckets). A slot whose
+        # number is not among the live ones is stale: read as empty, reset when reused.
+        # That is what lets a long gap clear the window without touching every slot.
+        self._epoch = [_NEVER] * buckets
+        self._bucket_total = [0] * buckets
+        self._bucket_failures = [0] * buckets
+        self._bucket_slow = [0] * buckets
+        self._head = _NEVER
+        """The newest bucket number seen; buckets up to `buckets - 1` older are live."""
+        self._total = 0
+        self._failures = 0
+        self._slow = 0
+
+    def clear(self) -> None:
+        self._head = _NEVER
+        self._epoch = [_NEVER] * self.buckets
+        self._total = self._failures = self._slow = 0
+
+    def _advance(self, now: float) -> int:
+        """Evict the buckets that `now` has left behind; the number of `now`'s bucket."""
+        current = math.floor(now / self._width)
+        head = self._head
+        if current <= head:
+            return head  # the same bucket (or a clock that went back: stay put)
+        n = self.buckets
+        if current - head >= n:
+            # Every live bucket is now too old: drop them all at once, O(1).
+            self._total = self._failures = self._slow = 0
+        else:
+            epoch = self._epoch
+            for number in range(head - n + 1, current - n + 1):
+                slot = number % n
+                if epoch[slot] == number:
+                    self._total -= self._bucket_total[slot]
+                    self._failures -= self._bucket_failures[slot]
+                    self._slow -= self._bucket_slow[slot]
+                    epoch[slot] = _NEVER
+        self._head = current
+        return current
+
+    def add(self, now: float, failed: bool, slow: bool) -> Counts:
+        """Record one outcome at `now`; the counts after it."""
+        current = self._advance(now)
+        slot = current % self.buckets
+        if self._epoch[slot] != current:
+            self._epoch[slot] = current
+            self._bucket_total[slot] = 0
+            self._bucket_failures[slot] = 0
+            self._bucket_slow[slot] = 0
+        self._bucket_total[slot] += 1
+        self._total += 1
+        if failed:
+            self._bucket_failures[slot] += 1
+            self._failures += 1
+        if slow:
+            self._bucket_slow[slot] += 1
+            self._slow += 1
+        return Counts(self._total, self._failures, self._slow)
+
+    def counts(self, now: float) -> Counts:
+        self._advance(now)
+        return Counts(self._total, self._failures, self._slow)
