@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 import pytest
@@ -35,7 +37,8 @@ class Running:
         return self.sidecar.metrics.registry.get_sample_value(name, labels)
 
 
-StartSidecar = Callable[[str], Awaitable[Running]]
+class StartSidecar(Protocol):
+    def __call__(self, yaml_text: str, rand: Callable[[], float] = ...) -> Awaitable[Running]: ...
 
 
 @pytest.fixture
@@ -43,10 +46,10 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
     """Start a sidecar from YAML (listeners on free loopback ports), stopped after the test."""
     started: list[Sidecar] = []
 
-    async def start(yaml_text: str) -> Running:
+    async def start(yaml_text: str, rand: Callable[[], float] = random.random) -> Running:
         text = "listen: 127.0.0.1:0\nadmin: {listen: 127.0.0.1:0}\n" + yaml_text
         clock = FakeClock()
-        sidecar = Sidecar(parse_config(text, "test.yaml"), clock=clock)
+        sidecar = Sidecar(parse_config(text, "test.yaml"), clock=clock, rand=rand)
         await sidecar.start()
         started.append(sidecar)
         return Running(
@@ -95,8 +98,14 @@ def upstream_app(state: Upstream) -> web.Application:
         return web.json_response(record)
 
     async def status(request: web.Request) -> web.Response:
+        """The status asked for; `?retry_after=` adds that `Retry-After` header."""
         state.hits += 1
-        return web.json_response({"status": "set"}, status=int(request.match_info["code"]))
+        headers = {}
+        if "retry_after" in request.query:
+            headers["Retry-After"] = request.query["retry_after"]
+        return web.json_response(
+            {"status": "set"}, status=int(request.match_info["code"]), headers=headers
+        )
 
     async def hang(request: web.Request) -> web.Response:
         """Answers only when the test sets `release`; status from ?status=."""

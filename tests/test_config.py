@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
+from sidecar.breaker import WindowSettings
 from sidecar.config import (
     DEFAULT_ADMIN_LISTEN,
+    DEFAULT_MAX_OPEN_DURATION,
     Address,
     ConfigError,
     load_config,
@@ -494,3 +497,175 @@ def test_path_prefix_must_be_on_the_wire_form() -> None:
     assert "write the prefix as it appears on the wire, percent-encoded" in error
     config = parse_config(MINIMAL.replace("/payments}", "/caf%C3%A9}"))
     assert config.routes[0].path_prefix == "/caf%C3%A9"
+
+
+# -- rate windows, slow calls and backoff ------------------------------------------------
+
+
+def breaker_with(body: str, defaults: str = "") -> str:
+    """A config whose one route has `breaker:` `body` (and `defaults.breaker` `defaults`)."""
+    text = ""
+    if defaults:
+        text += "defaults:\n  breaker:\n" + textwrap.indent(textwrap.dedent(defaults), "    ")
+    return text + route_with("breaker:\n" + textwrap.indent(textwrap.dedent(body), "  "))
+
+
+def test_rate_keys_parse_into_exact_settings() -> None:
+    (route,) = parse_config(
+        breaker_with(
+            """
+            failure_threshold: null
+            window: {duration: 30s, min_requests: 20}
+            failure_rate: 50%
+            slow_call_duration: 2s
+            slow_call_rate: 0.8
+            backoff_multiplier: 2
+            max_open_duration: 5m
+            jitter: 10%
+            respect_retry_after: true
+            mode: shadow
+            """
+        )
+    ).routes
+    b = route.breaker
+    assert b.failure_threshold is None
+    assert b.window == WindowSettings(duration=30.0, requests=None, min_requests=20)
+    assert (b.failure_rate, b.slow_call_rate) == (Fraction(1, 2), Fraction(4, 5))
+    assert (b.slow_call_duration, b.backoff_multiplier, b.max_open_duration) == (2.0, 2.0, 300.0)
+    assert (b.jitter, b.respect_retry_after, b.mode) == (0.1, True, "shadow")
+
+
+def test_without_the_new_keys_the_breaker_is_as_before() -> None:
+    b = parse_config(MINIMAL).routes[0].breaker
+    assert (b.window, b.failure_rate, b.slow_call_duration, b.slow_call_rate) == (None,) * 4
+    assert (b.backoff_multiplier, b.jitter, b.respect_retry_after, b.mode) == (
+        1.0,
+        0.0,
+        False,
+        "enforce",
+    )
+    assert b.max_open_duration == DEFAULT_MAX_OPEN_DURATION
+
+
+@pytest.mark.parametrize(
+    ("value", "rate"),
+    [("50%", Fraction(1, 2)), ("33.3%", Fraction(333, 1000)), ("100%", Fraction(1)),
+     ("0.1", Fraction(1, 10)), ("1", Fraction(1)), ("'7.5 %'", Fraction(3, 40))],
+)  # fmt: skip
+def test_percentages(value: str, rate: Fraction) -> None:
+    config = parse_config(breaker_with(f"window: {{requests: 10}}\nfailure_rate: {value}\n"))
+    assert config.routes[0].breaker.failure_rate == rate
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0%", "must be more than 0% (null turns the rule off)"),
+        ("0", "must be more than 0% (null turns the rule off)"),
+        ("101%", "'101%' is more than 100%"),
+        ("50", "50 is not a fraction from 0 to 1; write '50%' or 0.5 for half"),
+        ("-0.5", "-0.5 is not a fraction from 0 to 1; write '50%' or 0.5 for half"),
+        ("half", "'half' is not a percentage; write '50%' or a fraction such as 0.5"),
+        (".nan", "nan is not a fraction from 0 to 1; write '50%' or 0.5 for half"),
+        ("true", "must be a percentage such as '50%' or 0.5, not a boolean (true)"),
+    ],
+)
+def test_bad_percentages(value: str, message: str) -> None:
+    text = breaker_with(f"window: {{requests: 10}}\nfailure_rate: {value}\n")
+    assert one_error(text).endswith(f"routes[0].breaker.failure_rate: {message}")
+
+
+def test_a_window_takes_exactly_one_kind() -> None:
+    assert one_error(breaker_with("window: {duration: 30s, requests: 100}\n")) == (
+        "c.yaml:7: routes[0].breaker.window: takes one of 'duration' (time-based) and "
+        "'requests' (count-based), not both"
+    )
+    assert one_error(breaker_with("window: {min_requests: 5}\n")) == (
+        "c.yaml:7: routes[0].breaker.window: needs 'duration' (the last N seconds) or "
+        "'requests' (the last N outcomes)"
+    )
+
+
+def test_window_min_requests_defaults_and_limits() -> None:
+    def window_of(body: str) -> WindowSettings | None:
+        return parse_config(breaker_with(body)).routes[0].breaker.window
+
+    assert window_of("window: {duration: 1m}\n") == WindowSettings(60.0, None, 20)
+    assert window_of("window: {requests: 8}\n") == WindowSettings(None, 8, 8)
+    assert window_of("window: {requests: 500}\n") == WindowSettings(None, 500, 20)
+    assert one_error(breaker_with("window: {requests: 5, min_requests: 6}\n")).endswith(
+        "routes[0].breaker.window.min_requests: min_requests (6) is more than "
+        "window.requests (5): no rate rule could ever trip"
+    )
+    assert one_error(breaker_with("window: {requests: 1000000}\n")).endswith(
+        "routes[0].breaker.window.requests: must be at most 100000"
+    )
+
+
+def test_a_route_window_replaces_the_kind_and_inherits_min_requests() -> None:
+    defaults = "window: {duration: 30s, min_requests: 50}\nfailure_rate: 50%\n"
+    config = parse_config(breaker_with("window: {requests: 200}\n", defaults))
+    assert config.routes[0].breaker.window == WindowSettings(None, 200, 50)
+    config = parse_config(breaker_with("window: {min_requests: 5}\n", defaults))
+    assert config.routes[0].breaker.window == WindowSettings(30.0, None, 5)
+    config = parse_config(breaker_with("failure_rate: null\nwindow: null\n", defaults))
+    assert config.routes[0].breaker.window is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "failure_rate: 50%\n",
+            "routes[0].breaker.failure_rate: failure_rate needs a window: add window.duration "
+            "(time-based) or window.requests (count-based)",
+        ),
+        (
+            "window: {requests: 10}\nslow_call_rate: 50%\n",
+            "routes[0].breaker.slow_call_rate: slow_call_rate needs slow_call_duration: "
+            "when is a call slow?",
+        ),
+        (
+            "open_duration: 10m\nmax_open_duration: 5m\n",
+            "routes[0].breaker.max_open_duration: max_open_duration (5m) is shorter than "
+            "open_duration (10m)",
+        ),
+        (
+            "failure_threshold: null\n",
+            "routes[0].breaker.failure_threshold: no rule can open this circuit: set "
+            "failure_threshold, failure_rate, slow_call_rate or respect_retry_after",
+        ),
+        ("backoff_multiplier: 0.5\n", "must be from 1 (no backoff) to 100, not 0.5"),
+        ("backoff_multiplier: 1000000000\n", "must be from 1 (no backoff) to 100, not 1000000000"),
+        ("jitter: 150%\n", "'150%' is more than 100%"),
+        ("mode: enforcing\n", "must be 'enforce' or 'shadow', not a string ('enforcing')"),
+        ("respect_retry_after: yes please\n", "must be true or false, not a string"),
+        ("slow_call_duration: 0\n", "must be greater than 0"),
+        ("window: [30s]\n", "must be a mapping of keys, not a list"),
+        ("window: {duration: 30s, size: 3}\n", "unknown key 'size'"),
+    ],
+)
+def test_rate_and_backoff_settings_are_checked(body: str, message: str) -> None:
+    assert message in one_error(breaker_with(body))
+
+
+def test_a_contradiction_in_defaults_is_reported_once_not_per_route() -> None:
+    text = (
+        "defaults:\n  breaker: {failure_rate: 50%}\n"
+        + MINIMAL
+        + ("  - name: other\n    match: {path_prefix: /other}\n    upstream: http://other\n")
+    )
+    assert one_error(text).startswith("c.yaml:2: defaults.breaker.failure_rate: failure_rate needs")
+
+
+def test_a_route_that_breaks_an_inherited_limit_is_told_where() -> None:
+    text = breaker_with("open_duration: 10m\n", defaults="max_open_duration: 2m\n")
+    assert one_error(text) == (
+        "c.yaml:10: routes[0].breaker.open_duration: max_open_duration (2m) is shorter "
+        "than open_duration (10m)"
+    )
+
+
+def test_max_open_duration_defaults_to_five_minutes_or_open_duration() -> None:
+    (route,) = parse_config(breaker_with("open_duration: 10m\n")).routes
+    assert route.breaker.max_open_duration == 600.0
