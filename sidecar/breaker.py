@@ -288,22 +288,27 @@ class Breaker:
     def _on_success(self, permit: Permit, elapsed: float) -> None:
         if permit.generation != self._generation:
             return
-        slow = elapsed > self._slow_after
         if permit.state is State.HALF_OPEN:
-            self._probes_in_flight -= 1
-            if slow and self._slow_call_rate is not None:
-                # The slow-call rule is what opened it, most likely: a slow answer is no recovery.
-                self._open(f"probe slow ({elapsed:.3g} s > {self._slow_after:g} s)")
-                return
-            self._consecutive_failures = 0
-            self._probe_successes += 1
-            if self._probe_successes >= self.settings.success_threshold:
-                n = self._probe_successes
-                self._transition(State.CLOSED, f"{n} probe{'s' * (n != 1)} succeeded")
+            self._on_probe_success(elapsed)
             return
         self._consecutive_failures = 0
-        if self._window is not None:
-            self._check_rates(self._window.add(self._clock(), False, slow))
+        window = self._window
+        if window is not None:
+            window.add(self._clock(), False, elapsed > self._slow_after)
+            if window.total >= self._min_requests:
+                self._check_rates(window)
+
+    def _on_probe_success(self, elapsed: float) -> None:
+        self._probes_in_flight -= 1
+        if elapsed > self._slow_after and self._slow_call_rate is not None:
+            # The slow-call rule is what opened it, most likely: a slow answer is no recovery.
+            self._open(f"probe slow ({elapsed:.3g} s > {self._slow_after:g} s)")
+            return
+        self._consecutive_failures = 0
+        self._probe_successes += 1
+        if self._probe_successes >= self.settings.success_threshold:
+            n = self._probe_successes
+            self._transition(State.CLOSED, f"{n} probe{'s' * (n != 1)} succeeded")
 
     def _on_failure(self, permit: Permit, elapsed: float, retry_after: float | None) -> None:
         if permit.generation != self._generation:
@@ -319,36 +324,32 @@ class Breaker:
             else:
                 self._open("probe failed")
             return
-        counts = None
-        if self._window is not None:
-            counts = self._window.add(self._clock(), True, elapsed > self._slow_after)
+        window = self._window
+        if window is not None:
+            window.add(self._clock(), True, elapsed > self._slow_after)
         threshold = self.settings.failure_threshold
         if asked:
             self._open(f"upstream asked to retry after {retry_after:g} s", retry_after)
         elif threshold is not None and self._consecutive_failures >= threshold:
             self._open(f"{self._consecutive_failures} consecutive failures")
-        elif counts is not None:
-            self._check_rates(counts)
+        elif window is not None and window.total >= self._min_requests:
+            self._check_rates(window)
 
     def _on_release(self, permit: Permit) -> None:
         if permit.generation == self._generation and permit.state is State.HALF_OPEN:
             self._probes_in_flight -= 1
 
-    def _check_rates(self, counts: Counts) -> None:
-        total, failures, slow = counts
-        if total < self._min_requests:
-            return
+    def _check_rates(self, window: Window) -> None:
+        """Open if a rate rule trips; the window holds at least `min_requests` outcomes."""
         # Exact: a rate of 30 % trips at 3 of 10, whatever 0.3 is in binary.
-        for n, ratio, what in (
-            (failures, self._failure_rate, "failure rate"),
-            (slow, self._slow_call_rate, "slow-call rate"),
-        ):
-            if ratio is not None and n * ratio[1] >= ratio[0] * total:
-                limit = format_percent(Fraction(*ratio))
-                self._open(
-                    f"{what} {format_percent(Fraction(n, total))} >= {limit} over {total} requests"
-                )
-                return
+        total = window.total
+        rate = self._failure_rate
+        if rate is not None and window.failures * rate[1] >= rate[0] * total:
+            self._open(_rate_reason("failure rate", window.failures, total, rate))
+            return
+        rate = self._slow_call_rate
+        if rate is not None and window.slow * rate[1] >= rate[0] * total:
+            self._open(_rate_reason("slow-call rate", window.slow, total, rate))
 
     # -- transitions -----------------------------------------------------------
 
@@ -393,6 +394,11 @@ def _make_window(settings: WindowSettings | None) -> Window | None:
         return CountWindow(settings.requests)
     assert settings.duration is not None
     return TimeWindow(settings.duration)
+
+
+def _rate_reason(what: str, count: int, total: int, rate: tuple[int, int]) -> str:
+    limit = format_percent(Fraction(*rate))
+    return f"{what} {format_percent(Fraction(count, total))} >= {limit} over {total} requests"
 
 
 def _ratio(rate: Fraction | None) -> tuple[int, int] | None:

@@ -1,9 +1,12 @@
 """Sliding windows of recent outcomes, for the breaker's rate rules.
 
-Two kinds, one interface: `add(now, failed, slow)` records an outcome,
-`counts(now)` says how many outcomes, failures and slow calls the window holds,
-`clear()` starts afresh. Both cost O(1) per call and hold a fixed amount of
-memory, whatever the request rate.
+Two kinds, one interface: `add(now, failed, slow)` records an outcome, after
+which the attributes `total`, `failures` and `slow` are the window's counts;
+`counts(now)` brings them up to `now` and returns them; `clear()` starts afresh.
+Both cost O(1) per call and hold a fixed amount of memory, whatever the
+request rate. (`add` returns nothing and the counts are plain attributes
+because this runs once per proxied request: a tuple per call costs more than
+the window itself.)
 
 - `CountWindow`: the last N outcomes, in a ring of N bytes.
 - `TimeWindow`: the outcomes of the last D seconds, in `TIME_WINDOW_BUCKETS`
@@ -40,7 +43,11 @@ class Counts(NamedTuple):
 
 
 class Window(Protocol):
-    def add(self, now: float, failed: bool, slow: bool) -> Counts: ...
+    total: int
+    failures: int
+    slow: int
+
+    def add(self, now: float, failed: bool, slow: bool) -> None: ...
 
     def counts(self, now: float) -> Counts: ...
 
@@ -50,7 +57,7 @@ class Window(Protocol):
 class CountWindow:
     """The last `size` outcomes."""
 
-    __slots__ = ("_failures", "_filled", "_next", "_ring", "_slow", "size")
+    __slots__ = ("_filled", "_next", "_ring", "failures", "size", "slow", "total")
 
     def __init__(self, size: int) -> None:
         if size < 1:
@@ -61,28 +68,28 @@ class CountWindow:
 
     def clear(self) -> None:
         self._next = 0
-        self._filled = 0
-        self._failures = 0
-        self._slow = 0
+        self.total = 0
+        self.failures = 0
+        self.slow = 0
 
-    def add(self, now: float, failed: bool, slow: bool) -> Counts:
-        """Record one outcome (evicting the oldest once full); the counts after it."""
+    def add(self, now: float, failed: bool, slow: bool) -> None:
+        """Record one outcome, evicting the oldest once full."""
         ring = self._ring
         i = self._next
-        if self._filled == self.size:
+        if self.total == self.size:
             old = ring[i]
-            self._failures -= old & _FAILED
-            self._slow -= old >> 1
+            self.failures += failed - (old & _FAILED)
+            self.slow += slow - (old >> 1)
         else:
-            self._filled += 1
+            self.total += 1
+            self.failures += failed
+            self.slow += slow
         ring[i] = failed | (slow << 1)
-        self._failures += failed
-        self._slow += slow
-        self._next = i + 1 if i + 1 < self.size else 0
-        return Counts(self._filled, self._failures, self._slow)
+        i += 1
+        self._next = i if i < self.size else 0
 
     def counts(self, now: float) -> Counts:
-        return Counts(self._filled, self._failures, self._slow)
+        return Counts(self.total, self.failures, self.slow)
 
 
 class TimeWindow:
@@ -93,13 +100,13 @@ class TimeWindow:
         "_bucket_slow",
         "_bucket_total",
         "_epoch",
-        "_failures",
         "_head",
-        "_slow",
-        "_total",
         "_width",
         "buckets",
         "duration",
+        "failures",
+        "slow",
+        "total",
     )
 
     def __init__(self, duration: float, buckets: int = TIME_WINDOW_BUCKETS) -> None:
@@ -111,46 +118,42 @@ class TimeWindow:
         # Slot i holds bucket number _epoch[i] (i == _epoch[i] % buckets). A slot whose
         # number is not among the live ones is stale: read as empty, reset when reused.
         # That is what lets a long gap clear the window without touching every slot.
-        self._epoch = [_NEVER] * buckets
         self._bucket_total = [0] * buckets
         self._bucket_failures = [0] * buckets
         self._bucket_slow = [0] * buckets
-        self._head = _NEVER
-        """The newest bucket number seen; buckets up to `buckets - 1` older are live."""
-        self._total = 0
-        self._failures = 0
-        self._slow = 0
+        self.clear()
 
     def clear(self) -> None:
-        self._head = _NEVER
         self._epoch = [_NEVER] * self.buckets
-        self._total = self._failures = self._slow = 0
+        self._head = _NEVER
+        """The newest bucket number seen; buckets up to `buckets - 1` older are live."""
+        self.total = self.failures = self.slow = 0
 
-    def _advance(self, now: float) -> int:
-        """Evict the buckets that `now` has left behind; the number of `now`'s bucket."""
-        current = math.floor(now / self._width)
+    def _advance(self, current: int) -> None:
+        """Evict the buckets that bucket number `current` leaves behind."""
         head = self._head
-        if current <= head:
-            return head  # the same bucket (or a clock that went back: stay put)
         n = self.buckets
         if current - head >= n:
             # Every live bucket is now too old: drop them all at once, O(1).
-            self._total = self._failures = self._slow = 0
+            self.total = self.failures = self.slow = 0
         else:
             epoch = self._epoch
             for number in range(head - n + 1, current - n + 1):
                 slot = number % n
                 if epoch[slot] == number:
-                    self._total -= self._bucket_total[slot]
-                    self._failures -= self._bucket_failures[slot]
-                    self._slow -= self._bucket_slow[slot]
+                    self.total -= self._bucket_total[slot]
+                    self.failures -= self._bucket_failures[slot]
+                    self.slow -= self._bucket_slow[slot]
                     epoch[slot] = _NEVER
         self._head = current
-        return current
 
-    def add(self, now: float, failed: bool, slow: bool) -> Counts:
-        """Record one outcome at `now`; the counts after it."""
-        current = self._advance(now)
+    def add(self, now: float, failed: bool, slow: bool) -> None:
+        """Record one outcome at `now`."""
+        current = math.floor(now / self._width)
+        if current > self._head:  # (a clock that went back stays in the newest bucket)
+            self._advance(current)
+        else:
+            current = self._head
         slot = current % self.buckets
         if self._epoch[slot] != current:
             self._epoch[slot] = current
@@ -158,15 +161,16 @@ class TimeWindow:
             self._bucket_failures[slot] = 0
             self._bucket_slow[slot] = 0
         self._bucket_total[slot] += 1
-        self._total += 1
+        self.total += 1
         if failed:
             self._bucket_failures[slot] += 1
-            self._failures += 1
+            self.failures += 1
         if slow:
             self._bucket_slow[slot] += 1
-            self._slow += 1
-        return Counts(self._total, self._failures, self._slow)
+            self.slow += 1
 
     def counts(self, now: float) -> Counts:
-        self._advance(now)
-        return Counts(self._total, self._failures, self._slow)
+        current = math.floor(now / self._width)
+        if current > self._head:
+            self._advance(current)
+        return Counts(self.total, self.failures, self.slow)

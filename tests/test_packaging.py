@@ -47,3 +47,16 @@ def test_ruff_lint_and_format() -> None:
     assert lint.returncode == 0, lint.stdout + lint.stderr
     fmt = run(ruff, "format", "--check", "sidecar", "tests")
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_the_breaker_micro_benchmark_runs() -> None:
+    """A few calls only, so that the benchmark never rots; its figures go in the README."""
+    result = run(sys.executable, "benchmarks/breaker_micro.py", "--rounds", "2", "--calls", "500")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split()[0] for line in result.stdout.splitlines()[2:]]
+    assert rows == [
+        "sidecar-time-window",
+        "sidecar-count-window",
+        "sidecar-consecutive",
+        "pybreaker",
+    ]
