@@ -18,6 +18,8 @@ import aiohttp
 import pytest
 
 from sidecar import __version__
+from sidecar.breaker import Breaker, BreakerSettings, Permit
+from sidecar.cli import log_transition
 from sidecar.demo import run_demo
 from tests.fakes import FakeClock
 
@@ -74,6 +76,14 @@ def test_check_valid_prints_effective_settings() -> None:
     assert result.stdout.startswith(f"{EXAMPLE}: valid, 3 routes\n")
     assert "- payments: path_prefix=/payments -> http://payments.internal:8080" in result.stdout
     assert "breaker: failure_threshold 3, open_duration 1m," in result.stdout
+    assert (
+        "    opening: backoff_multiplier 2, max_open_duration 10m, jitter 10 %, "
+        "respect_retry_after true, mode enforce\n" in result.stdout
+    )
+    assert (
+        "    rates: window last 1m (min_requests 20), failure_rate 50 %, "
+        "slow_call_duration 1s, slow_call_rate 80 %\n" in result.stdout
+    )
 
 
 def test_check_invalid_lists_every_error_and_exits_2(tmp_path: Path) -> None:
@@ -228,3 +238,34 @@ async def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path, upstream
             assert await response.json() == {"hung": True}
             response.release()
         assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
+def test_every_transition_logs_one_line_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    settings = BreakerSettings(
+        failure_threshold=2,
+        open_duration=10.0,
+        half_open_requests=1,
+        success_threshold=1,
+        failure_status=frozenset({500}),
+        backoff_multiplier=3.0,
+        max_open_duration=60.0,
+    )
+    breaker = Breaker("payments", settings, clock)
+    breaker.add_listener(log_transition)
+
+    def fail() -> None:
+        permit = breaker.acquire()
+        assert isinstance(permit, Permit)
+        permit.failed()
+
+    with caplog.at_level("INFO", logger="sidecar"):
+        fail()
+        fail()
+        clock.advance(10)
+        fail()
+    assert caplog.messages == [
+        "route payments: closed -> open for 10s (2 consecutive failures)",
+        "route payments: open -> half_open (open period of 10 s over)",
+        "route payments: half_open -> open for 30s (probe failed)",
+    ]
