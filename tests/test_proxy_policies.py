@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -177,6 +179,30 @@ async def test_jitter_stretches_the_period_and_retry_after_tells_it(
     assert (await get(http, sc, "/ok"))[1]["Retry-After"] == "1"
     sc.clock.advance(0.1)
     assert (await get(http, sc, "/ok"))[0] == 200
+
+
+async def test_jittered_backoff_stays_within_its_bounds(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(
+        route(
+            upstream.url,
+            "{failure_threshold: 1, open_duration: 10s, backoff_multiplier: 2, "
+            "max_open_duration: 40s, jitter: 20%}",
+        ),
+        rand=random.Random(7).random,
+    )
+    await get(http, sc, "/status/500")
+    periods = []
+    for base in (10, 20, 40, 40, 40):
+        period = sc.breaker("api").open_period or 0
+        assert base <= period < base * 1.2
+        code, headers = await get(http, sc, "/ok")
+        assert (code, headers["Retry-After"]) == (503, str(math.ceil(period)))
+        periods.append(period)
+        sc.clock.advance(period)
+        await get(http, sc, "/status/500")  # the probe fails: backed off, jittered again
+    assert len(set(periods[2:])) == 3  # at the cap, each period is still drawn anew
 
 
 async def test_an_upstream_retry_after_opens_the_route_and_passes_through(
