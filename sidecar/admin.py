@@ -27,7 +27,7 @@ def breaker_report(breaker: Breaker) -> dict[str, Any]:
     settings = breaker.settings
     window = settings.window
     counts = breaker.window_counts()
-    rates = breaker.rates()
+    rates = breaker.rates(counts)
     return {
         "name": breaker.name,
         "state": breaker.state.value,
@@ -38,7 +38,7 @@ def breaker_report(breaker: Breaker) -> dict[str, Any]:
         "window": None
         if counts is None
         else {
-            "requests": counts.total,
+            "outcomes": counts.total,
             "failures": counts.failures,
             "slow_calls": counts.slow,
             "failure_rate": None if rates is None else rates[0],

@@ -38,6 +38,7 @@ from typing import Literal
 from sidecar.window import Counts, CountWindow, TimeWindow, Window
 
 __all__ = [
+    "MODES",
     "Breaker",
     "BreakerSettings",
     "Clock",
@@ -54,6 +55,7 @@ Clock = Callable[[], float]
 """Monotonic seconds; `time.monotonic` in production, a fake in tests."""
 
 Mode = Literal["enforce", "shadow"]
+MODES: tuple[Mode, ...] = ("enforce", "shadow")
 
 
 class State(enum.Enum):
@@ -242,8 +244,12 @@ class Breaker:
 
     @property
     def open_period(self) -> float | None:
-        """Seconds of the open period in force (backoff and jitter included) while OPEN."""
-        return self._open_period if self.state is State.OPEN else None
+        """Seconds of the open period in force (backoff and jitter included) while OPEN.
+
+        Unlike `state`, this never moves the breaker on: a listener may read it while
+        the OPEN it is told about is still being entered.
+        """
+        return self._open_period if self._state is State.OPEN else None
 
     def retry_after(self) -> int | None:
         """Whole seconds until a probe is admitted while OPEN, else None."""
@@ -255,9 +261,11 @@ class Breaker:
         """Outcomes, failures and slow calls in the window now; None without a window."""
         return self._window.counts(self._clock()) if self._window is not None else None
 
-    def rates(self) -> tuple[float, float] | None:
-        """(failure rate, slow-call rate) over the window, or None below `min_requests`."""
-        counts = self.window_counts()
+    def rates(self, counts: Counts | None = None) -> tuple[float, float] | None:
+        """(failure rate, slow-call rate) over the window (or over `counts` read from it
+        before), or None below `min_requests` or without a window."""
+        if counts is None:
+            counts = self.window_counts()
         if counts is None or counts.total == 0 or counts.total < self._min_requests:
             return None
         return counts.failures / counts.total, counts.slow / counts.total
@@ -405,12 +413,21 @@ def _ratio(rate: Fraction | None) -> tuple[int, int] | None:
     return None if rate is None else (rate.numerator, rate.denominator)
 
 
+_ROUNDING_SLACK = 1e-6
+"""`open_until - now` read at once after opening for 30 s can be 30.000000000004:
+that is still 30 whole seconds, not 31."""
+
+
 def _whole_seconds(left: float) -> int:
     """What `Retry-After` says for `left` seconds: rounded up, never 0."""
-    return max(1, math.ceil(left))
+    return max(1, math.ceil(left - _ROUNDING_SLACK))
 
 
 def format_percent(rate: Fraction | float) -> str:
-    """`Fraction(5, 8)` as "62.5 %": at most one decimal, none when whole."""
-    text = f"{float(rate) * 100:.1f}".removesuffix(".0")
+    """`Fraction(5, 8)` as "62.5 %": one decimal at most, none when whole, and never
+    a rounded "0 %" or "100 %" for a rate that is not exactly that."""
+    percent = float(rate) * 100
+    text = f"{percent:.1f}".removesuffix(".0")
+    if text in ("0", "100") and percent not in (0.0, 100.0):
+        text = f"{percent:.4g}" if percent < 1 else f"{percent:.6g}"
     return f"{text} %"

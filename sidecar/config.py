@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from sidecar.breaker import BreakerSettings, Mode, WindowSettings
+from sidecar.breaker import MODES, BreakerSettings, Mode, WindowSettings
 
 __all__ = [
     "Address",
@@ -55,7 +55,6 @@ DEFAULT_BACKOFF_MULTIPLIER = 1.0
 DEFAULT_JITTER = 0.0
 DEFAULT_RESPECT_RETRY_AFTER = False
 DEFAULT_MODE: Mode = "enforce"
-MODES: tuple[Mode, ...] = ("enforce", "shadow")
 
 MAX_DURATION = 366 * 24 * 3600.0
 """Longer than any sane timeout or open period; keeps the arithmetic finite."""
@@ -63,6 +62,7 @@ MAX_COUNT = 1_000_000
 MAX_WINDOW_REQUESTS = 100_000
 """A count window keeps one byte per outcome: 100 KB at the most per route."""
 MAX_BACKOFF_MULTIPLIER = 100.0
+MIN_WINDOW_DURATION = 1.0
 MAX_NODES = 100_000
 """YAML nodes walked at the most: an alias bomb stops here, not in memory."""
 
@@ -359,11 +359,13 @@ class _Reader:
                 mode=DEFAULT_MODE,
             ),
         )
-        defaults_table = defaults.get("breaker")
         defaults_valid = self.check_breaker(
-            base_breaker,
+            _resolve(base_breaker),
+            base_timeouts,
             ("defaults", "breaker"),
-            defaults_table if isinstance(defaults_table, dict) else {},
+            _table(defaults.get("breaker")),
+            _table(defaults.get("timeouts")),
+            route_level=False,
         )
 
         routes_value = top.get("routes", _MISSING)
@@ -416,7 +418,9 @@ class _Reader:
                 "backoff_multiplier", _backoff_multiplier, base.backoff_multiplier
             ),
             max_open_duration=get(
-                "max_open_duration", _duration(minimum_exclusive=0.0), base.max_open_duration
+                "max_open_duration",
+                _optional(_duration(minimum_exclusive=0.0)),  # null: back to the default
+                base.max_open_duration,
             ),
             jitter=get("jitter", _jitter, base.jitter),
             respect_retry_after=get("respect_retry_after", _bool, base.respect_retry_after),
@@ -435,7 +439,7 @@ class _Reader:
         window = self.mapping(table["window"], path, WINDOW_KEYS)
         if window is None:
             return base
-        duration = self.field(window, "duration", path, _duration(minimum_exclusive=0.0), None)
+        duration = self.field(window, "duration", path, _window_duration, None)
         requests = self.field(window, "requests", path, _window_requests, None)
         min_requests = self.field(
             window, "min_requests", path, _count, base.min_requests if base else None
@@ -457,11 +461,20 @@ class _Reader:
             return base  # the value was wrong, and that was reported
         return WindowSettings(duration=duration, requests=requests, min_requests=min_requests)
 
-    def check_breaker(self, settings: BreakerSettings, path: Path, table: dict[str, Any]) -> bool:
-        """Report settings that contradict each other; False if there were any.
+    def check_breaker(
+        self,
+        settings: BreakerSettings,
+        timeouts: Timeouts,
+        path: Path,
+        table: dict[str, Any],
+        timeouts_table: dict[str, Any],
+        route_level: bool,
+    ) -> bool:
+        """Report settings that contradict each other, or do nothing; False if any did.
 
-        Each problem is reported at the key that `table` (this level's mapping)
-        sets, or at `path` itself when every key involved was inherited.
+        `settings` are resolved (`_resolve`). Each problem is reported at the key that
+        `table` (this level's `breaker:` mapping) sets, or at `path` itself when every
+        key involved was inherited.
         """
         problems = len(self.problems)
 
@@ -472,8 +485,9 @@ class _Reader:
             return path
 
         window = settings.window
+        window_written = table.get("window") is not None  # and wrong, if there is none
         for key in ("failure_rate", "slow_call_rate"):
-            if getattr(settings, key) is not None and window is None:
+            if getattr(settings, key) is not None and window is None and not window_written:
                 self.error(
                     at(key, "window"),
                     f"{key} needs a window: add window.duration (time-based) "
@@ -483,6 +497,17 @@ class _Reader:
             self.error(
                 at("slow_call_rate"),
                 "slow_call_rate needs slow_call_duration: when is a call slow?",
+            )
+        slow = settings.slow_call_duration
+        if slow is not None and slow >= timeouts.request:
+            where = at("slow_call_duration")
+            if where == path and "request" in timeouts_table:
+                where = (*path[:-1], "timeouts", "request")
+            self.error(
+                where,
+                f"slow_call_duration ({format_duration(slow)}) is not shorter than "
+                f"timeouts.request ({format_duration(timeouts.request)}): a call that "
+                "takes that long has timed out, so no call could ever be slow",
             )
         if (
             window is not None
@@ -495,12 +520,29 @@ class _Reader:
                 f"min_requests ({window.min_requests}) is more than window.requests "
                 f"({window.requests}): no rate rule could ever trip",
             )
-        longest = settings.max_open_duration
-        if longest is not None and longest < settings.open_duration:
+        longest = settings.open_duration_cap
+        if longest < settings.open_duration:
             self.error(
                 at("max_open_duration", "open_duration"),
                 f"max_open_duration ({format_duration(longest)}) is shorter than open_duration "
                 f"({format_duration(settings.open_duration)})",
+            )
+        elif settings.backoff_multiplier > 1 and longest == settings.open_duration:
+            self.error(
+                at("backoff_multiplier", "max_open_duration", "open_duration"),
+                f"backoff_multiplier {settings.backoff_multiplier:g} can never grow the open "
+                f"period: max_open_duration is no longer than open_duration "
+                f"({format_duration(longest)}); set a longer max_open_duration",
+            )
+        elif (
+            route_level
+            and table.get("max_open_duration") is not None
+            and settings.backoff_multiplier == 1
+            and not settings.respect_retry_after
+        ):
+            self.error(
+                (*path, "max_open_duration"),
+                "caps nothing here: set backoff_multiplier above 1, or respect_retry_after",
             )
         if (
             settings.failure_threshold is None
@@ -542,13 +584,17 @@ class _Reader:
         timeouts = self.timeouts(table.get("timeouts"), (*path, "timeouts"), base_timeouts)
         breaker_path = (*path, "breaker")
         breaker_table = table.get("breaker")
-        breaker = self.breaker(breaker_table, breaker_path, base_breaker)
-        if defaults_valid or breaker_table:
+        breaker = _resolve(self.breaker(breaker_table, breaker_path, base_breaker))
+        if defaults_valid or breaker_table or table.get("timeouts"):
             # (When `defaults:` was already wrong and the route changes nothing, say it once.)
             self.check_breaker(
-                breaker, breaker_path, breaker_table if isinstance(breaker_table, dict) else {}
+                breaker,
+                timeouts,
+                breaker_path,
+                _table(breaker_table),
+                _table(table.get("timeouts")),
+                route_level=True,
             )
-        breaker = _resolve(breaker)
         if not ok or name is None or upstream is None or (host is None and path_prefix is None):
             return None
         return Route(
@@ -625,6 +671,10 @@ BREAKER_KEYS = [
     "mode",
 ]
 WINDOW_KEYS = ["duration", "requests", "min_requests"]
+
+
+def _table(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _resolve(settings: BreakerSettings) -> BreakerSettings:
@@ -736,6 +786,16 @@ def _optional(parse: Callable[[Any], T]) -> Callable[[Any], T | None]:
         return None if value is None else parse(value)
 
     return parse_or_null
+
+
+def _window_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds < MIN_WINDOW_DURATION:
+        raise _Invalid(
+            f"must be at least {format_duration(MIN_WINDOW_DURATION)}: a shorter window "
+            "holds too few outcomes to judge a rate by"
+        )
+    return seconds
 
 
 def _window_requests(value: Any) -> int:

@@ -23,7 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from sidecar.breaker import Breaker, State
+from sidecar.breaker import MODES, Breaker, State
 
 __all__ = ["FAILURE_KINDS", "REJECT_REASONS", "Metrics", "RouteMetrics"]
 
@@ -137,6 +137,12 @@ class _Collector(Collector):
             "The route's current count of consecutive upstream failures.",
             labels=["route"],
         )
+        mode = GaugeMetricFamily(
+            "sidecar_breaker_mode",
+            "1 for the route's breaker mode (enforce, shadow), 0 for the other; a shadow "
+            "route's state is reported, never acted on.",
+            labels=["route", "mode"],
+        )
         failure_rate = GaugeMetricFamily(
             "sidecar_breaker_failure_rate",
             "Failures / outcomes in the route's window, 0..1; -1 below min_requests "
@@ -160,6 +166,8 @@ class _Collector(Collector):
             for s in State:
                 state.add_metric([name, s.value], 1.0 if s is current else 0.0)
             consecutive.add_metric([name], float(breaker.consecutive_failures))
+            for m in MODES:
+                mode.add_metric([name, m], 1.0 if m == breaker.settings.mode else 0.0)
             rates = breaker.rates()
             failure_rate.add_metric([name], -1.0 if rates is None else rates[0])
             slow_call_rate.add_metric([name], -1.0 if rates is None else rates[1])
@@ -227,6 +235,6 @@ class _Collector(Collector):
             "sidecar_build_info", "The running sidecar's version.", labels=["version"]
         )
         build_info.add_metric([metrics.version], 1)
-        yield from (state, consecutive, failure_rate, slow_call_rate, shadow, transitions)
+        yield from (state, mode, consecutive, failure_rate, slow_call_rate, shadow, transitions)
         yield from (requests, rejected, failures, duration, in_flight, slow_calls)
         yield from (unrouted, build_info)

@@ -319,9 +319,10 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     else:
         try:
             date = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+            if date.tzinfo is None:  # "-0000": RFC 5322's "no zone given", read as UTC
+                date = date.replace(tzinfo=datetime.UTC)
+            seconds = date.timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            # The upstream wrote it: any oddity in it means "no usable Retry-After".
             return None
-        if date.tzinfo is None:  # "-0000": RFC 5322's "no zone given", read as UTC
-            date = date.replace(tzinfo=datetime.UTC)
-        seconds = date.timestamp() - now
     return seconds if seconds > 0 else None

@@ -14,7 +14,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.breaker import Breaker, BreakerSettings, Permit, Rejection, State, WindowSettings
+from sidecar.breaker import (
+    Breaker,
+    BreakerSettings,
+    Permit,
+    Rejection,
+    State,
+    WindowSettings,
+    format_percent,
+)
 from tests.fakes import FakeClock
 
 BASE: dict[str, Any] = {
@@ -405,3 +413,31 @@ def test_shadow_mode_goes_through_the_same_states_as_enforcing(
                 p.released()
         assert shadow.state is enforcing.state
     assert log_s == log_e
+
+
+@pytest.mark.parametrize("start", [1000.0, 123456.789, 9876543.21, 1e9 + 0.1])
+def test_retry_after_right_after_opening_is_the_whole_period(start: float) -> None:
+    for step in range(200):
+        breaker, clock, _ = make(failure_threshold=1, open_duration=30.0)
+        clock.now = start + step * 0.0137
+        outcomes(breaker, "F")
+        assert breaker.retry_after() == 30, clock.now
+
+
+def test_reading_the_open_period_never_moves_the_breaker_on() -> None:
+    breaker, clock, log = make(failure_threshold=1)
+    outcomes(breaker, "F")
+    clock.advance(60)
+    assert breaker.open_period == 10  # a listener told of OPEN may read it at any time
+    assert log == ["closed->open: 1 consecutive failures"]
+    assert breaker.state is State.HALF_OPEN
+    assert breaker.open_period is None
+
+
+@pytest.mark.parametrize(
+    ("rate", "text"),
+    [(Fraction(5, 8), "62.5 %"), (Fraction(1, 2), "50 %"), (Fraction(2, 3), "66.7 %"),
+     (0.0004, "0.04 %"), (0.9996, "99.96 %"), (0, "0 %"), (1, "100 %")],
+)  # fmt: skip
+def test_percentages_are_shown_without_misleading_rounding(rate: Fraction, text: str) -> None:
+    assert format_percent(rate) == text

@@ -642,6 +642,32 @@ def test_a_route_window_replaces_the_kind_and_inherits_min_requests() -> None:
         ("respect_retry_after: yes please\n", "must be true or false, not a string"),
         ("slow_call_duration: 0\n", "must be greater than 0"),
         ("window: [30s]\n", "must be a mapping of keys, not a list"),
+        (
+            "window: {duration: 500ms}\nfailure_rate: 50%\n",
+            "routes[0].breaker.window.duration: must be at least 1s: a shorter window holds "
+            "too few outcomes to judge a rate by",
+        ),
+        (
+            "window: {duration: 1.0e-320}\nfailure_rate: 50%\n",
+            "routes[0].breaker.window.duration: must be at least 1s",
+        ),
+        (
+            "window: {requests: 10}\nslow_call_duration: 30s\nslow_call_rate: 50%\n",
+            "routes[0].breaker.slow_call_duration: slow_call_duration (30s) is not shorter than "
+            "timeouts.request (30s): a call that takes that long has timed out, so no call "
+            "could ever be slow",
+        ),
+        (
+            "open_duration: 10m\nbackoff_multiplier: 2\n",
+            "routes[0].breaker.backoff_multiplier: backoff_multiplier 2 can never grow the open "
+            "period: max_open_duration is no longer than open_duration (10m); set a longer "
+            "max_open_duration",
+        ),
+        (
+            "max_open_duration: 10m\n",
+            "routes[0].breaker.max_open_duration: caps nothing here: set backoff_multiplier "
+            "above 1, or respect_retry_after",
+        ),
         ("window: {duration: 30s, size: 3}\n", "unknown key 'size'"),
     ],
 )
@@ -669,3 +695,28 @@ def test_a_route_that_breaks_an_inherited_limit_is_told_where() -> None:
 def test_max_open_duration_defaults_to_five_minutes_or_open_duration() -> None:
     (route,) = parse_config(breaker_with("open_duration: 10m\n")).routes
     assert route.breaker.max_open_duration == 600.0
+
+
+def test_an_invalid_window_is_not_also_reported_as_missing() -> None:
+    assert one_error(breaker_with("window: {duration: 1ms}\nfailure_rate: 50%\n")).endswith(
+        "routes[0].breaker.window.duration: must be at least 1s: a shorter window holds "
+        "too few outcomes to judge a rate by"
+    )
+
+
+def test_a_route_timeout_that_outlasts_slow_calls_is_told_at_the_timeout() -> None:
+    text = breaker_with("{}\n", defaults="slow_call_duration: 2s\n").replace(
+        "    breaker:\n      {}\n", "    timeouts: {request: 1s}\n"
+    )
+    assert one_error(text) == (
+        "c.yaml:9: routes[0].timeouts.request: slow_call_duration (2s) is not shorter than "
+        "timeouts.request (1s): a call that takes that long has timed out, so no call could "
+        "ever be slow"
+    )
+
+
+def test_max_open_duration_null_goes_back_to_the_default() -> None:
+    text = breaker_with(
+        "max_open_duration: null\n", defaults="backoff_multiplier: 2\nmax_open_duration: 1h\n"
+    )
+    assert parse_config(text).routes[0].breaker.max_open_duration == DEFAULT_MAX_OPEN_DURATION

@@ -47,6 +47,7 @@ SERIES = {
     "sidecar_breaker_shadow_rejections_total": [{}],
     "sidecar_breaker_failure_rate": [{}],
     "sidecar_breaker_slow_call_rate": [{}],
+    "sidecar_breaker_mode": [{"mode": "enforce"}, {"mode": "shadow"}],
 }
 NO_RATE = ("sidecar_breaker_failure_rate", "sidecar_breaker_slow_call_rate")
 """-1 says "no rate": these routes have no window."""
@@ -60,7 +61,7 @@ async def test_every_series_exists_for_every_route_before_any_traffic(
         for name, label_sets in SERIES.items():
             for labels in label_sets:
                 value = sc.sample(name, route=route, **labels)
-                expected = 1.0 if labels == {"state": "closed"} else 0.0
+                expected = 1.0 if labels in ({"state": "closed"}, {"mode": "enforce"}) else 0.0
                 if name in NO_RATE:
                     expected = -1.0
                 assert value == expected, (name, route, labels)

@@ -79,7 +79,7 @@ async def test_a_failure_rate_opens_the_route(
     async with http.get(f"{sc.admin}/breakers") as response:
         (report,) = (await response.json())["routes"]
     assert report["window"] == {
-        "requests": 10,
+        "outcomes": 10,
         "failures": 4,
         "slow_calls": 0,
         "failure_rate": 0.4,
@@ -226,6 +226,19 @@ async def test_an_upstream_retry_after_opens_the_route_and_passes_through(
     assert s(sc, "sidecar_upstream_failures_total", kind="status") == 1
 
 
+async def test_an_unreadable_upstream_retry_after_passes_through_as_a_plain_failure(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(route(upstream.url, "{respect_retry_after: true}"))
+    odd = "Mon, 01 Jan 2020 99999999999999999999:00:00 GMT"  # overflowed the date parser
+    async with http.get(f"{sc.proxy}/status/503", params={"retry_after": odd}) as response:
+        assert response.status == 503
+        assert response.headers["Retry-After"] == odd
+        assert await json_body(response) == {"status": "set"}
+    assert sc.breaker("api").state is State.CLOSED
+    assert s(sc, "sidecar_upstream_failures_total", kind="status") == 1
+
+
 async def test_a_429_with_an_http_date_opens_the_route_capped(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
@@ -258,6 +271,9 @@ async def test_shadow_mode_forwards_everything_and_counts_what_it_would_reject(
     for _ in range(2):
         assert (await get(http, sc, "/status/500"))[0] == 500
     assert s(sc, "sidecar_breaker_state", state="open") == 1
+    # ... and says it is only watching, so that an alert on OPEN can leave it out.
+    assert s(sc, "sidecar_breaker_mode", mode="shadow") == 1
+    assert s(sc, "sidecar_breaker_mode", mode="enforce") == 0
     hits = upstream.hits
     for _ in range(3):
         assert (await get(http, sc, "/ok"))[0] == 200  # enforcing would have said 503
@@ -293,6 +309,8 @@ NOW = 1_700_000_000.0
         (email.utils.formatdate(NOW - 90, usegmt=True), None),
         (email.utils.formatdate(NOW + 60), 60.0),  # "-0000": no zone given, read as UTC
         ("Mon, 99 Foo 2023 99:99:99 GMT", None),
+        ("Mon, 01 Jan 2020 99999999999999999999:00:00 GMT", None),
+        ("Mon, 01 Jan 99999 00:00:00 GMT", None),
     ],
 )
 def test_retry_after_header_values(value: str | None, seconds: float | None) -> None:
