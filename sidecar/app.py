@@ -15,6 +15,7 @@ from sidecar import __version__
 from sidecar.admin import Health, create_admin_app
 from sidecar.breaker import Clock
 from sidecar.config import Address, Config
+from sidecar.listener import ProxyServer
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.upstream import new_client_session
@@ -60,7 +61,14 @@ class Sidecar:
         # handler, so the Application's router and middleware machinery would only
         # cost time. handler_cancellation: a client that goes away cancels its handler,
         # which releases its permit (and probe slot) and its upstream request.
-        proxy_server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
+        clients = self.config.client_timeouts
+        proxy_server = ProxyServer(
+            self.proxy.handle,
+            header_timeout=clients.headers,
+            keepalive_timeout=clients.idle,
+            handler_cancellation=True,
+            access_log=None,
+        )
         try:
             for name, runner, address in (
                 (

@@ -27,6 +27,7 @@ from sidecar.breaker import MODES, BreakerSettings, Mode, WindowSettings
 
 __all__ = [
     "Address",
+    "ClientTimeouts",
     "Config",
     "ConfigError",
     "Problem",
@@ -42,6 +43,10 @@ DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
 DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_REQUEST_TIMEOUT = 30.0
+DEFAULT_CLIENT_HEADER_TIMEOUT = 10.0
+DEFAULT_CLIENT_IDLE_TIMEOUT = 75.0
+DEFAULT_MAX_BODY_SIZE: int | None = None
+"""No limit: bodies stream through in bounded memory whatever their size."""
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_OPEN_DURATION = 30.0
 DEFAULT_HALF_OPEN_REQUESTS = 1
@@ -68,6 +73,12 @@ MAX_NODES = 100_000
 
 ROUTE_NAME = re.compile(r"[a-z0-9_-]+")
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(ms|s|m|h)")
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+}  # fmt: skip
+MAX_SIZE = 2**50
 _PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*%")
 _URL_PATH = re.compile(r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@%]*)*")
 """A path as it goes on the wire: RFC 3986 characters only, anything else percent-encoded."""
@@ -98,6 +109,16 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    """Deadlines for the service's side of the proxy listener."""
+
+    headers: float
+    """Seconds from a request's first byte to its last header byte (slowloris)."""
+    idle: float
+    """Seconds a client connection may wait for its next request (or its first)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     url: str
     """As written in the file, for messages."""
@@ -124,6 +145,8 @@ class Route:
     strip_prefix: bool
     timeouts: Timeouts
     breaker: BreakerSettings
+    max_body_size: int | None
+    """Request body bytes accepted (413 beyond); None: no limit."""
     line: int
     """Where the route starts in the file."""
 
@@ -134,6 +157,9 @@ class Config:
     listen: Address
     admin_listen: Address
     routes: tuple[Route, ...]
+    client_timeouts: ClientTimeouts = ClientTimeouts(
+        DEFAULT_CLIENT_HEADER_TIMEOUT, DEFAULT_CLIENT_IDLE_TIMEOUT
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +348,9 @@ class _Reader:
     # -- the schema --
 
     def config(self, document: Any) -> Config | None:
-        top = self.mapping(document, (), ["listen", "admin", "defaults", "routes"])
+        top = self.mapping(
+            document, (), ["listen", "admin", "client_timeouts", "defaults", "routes"]
+        )
         if top is None:
             return None
         listen = self.field(top, "listen", (), parse_address, parse_address(DEFAULT_LISTEN))
@@ -333,7 +361,33 @@ class _Reader:
         if listen == admin_listen and listen.port != 0:
             self.error(("admin", "listen"), f"is the same address as listen ({listen})")
 
-        defaults = self.mapping(top.get("defaults"), ("defaults",), ["timeouts", "breaker"]) or {}
+        client_table = (
+            self.mapping(top.get("client_timeouts"), ("client_timeouts",), ["headers", "idle"])
+            or {}
+        )
+        positive = _duration(minimum_exclusive=0.0)
+        client_timeouts = ClientTimeouts(
+            headers=self.field(
+                client_table,
+                "headers",
+                ("client_timeouts",),
+                positive,
+                DEFAULT_CLIENT_HEADER_TIMEOUT,
+            ),
+            idle=self.field(
+                client_table, "idle", ("client_timeouts",), positive, DEFAULT_CLIENT_IDLE_TIMEOUT
+            ),
+        )
+
+        defaults = (
+            self.mapping(
+                top.get("defaults"), ("defaults",), ["timeouts", "breaker", "max_body_size"]
+            )
+            or {}
+        )
+        base_max_body_size = self.field(
+            defaults, "max_body_size", ("defaults",), _optional(parse_size), DEFAULT_MAX_BODY_SIZE
+        )
         base_timeouts = self.timeouts(
             defaults.get("timeouts"),
             ("defaults", "timeouts"),
@@ -377,12 +431,20 @@ class _Reader:
             return None
         routes: list[tuple[int, Route]] = []
         for i, item in enumerate(routes_value):
-            route = self.route(item, ("routes", i), base_timeouts, base_breaker, defaults_valid)
+            route = self.route(
+                item, ("routes", i), base_timeouts, base_breaker, base_max_body_size, defaults_valid
+            )
             if route is not None:
                 routes.append((i, route))
         self.check_names(routes)
         self.check_reachable(routes)
-        return Config(self.file, listen, admin_listen, tuple(route for _, route in routes))
+        return Config(
+            self.file,
+            listen,
+            admin_listen,
+            tuple(route for _, route in routes),
+            client_timeouts,
+        )
 
     def timeouts(self, value: Any, path: Path, base: Timeouts) -> Timeouts:
         table = self.mapping(value, path, ["connect", "request"]) or {}
@@ -563,6 +625,7 @@ class _Reader:
         path: Path,
         base_timeouts: Timeouts,
         base_breaker: BreakerSettings,
+        base_max_body_size: int | None,
         defaults_valid: bool,
     ) -> Route | None:
         table = self.mapping(value, path, ROUTE_KEYS)
@@ -576,6 +639,9 @@ class _Reader:
         name = self.field(table, "name", path, _route_name, None)
         upstream = self.field(table, "upstream", path, parse_upstream, None)
         strip_prefix = self.field(table, "strip_prefix", path, _bool, False)
+        max_body_size = self.field(
+            table, "max_body_size", path, _optional(parse_size), base_max_body_size
+        )
         host, path_prefix = (
             self.match(table["match"], (*path, "match")) if "match" in table else (None, None)
         )
@@ -605,6 +671,7 @@ class _Reader:
             strip_prefix=strip_prefix,
             timeouts=timeouts,
             breaker=breaker,
+            max_body_size=max_body_size,
             line=self.lines.get(path, 1),
         )
 
@@ -653,7 +720,15 @@ class _Reader:
                     break
 
 
-ROUTE_KEYS = ["name", "match", "upstream", "strip_prefix", "timeouts", "breaker"]
+ROUTE_KEYS = [
+    "name",
+    "match",
+    "upstream",
+    "strip_prefix",
+    "timeouts",
+    "breaker",
+    "max_body_size",
+]
 BREAKER_KEYS = [
     "failure_threshold",
     "open_duration",
@@ -786,6 +861,27 @@ def _optional(parse: Callable[[Any], T]) -> Callable[[Any], T | None]:
         return None if value is None else parse(value)
 
     return parse_or_null
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from `1048576`, `"512KB"`, `"10MB"`, `"1GiB"` (KB, MB, GB: powers of 1000)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _Invalid(f"must be a size such as 1048576, '512KB' or '10MiB', not {_kind(value)}")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _SIZE.fullmatch(value.strip())
+        if m is None:
+            raise _Invalid(
+                f"{value!r} is not a size; use bytes (1048576) or a unit: B, KB, MB, GB, "
+                "KiB, MiB, GiB"
+            )
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    if size < 1:
+        raise _Invalid("must be at least 1 byte (null for no limit)")
+    if size > MAX_SIZE:
+        raise _Invalid("must be at most 1 PiB (null for no limit)")
+    return size
 
 
 def _window_duration(value: Any) -> float:

@@ -24,6 +24,7 @@ from sidecar.config import Route
 from sidecar.metrics import Metrics, RouteMetrics
 from sidecar.routing import Router, upstream_target
 from sidecar.upstream import (
+    BodyTooLarge,
     ClientBodyTimeout,
     InvalidRequest,
     UpstreamError,
@@ -69,6 +70,7 @@ class Target:
     """`slow_call_duration`, or infinity without one."""
     retry_after_statuses: frozenset[int]
     """Statuses whose `Retry-After` the breaker hears: none unless `respect_retry_after`."""
+    max_body_size: int | None
     rejections: dict[int, tuple[str, bytes, CIMultiDict[str]]] = field(default_factory=dict)
     """Finished 503s by `Retry-After` (0 for HALF_OPEN's), so that rejecting formats nothing."""
 
@@ -139,6 +141,7 @@ class Proxy:
                     retry_after_statuses=(
                         RETRY_AFTER_STATUSES if settings.respect_retry_after else frozenset()
                     ),
+                    max_body_size=route.max_body_size,
                 )
             )
         self._router = Router([(t.route, t) for t in self.targets])
@@ -162,6 +165,18 @@ class Proxy:
         if target is None:
             self._metrics.unrouted += 1
             return error_response(404, "no_route")
+
+        limit = target.max_body_size
+        if limit is not None and (request.content_length or 0) > limit:
+            # Said up front: refused before the breaker or the upstream hear of it (and,
+            # with `Expect: 100-continue`, before the client sends a byte of it).
+            response = self._too_large(target)
+            if "Expect" in request.headers and request.transport is not None:
+                # No body is coming: close at once rather than wait for one to drop.
+                await response.prepare(request)
+                await response.write_eof()
+                request.transport.close()
+            return response
 
         permit = target.breaker.acquire()
         if isinstance(permit, Rejection):
@@ -203,6 +218,13 @@ class Proxy:
         metrics.requests[503] += 1
         return web.Response(status=503, body=body, headers=headers)
 
+    @staticmethod
+    def _too_large(target: Target) -> web.Response:
+        target.metrics.count_response(413)
+        response = error_response(413, "body_too_large", target.route.name)
+        response.force_close()  # what is left of the body is read and dropped, then we close
+        return response
+
     async def _forward(
         self, request: web.BaseRequest, target: Target, permit: Permit, raw_path: str
     ) -> web.StreamResponse:
@@ -223,6 +245,7 @@ class Proxy:
                 target.timeout,
                 route.timeouts.request,
                 self._clock,
+                target.max_body_size,
             )
         except UpstreamError as e:
             if e.elapsed > target.slow_after:
@@ -240,6 +263,10 @@ class Proxy:
         except InvalidRequest:
             metrics.count_response(400)
             return error_response(400, "bad_request", route.name)
+        except BodyTooLarge:
+            # A chunked body that passed the limit on its way: the upstream saw the upload
+            # break off. The client's fault: no outcome (the permit is released).
+            return self._too_large(target)
 
         upstream = exchange.response
         elapsed = exchange.elapsed
@@ -274,9 +301,10 @@ class Proxy:
             except ConnectionResetError:
                 # The client went away mid-response: no outcome (the permit is released).
                 return response
-            except ClientBodyTimeout:
-                # The upstream answered early and waits for an upload the client stalled:
-                # the client's fault, no outcome. The response cannot end whole: abort it.
+            except (ClientBodyTimeout, BodyTooLarge):
+                # The upstream answered early and waits for an upload the client stalled,
+                # or that passed max_body_size: the client's fault, no outcome. The
+                # response cannot end whole: abort it.
                 if request.transport is not None:
                     request.transport.abort()
             except UpstreamError as e:

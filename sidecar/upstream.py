@@ -24,6 +24,7 @@ from sidecar.breaker import Clock
 from sidecar.config import Timeouts
 
 __all__ = [
+    "BodyTooLarge",
     "ClientBodyTimeout",
     "Exchange",
     "InvalidRequest",
@@ -47,6 +48,10 @@ KEEPALIVE_TIMEOUT = 30.0
 
 class ClientBodyTimeout(Exception):
     """The client stopped sending its request body: its fault, not the upstream's."""
+
+
+class BodyTooLarge(Exception):
+    """The client's request body is longer than the route accepts: its fault."""
 
 
 class InvalidRequest(Exception):
@@ -173,16 +178,27 @@ class _Upload:
 
     __slots__ = (
         "_clock",
+        "_left",
         "_source",
         "client_failed",
         "finished_at",
+        "too_large",
         "waiting_on_client",
         "watchdog",
     )
 
-    def __init__(self, source: aiohttp.StreamReader, watchdog: _Watchdog, clock: Clock) -> None:
+    def __init__(
+        self,
+        source: aiohttp.StreamReader,
+        watchdog: _Watchdog,
+        clock: Clock,
+        max_size: int | None,
+    ) -> None:
         self._source = source
         self._clock = clock
+        self._left = max_size
+        """Bytes the client may still send; None: no limit."""
+        self.too_large = False
         self.finished_at: float | None = None
         """When the client's last byte went upstream: the upstream's time starts there."""
         self.watchdog: _Watchdog | None = watchdog
@@ -212,6 +228,13 @@ class _Upload:
             if not chunk:
                 self.finished_at = self._clock()
                 return
+            if self._left is not None:
+                self._left -= len(chunk)
+                if self._left < 0:
+                    # Stop here: the upstream sees the upload break off, never a body
+                    # that looks whole.
+                    self.too_large = True
+                    raise BodyTooLarge("the request body is longer than max_body_size")
             yield chunk
 
 
@@ -265,6 +288,8 @@ class Exchange:
                 raise ClientBodyTimeout("the client stopped sending its request body") from None
             raise UpstreamTimeout("the response body stalled") from None
         except (aiohttp.ClientError, OSError) as e:
+            if self._upload is not None and self._upload.too_large:
+                raise BodyTooLarge("the request body is longer than max_body_size") from e
             raise translate(e, after_headers=True) from e
         closed = self._closed
         if closed is not None and closed.done() and not closed.cancelled():
@@ -287,17 +312,19 @@ async def send(
     timeout: aiohttp.ClientTimeout,
     request_timeout: float,
     clock: Clock,
+    max_body_size: int | None = None,
 ) -> Exchange:
     """Send a request upstream and return once its response headers are in.
 
     Raises `UpstreamError` (with the time the upstream had in `elapsed`),
-    `ClientBodyTimeout` (the client stopped sending its body), or
-    `InvalidRequest` (aiohttp will not send what the client sent). `clock`
-    measures the upstream's time. The caller must `close()` the exchange.
+    `ClientBodyTimeout` (the client stopped sending its body), `BodyTooLarge`
+    (the body passed `max_body_size` bytes), or `InvalidRequest` (aiohttp will
+    not send what the client sent). `clock` measures the upstream's time. The
+    caller must `close()` the exchange.
     """
     started = clock()
     watchdog = _Watchdog(request_timeout)
-    upload = _Upload(body, watchdog, clock) if body is not None else None
+    upload = _Upload(body, watchdog, clock, max_body_size) if body is not None else None
 
     def elapsed() -> float:
         now = clock()
@@ -323,8 +350,10 @@ async def send(
             if upload is not None and upload.waiting_on_client:
                 raise ClientBodyTimeout("the client stopped sending its request body") from None
             raise UpstreamTimeout("no response headers in time") from None
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        except (aiohttp.ClientError, OSError, TimeoutError, BodyTooLarge) as e:
             watchdog.stop()
+            if upload is not None and upload.too_large:
+                raise BodyTooLarge("the request body is longer than max_body_size") from e
             if upload is not None and upload.client_failed:
                 raise InvalidRequest("the client's request body broke off") from e
             raise translate(e, after_headers=False) from e

@@ -1,0 +1,211 @@
+"""Limits on the service's side: max_body_size (413) and the header timeout (slowloris)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from sidecar.config import ConfigError, parse_config
+from tests.conftest import Running, StartSidecar, Upstream, json_body
+
+
+def config(url: str, extra: str = "", route_extra: str = "") -> str:
+    return f"""
+client_timeouts: {{headers: 300ms, idle: 30s}}
+{extra}
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: {url}
+    max_body_size: 1KB
+{route_extra}
+"""
+
+
+async def raw_exchange(sc: Running, data: bytes, within: float = 5.0) -> bytes:
+    """Send `data` on a fresh connection; everything the sidecar sends until it closes."""
+    host, port = sc.proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), within)
+    finally:
+        writer.close()
+
+
+# -- max_body_size ----------------------------------------------------------------------
+
+
+async def test_a_declared_length_over_the_limit_is_413_before_anything_else(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(config(upstream.url))
+    async with http.post(f"{sc.proxy}/upload", data=b"x" * 1001) as response:
+        assert response.status == 413
+        assert response.headers["Connection"] == "close"
+        assert await json_body(response) == {"error": "body_too_large", "route": "api"}
+    assert upstream.hits == 0
+    assert sc.sample("sidecar_requests_total", route="api", code="413") == 1
+    assert sc.breaker("api").consecutive_failures == 0
+    async with http.post(f"{sc.proxy}/upload", data=b"x" * 1000) as response:
+        assert response.status == 200  # exactly the limit is fine
+        assert (await response.json())["received"] == 1000
+
+
+async def test_expect_100_continue_over_the_limit_is_refused_before_the_upload(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    sc = await start_sidecar(config(upstream.url))
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = await raw_exchange(sc, head)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in answer
+    assert upstream.hits == 0
+
+
+async def test_a_chunked_body_that_grows_past_the_limit_is_cut_off(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(config(upstream.url))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(5):
+            yield b"y" * 400
+
+    async with http.post(f"{sc.proxy}/upload", data=chunks()) as response:
+        assert response.status == 413
+        assert await json_body(response) == {"error": "body_too_large", "route": "api"}
+    # The upstream saw an upload break off, never a body that looked whole; the
+    # breaker heard nothing (the client's fault).
+    assert upstream.requests == []
+    assert sc.breaker("api").consecutive_failures == 0
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="connect") == 0
+    assert sc.sample("sidecar_in_flight_requests", route="api") == 0
+    async with http.get(f"{sc.proxy}/after") as response:
+        assert response.status == 200
+
+
+async def test_without_a_limit_nothing_is_refused(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(config(upstream.url).replace("    max_body_size: 1KB\n", ""))
+    async with http.post(f"{sc.proxy}/upload", data=b"z" * 100_000) as response:
+        assert (await response.json())["received"] == 100_000
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [("1048576", 1048576), ("512KB", 512_000), ("10MiB", 10 * 2**20), ("1.5 GB", 1_500_000_000),
+     ("100B", 100), ("null", None)],
+)  # fmt: skip
+def test_sizes(value: str, size: int | None) -> None:
+    text = config("http://u", extra=f"defaults: {{max_body_size: {value}}}")
+    text = text.replace("    max_body_size: 1KB\n", "")
+    assert parse_config(text).routes[0].max_body_size == size
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "must be at least 1 byte (null for no limit)"),
+        ("10 furlongs", "'10 furlongs' is not a size; use bytes (1048576) or a unit"),
+        ("-5", "must be at least 1 byte"),
+        ("1.5", "must be a size such as 1048576, '512KB' or '10MiB', not float 1.5"),
+        ("99999999GiB", "must be at most 1 PiB"),
+    ],
+)
+def test_bad_sizes(value: str, message: str) -> None:
+    text = config("http://u").replace("max_body_size: 1KB", f"max_body_size: {value}")
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yaml")
+    (problem,) = info.value.problems
+    assert str(problem).startswith("c.yaml:8: routes[0].max_body_size: " + message)
+
+
+# -- the header timeout --------------------------------------------------------------------
+
+
+async def test_a_slowloris_client_is_cut_off_while_others_are_served(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(config(upstream.url))
+    host, port = sc.proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+
+    async def trickle() -> None:
+        # A header byte now and then: each one would reset an idle timer.
+        for _ in range(1000):
+            await asyncio.sleep(0.05)
+            writer.write(b"X")
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        for _ in range(3):  # meanwhile everybody else is served
+            async with http.get(f"{sc.proxy}/ok") as response:
+                assert response.status == 200
+        answer = await asyncio.wait_for(reader.read(), 5.0)  # until the sidecar closes
+    finally:
+        trickling.cancel()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert answer.endswith(b'{"error":"header_timeout"}\r\n')
+    assert [r["path"] for r in upstream.requests] == ["/ok"] * 3
+
+
+async def test_an_idle_keep_alive_connection_is_not_a_slow_header(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    """The header timer starts at a request's first byte, not when the connection goes quiet."""
+    sc = await start_sidecar(config(upstream.url))
+    host, port = sc.proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        request = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+        for _ in range(2):
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            # Quiet for longer than the header timeout: a pooled client connection.
+            closed = asyncio.ensure_future(reader.read(1))
+            done, _ = await asyncio.wait([closed], timeout=0.6)
+            assert not done, "the idle connection was closed"
+            closed.cancel()
+    finally:
+        writer.close()
+
+
+async def test_a_head_that_arrives_in_pieces_within_the_timeout_is_served(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    sc = await start_sidecar(config(upstream.url))
+    host, port = sc.proxy.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for piece in (b"GET /pieces HT", b"TP/1.1\r\nHost:", b" x\r\nConnection: close\r\n\r\n"):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the client's pace, well within 300 ms in all
+        answer = await asyncio.wait_for(reader.read(), 5.0)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_client_timeouts_config() -> None:
+    parsed = parse_config(config("http://u")).client_timeouts
+    assert (parsed.headers, parsed.idle) == (0.3, 30.0)
+    default = parse_config(config("http://u").replace("client_timeouts:", "#")).client_timeouts
+    assert (default.headers, default.idle) == (10.0, 75.0)
+    with pytest.raises(ConfigError) as info:
+        parse_config(config("http://u").replace("headers: 300ms", "header: 1s"), "c.yaml")
+    assert [str(p) for p in info.value.problems] == [
+        "c.yaml:2: client_timeouts.header: unknown key 'header'; did you mean 'headers'?"
+    ]
