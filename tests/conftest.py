@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import re
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -239,3 +242,24 @@ async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None
 
 async def json_body(response: aiohttp.ClientResponse) -> object:
     return json.loads(await response.read())
+
+
+@contextlib.asynccontextmanager
+async def running(
+    config_path: str, *python_options: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
+    """`sidecar run` as a child process, with the proxy and admin addresses it logged."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *python_options, "-m", "sidecar", "run", "-c", config_path,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        found = re.search(r"proxy on (\S+), admin on (\S+),", line)
+        assert found, line
+        yield process, found[1], found[2]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
-import re
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from sidecar import __version__
 from sidecar.breaker import Breaker, BreakerSettings, Permit
 from sidecar.cli import log_transition
 from sidecar.demo import run_demo
+from tests.conftest import running
 from tests.fakes import FakeClock
 
 EXAMPLE = str(Path(__file__).parent.parent / "config.example.yaml")
@@ -136,24 +134,6 @@ def test_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         f"sidecar run: cannot listen on 127.0.0.1:{port} (proxy): address already in use"
     )
-
-
-@contextlib.asynccontextmanager
-async def running(config_path: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
-    """`sidecar run` as a child process, with the proxy and admin addresses it logged."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "run", "-c", config_path, stderr=asyncio.subprocess.PIPE
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
-        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-        found = re.search(r"proxy on (\S+), admin on (\S+),", line)
-        assert found, line
-        yield process, found[1], found[2]
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
