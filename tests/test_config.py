@@ -720,3 +720,10 @@ def test_max_open_duration_null_goes_back_to_the_default() -> None:
         "max_open_duration: null\n", defaults="backoff_multiplier: 2\nmax_open_duration: 1h\n"
     )
     assert parse_config(text).routes[0].breaker.max_open_duration == DEFAULT_MAX_OPEN_DURATION
+
+
+def test_the_admin_listener_is_loopback_unless_configured_otherwise() -> None:
+    """/metrics, /breakers and (later) the admin overrides are not for the network at large."""
+    assert parse_config(MINIMAL).admin_listen == Address("127.0.0.1", 9901)
+    open_admin = parse_config("admin: {listen: 0.0.0.0:9901}\n" + MINIMAL)
+    assert open_admin.admin_listen == Address("0.0.0.0", 9901)

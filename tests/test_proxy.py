@@ -359,6 +359,25 @@ async def test_upstream_timeout_is_504_and_a_timeout_failure(
     await eventually(lambda: upstream.cancelled == 1)  # the upstream connection was let go
 
 
+async def test_a_connect_that_never_completes_is_504_a_timeout_failure(
+    start_sidecar: StartSidecar, http: aiohttp.ClientSession
+) -> None:
+    # A listening socket with a full accept queue: Linux drops further SYNs, so a
+    # connect neither succeeds nor fails, as to a black-holed address.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # fills the queue
+            text = routes(f"http://127.0.0.1:{port}").replace("connect: 1s", "connect: 100ms")
+            sc = await start_sidecar(text)
+            status, _, body = await get(http, f"{sc.proxy}/api/x")
+    assert status == 504
+    assert body == b'{"error":"upstream_timeout","route":"api"}'
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="timeout") == 1
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="connect") == 0
+
+
 # -- upstream breaks off after its response headers -----------------------------------------------
 
 
