@@ -1,4 +1,4 @@
-"""The proxy listener: aiohttp's low-level server, plus the client deadline it lacks.
+"""The proxy listener: aiohttp's low-level server, plus the client checks it lacks.
 
 aiohttp closes a connection that waits too long for its next request (its
 keep-alive timeout, which also runs from accept), but has no deadline for a
@@ -7,6 +7,14 @@ and then would hold its connection as long as the keep-alive timeout allows,
 and thousands of them hold thousands of sockets. Here the first byte of every
 request starts a header timer; the request reaching the handler stops it; if
 it fires first, the client gets a 408 and its connection is closed.
+
+Two more gaps in what aiohttp's parser lets through are closed here, before any
+request reaches the proxy: request lines without HTTP/1.0 or HTTP/1.1 (no
+version, HTTP/0.9, HTTP/2.0 as text) are refused with 505, CONNECT and
+transfer codings other than chunked with 501; and a chunked body
+that turns out malformed after the request was forwarded fails the upload at
+once (a 400), instead of leaving the handler waiting for bytes that will never
+be valid.
 """
 
 from __future__ import annotations
@@ -15,21 +23,30 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, StreamReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestHandler
 
 __all__ = ["ProxyServer"]
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
-_HEADER_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Content-Length: 28\r\n"
-    b"Connection: close\r\n"
-    b"\r\n"
-    b'{"error":"header_timeout"}\r\n'
+
+def _closing_response(status: str, error: str) -> bytes:
+    """A whole response written straight to the socket, for clients aiohttp cannot answer."""
+    body = f'{{"error":"{error}"}}'.encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+_HEADER_TIMEOUT_RESPONSE = _closing_response("408 Request Timeout", "header_timeout")
+_VERSION_RESPONSE = _closing_response(
+    "505 HTTP Version Not Supported", "http_version_not_supported"
 )
+_NOT_IMPLEMENTED_RESPONSE = _closing_response("501 Not Implemented", "not_implemented")
+_HTTP_1 = (HttpVersion11, HttpVersion10)
 
 
 class ProxyServer(web.Server):
@@ -38,13 +55,29 @@ class ProxyServer(web.Server):
     def __init__(self, handler: Handler, *, header_timeout: float, **kwargs: Any) -> None:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             connection = request.protocol
-            if isinstance(connection, _Connection):
-                connection.headers_received()
-            try:
+            if not isinstance(connection, _Connection):  # never: __call__ makes them
                 return await handler(request)
+            connection.headers_received(request)
+            try:
+                if request.version not in _HTTP_1:
+                    # aiohttp would answer in the client's "version" (`HTTP/0.9 200`),
+                    # and forward the request as HTTP/1.1: refuse it on the wire.
+                    return connection.refuse(_VERSION_RESPONSE)
+                if request.method == "CONNECT" or not _chunked_only(request):
+                    # A tunnel is no reverse proxy's business; and a body in a transfer
+                    # coding other than chunked would reach the upstream undecoded, as
+                    # if it were plain (the coding is hop-by-hop): RFC 9112 6.1's 501.
+                    return connection.refuse(_NOT_IMPLEMENTED_RESPONSE)
+                response = await handler(request)
+                if connection.body_failed:
+                    # Send the answer and close here: aiohttp would go on to read the rest
+                    # of a body that can no longer be read.
+                    await response.prepare(request)
+                    await response.write_eof()
+                    connection.force_close()
+                return response
             finally:
-                if isinstance(connection, _Connection):
-                    connection.request_done()
+                connection.request_done()
 
         super().__init__(handle, **kwargs)
         self._header_timeout = header_timeout
@@ -54,6 +87,14 @@ class ProxyServer(web.Server):
         return _Connection(self, header_timeout=self._header_timeout, **self._kwargs)
 
 
+def _chunked_only(request: web.BaseRequest) -> bool:
+    """No Transfer-Encoding, or exactly `chunked` (any case, any spacing)."""
+    if "Transfer-Encoding" not in request.headers:
+        return True
+    codings = ",".join(request.headers.getall("Transfer-Encoding")).split(",")
+    return [c.strip().lower() for c in codings if c.strip()] == ["chunked"]
+
+
 class _Connection(RequestHandler):
     """One client connection; times the arrival of each request's headers."""
 
@@ -61,22 +102,46 @@ class _Connection(RequestHandler):
         super().__init__(manager, loop=asyncio.get_running_loop(), **kwargs)
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
-        self._in_request = False
+        self._body: StreamReader | None = None
+        """The body of the request being handled, while there is one."""
+        self.body_failed = False
+        """The body being handled was found malformed: the connection must close."""
 
     def data_received(self, data: bytes) -> None:
         # Bytes while no request is being handled are the head of the next one.
-        if data and self._header_timer is None and not self._in_request:
+        if data and self._header_timer is None and self._body is None:
             self._header_timer = asyncio.get_running_loop().call_later(
                 self._header_timeout, self._header_timed_out
             )
         super().data_received(data)
+        body = self._body
+        if body is not None and not body.is_eof() and self._parse_failed():
+            # The parser gave up on this request's body (a broken chunk): aiohttp queues
+            # a 400 for after the handler, but the handler would wait for the rest of
+            # the body until its timeout. Fail the body now; the proxy answers 400.
+            body.set_exception(BadHttpMessage("the request body is malformed"))
+            self.body_failed = True
 
-    def headers_received(self) -> None:
-        self._in_request = True
+    def _parse_failed(self) -> bool:
+        # aiohttp keeps the messages parsed ahead in `_messages`; a parse error is
+        # queued there as an `_ErrInfo` (aiohttp 3.8 to 3.14, at least).
+        queued = getattr(self, "_messages", ())
+        return any(type(message).__name__ == "_ErrInfo" for message, _ in queued)
+
+    def headers_received(self, request: web.BaseRequest) -> None:
+        self._body = request.content
+        self.body_failed = False
         self._stop_timer()
 
     def request_done(self) -> None:
-        self._in_request = False
+        self._body = None
+
+    def refuse(self, response: bytes) -> web.StreamResponse:
+        """Answer with `response` on the wire and close (a request aiohttp cannot answer)."""
+        if self.transport is not None:
+            self.transport.write(response)
+        self.force_close()
+        return web.Response()  # never sent: the connection is closed
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_timer()
@@ -89,7 +154,5 @@ class _Connection(RequestHandler):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        if self._in_request or self.transport is None:
-            return
-        self.transport.write(_HEADER_TIMEOUT_RESPONSE)
-        self.force_close()
+        if self._body is None:
+            self.refuse(_HEADER_TIMEOUT_RESPONSE)

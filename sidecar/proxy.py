@@ -262,7 +262,9 @@ class Proxy:
             return error_response(408, "client_timeout", route.name)
         except InvalidRequest:
             metrics.count_response(400)
-            return error_response(400, "bad_request", route.name)
+            refused = error_response(400, "bad_request", route.name)
+            refused.force_close()  # the request's framing may be lost: no next request
+            return refused
         except BodyTooLarge:
             # A chunked body that passed the limit on its way: the upstream saw the upload
             # break off. The client's fault: no outcome (the permit is released).

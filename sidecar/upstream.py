@@ -41,7 +41,7 @@ __all__ = [
 POOL_SIZE = 0
 """Connections per session; 0 is unlimited, as a sidecar's caller already bounds its concurrency."""
 MAX_HEADER_SIZE = 65536
-"""Bytes in one response status line or header line from an upstream."""
+"""Bytes in an upstream's status line, and in one header value (the name not counted)."""
 KEEPALIVE_TIMEOUT = 30.0
 """Seconds an idle upstream connection is kept for reuse."""
 

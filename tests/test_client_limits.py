@@ -154,7 +154,7 @@ async def test_a_slowloris_client_is_cut_off_while_others_are_served(
         trickling.cancel()
         writer.close()
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
-    assert answer.endswith(b'{"error":"header_timeout"}\r\n')
+    assert answer.endswith(b'\r\n\r\n{"error":"header_timeout"}')
     assert [r["path"] for r in upstream.requests] == ["/ok"] * 3
 
 
