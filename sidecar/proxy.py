@@ -157,11 +157,14 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw_path = request.raw_path
+        host = request.headers.get("Host")
         if raw_path[:1] != "/":
-            # Absolute form (`GET http://host/x`): routed by its path like any other,
-            # never sent to the host it names.
+            # Absolute form (`GET http://host/x`): matched, as RFC 9112 3.2.2 says, by
+            # the host it names rather than the Host header, and by its path; then
+            # sent to the route's upstream like any other request, never to that host.
             raw_path = request.rel_url.raw_path_qs
-        target = self._router.match(request.headers.get("Host"), raw_path.partition("?")[0])
+            host = request.host
+        target = self._router.match(host, raw_path.partition("?")[0])
         if target is None:
             self._metrics.unrouted += 1
             return error_response(404, "no_route")

@@ -799,16 +799,18 @@ async def test_absolute_form_goes_to_the_configured_upstream_by_path(
         assert headers["host"] == upstream_host
 
 
-async def test_absolute_form_is_routed_by_the_host_header_not_the_named_host(
+async def test_absolute_form_is_routed_by_the_host_it_names_not_the_host_header(
     start_sidecar: StartSidecar, upstream: Upstream, elsewhere: Elsewhere
 ) -> None:
-    """RFC 9112 3.2.2 would route by the target's authority (404 here, as Envoy does); the
-    sidecar routes by `Host`. Either way only a configured upstream is ever contacted."""
+    """RFC 9112 3.2.2, as Envoy does: the target's authority, not `Host`, picks the route."""
     sc = await start_sidecar(host_only(upstream.url))
     request = f"GET http://{elsewhere.authority}/x HTTP/1.1\r\nHost: api.internal\r\n"
     [reply] = await talk(sc.proxy, (request + "Connection: close\r\n\r\n").encode())
-    assert reply.status == 200
+    assert (reply.status, reply.json()) == (404, {"error": "no_route"})
     assert elsewhere.connections == 0
+    request = "GET http://api.internal/x HTTP/1.1\r\nHost: elsewhere.example\r\n"
+    [reply] = await talk(sc.proxy, (request + "Connection: close\r\n\r\n").encode())
+    assert reply.status == 200
     await assert_still_serving(sc, upstream, [("GET", "/x", "")], host="api.internal")
 
 
