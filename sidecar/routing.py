@@ -29,32 +29,52 @@ def normalize_host(host_header: str | None) -> str | None:
 
 
 class Router(Generic[T]):
-    """First match in file order; each entry pairs a route with what the caller keeps for it."""
+    """First match in file order; each entry pairs a route with what the caller keeps for it.
 
-    __slots__ = ("_entries", "_uses_host")
+    Compiled into a dict keyed by (host, path prefix): a request looks up its own
+    host and no host, with no prefix and with each leading run of its path's
+    segments (as deep as the deepest configured prefix), and the earliest route
+    found wins. So a table of a thousand routes costs a request a handful of dict
+    look-ups, not a thousand comparisons.
+    """
+
+    __slots__ = ("_depth", "_index", "_uses_host")
 
     def __init__(self, entries: Sequence[tuple[Route, T]]) -> None:
-        self._entries = tuple(
-            (
-                route.host,
-                route.path_prefix if route.path_prefix != "/" else None,
-                "" if route.path_prefix in (None, "/") else f"{route.path_prefix}/",
-                target,
-            )
-            for route, target in entries
-        )
+        self._index: dict[tuple[str | None, str | None], tuple[int, T]] = {}
+        self._depth = 0
+        """Segments in the deepest prefix: a path is never split further than this."""
+        for order, (route, target) in enumerate(entries):
+            prefix = None if route.path_prefix in (None, "/") else route.path_prefix
+            self._index.setdefault((route.host, prefix), (order, target))
+            if prefix is not None:
+                self._depth = max(self._depth, prefix.count("/"))
         self._uses_host = any(route.host is not None for route, _ in entries)
 
     def match(self, host_header: str | None, path: str) -> T | None:
         """The target of the first route matching `host_header` and `path` (no query)."""
-        host = normalize_host(host_header) if self._uses_host else None
-        for route_host, prefix, prefix_slash, target in self._entries:
-            if route_host is not None and route_host != host:
-                continue
-            if prefix is not None and path != prefix and not path.startswith(prefix_slash):
-                continue
-            return target
-        return None
+        index = self._index
+        hosts: tuple[str | None, ...] = (None,)
+        if self._uses_host:
+            host = normalize_host(host_header)
+            if host is not None:
+                hosts = (host, None)
+        best: tuple[int, T] | None = None
+        for host in hosts:
+            found = index.get((host, None))
+            if found is not None and (best is None or found[0] < best[0]):
+                best = found
+        end = 0
+        for _ in range(self._depth):
+            end = path.find("/", end + 1)
+            prefix = path if end < 0 else path[:end]
+            for host in hosts:
+                found = index.get((host, prefix))
+                if found is not None and (best is None or found[0] < best[0]):
+                    best = found
+            if end < 0:
+                break
+        return None if best is None else best[1]
 
 
 def upstream_target(route: Route, raw_path: str) -> str:

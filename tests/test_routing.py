@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.config import Route, parse_config
 from sidecar.routing import Router, normalize_host, upstream_target
@@ -103,3 +107,60 @@ def test_strip_prefix_of_root_strips_nothing() -> None:
         '  - {name: a, match: {path_prefix: /}, upstream: "http://u/base", strip_prefix: true}\n'
     )
     assert upstream_target(route, "/x/y") == "/base/x/y"
+
+
+# -- the compiled table against first-match in file order ------------------------------------
+
+TEMPLATE = routes('  - {name: t, match: {path_prefix: /t}, upstream: "http://t"}\n')[0]
+SEGMENT = st.sampled_from(["a", "b", "ab", "%2F", "a.b", ""])
+PREFIX = st.one_of(
+    st.none(),
+    st.just("/"),
+    st.lists(SEGMENT.filter(bool), min_size=1, max_size=3).map(lambda s: "/" + "/".join(s)),
+)
+HOST = st.sampled_from([None, "x.internal", "y.internal"])
+
+
+def first_match(table: list[Route], host: str | None, path: str) -> str | None:
+    """The definition: the first route in file order whose host and prefix both match."""
+    wanted = normalize_host(host)
+    for route in table:
+        if route.host is not None and route.host != wanted:
+            continue
+        prefix = route.path_prefix
+        if prefix not in (None, "/") and path != prefix and not path.startswith(prefix + "/"):
+            continue
+        return route.name
+    return None
+
+
+@given(
+    table=st.lists(
+        st.tuples(HOST, PREFIX).filter(lambda hp: hp != (None, None)), min_size=1, max_size=12
+    ),
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from([None, "x.internal", "Y.INTERNAL:8080", "z"]),
+            st.lists(SEGMENT, max_size=5).map(lambda s: "/" + "/".join(s)),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+)
+def test_the_compiled_table_matches_first_match_in_file_order(
+    table: list[tuple[str | None, str | None]], requests: list[tuple[str | None, str]]
+) -> None:
+    built = [
+        dataclasses.replace(TEMPLATE, name=f"r{i}", host=host, path_prefix=prefix)
+        for i, (host, prefix) in enumerate(table)
+    ]
+    compiled = Router([(route, route.name) for route in built])
+    for host, path in requests:
+        assert compiled.match(host, path) == first_match(built, host, path), (host, path)
+
+
+def test_a_path_is_never_split_deeper_than_the_deepest_prefix() -> None:
+    """A path of thousands of segments costs no more than the table's own depth."""
+    table = router('  - {name: deep, match: {path_prefix: /a/b}, upstream: "http://a"}\n')
+    assert table.match(None, "/a/b" + "/x" * 4000) == "deep"
+    assert table.match(None, "/a" + "/x" * 4000) is None
