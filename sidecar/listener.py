@@ -69,12 +69,11 @@ class ProxyServer(web.Server):
                     # if it were plain (the coding is hop-by-hop): RFC 9112 6.1's 501.
                     return connection.refuse(_NOT_IMPLEMENTED_RESPONSE)
                 response = await handler(request)
-                if connection.body_failed:
-                    # Send the answer and close here: aiohttp would go on to read the rest
-                    # of a body that can no longer be read.
+                if connection.must_finish:
+                    # Send the answer now, before `request_done` may close the connection
+                    # (a malformed body, or a next request's head out of time).
                     await response.prepare(request)
                     await response.write_eof()
-                    connection.force_close()
                 return response
             finally:
                 connection.request_done()
@@ -103,38 +102,61 @@ class _Connection(RequestHandler):
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
-        """The body of the request being handled, while there is one."""
+        """The body of the latest request: bytes are the next head once it is complete."""
+        self._handling = False
+        self._overdue = False
+        """The next request's head ran out of time while this one was being handled."""
         self.body_failed = False
         """The body being handled was found malformed: the connection must close."""
 
     def data_received(self, data: bytes) -> None:
-        # Bytes while no request is being handled are the head of the next one.
-        if data and self._header_timer is None and self._body is None:
+        # Bytes after the whole of the latest request's body are the next request's
+        # head; until then they are body (the handler's, or what aiohttp reads and
+        # drops after a handler that did not want it).
+        body = self._body
+        head = body is None or body.is_eof()
+        super().data_received(data)
+        if head and data and self._header_timer is None and not self._queued():
+            # Timed only if the head did not arrive whole with these bytes, as most do.
             self._header_timer = asyncio.get_running_loop().call_later(
                 self._header_timeout, self._header_timed_out
             )
-        super().data_received(data)
-        body = self._body
-        if body is not None and not body.is_eof() and self._parse_failed():
+        if self._handling and body is not None and not body.is_eof() and self._parse_failed():
             # The parser gave up on this request's body (a broken chunk): aiohttp queues
             # a 400 for after the handler, but the handler would wait for the rest of
             # the body until its timeout. Fail the body now; the proxy answers 400.
             body.set_exception(BadHttpMessage("the request body is malformed"))
             self.body_failed = True
 
+    # aiohttp keeps the requests it parsed ahead in `_messages` (a parse error as an
+    # `_ErrInfo`), from 3.8 to 3.14 at least; tests/test_client_limits.py checks it.
+
+    def _queued(self) -> bool:
+        return bool(getattr(self, "_messages", ()))
+
     def _parse_failed(self) -> bool:
-        # aiohttp keeps the messages parsed ahead in `_messages`; a parse error is
-        # queued there as an `_ErrInfo` (aiohttp 3.8 to 3.14, at least).
         queued = getattr(self, "_messages", ())
         return any(type(message).__name__ == "_ErrInfo" for message, _ in queued)
 
     def headers_received(self, request: web.BaseRequest) -> None:
         self._body = request.content
+        self._handling = True
+        self._overdue = False
         self.body_failed = False
         self._stop_timer()
 
+    @property
+    def must_finish(self) -> bool:
+        """Whether `request_done` may close the connection, or a timer run out meanwhile."""
+        return self.body_failed or self._overdue or self._header_timer is not None
+
     def request_done(self) -> None:
-        self._body = None
+        self._handling = False
+        if self.body_failed:
+            # aiohttp would go on to read the rest of a body that can no longer be read.
+            self.force_close()
+        elif self._overdue and not self._queued():
+            self.refuse(_HEADER_TIMEOUT_RESPONSE)
 
     def refuse(self, response: bytes) -> web.StreamResponse:
         """Answer with `response` on the wire and close (a request aiohttp cannot answer)."""
@@ -154,5 +176,9 @@ class _Connection(RequestHandler):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        if self._body is None:
+        if self._queued():
+            return  # the head came whole meanwhile: its request waits for its turn
+        if self._handling:
+            self._overdue = True  # answered once the request in hand is
+        else:
             self.refuse(_HEADER_TIMEOUT_RESPONSE)

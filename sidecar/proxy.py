@@ -188,11 +188,11 @@ class Proxy:
             # Said up front: refused before the breaker or the upstream hear of it (and,
             # with `Expect: 100-continue`, before the client sends a byte of it).
             response = self._too_large(target)
-            if "Expect" in request.headers and request.transport is not None:
+            if "Expect" in request.headers:
                 # No body is coming: close at once rather than wait for one to drop.
                 await response.prepare(request)
                 await response.write_eof()
-                request.transport.close()
+                request.protocol.force_close()
             return response
 
         permit = target.breaker.acquire()
@@ -325,10 +325,10 @@ class Proxy:
             except ConnectionResetError:
                 # The client went away mid-response: no outcome (the permit is released).
                 return response
-            except (ClientBodyTimeout, BodyTooLarge):
-                # The upstream answered early and waits for an upload the client stalled,
-                # or that passed max_body_size: the client's fault, no outcome. The
-                # response cannot end whole: abort it.
+            except (ClientBodyTimeout, BodyTooLarge, InvalidRequest):
+                # The upstream answered early, and the upload the client goes on with
+                # stalled, passed max_body_size or broke: the client's fault, no outcome.
+                # The response cannot end whole: abort it.
                 if request.transport is not None:
                     request.transport.abort()
             except UpstreamError as e:

@@ -182,6 +182,7 @@ class _Upload:
         "_source",
         "client_failed",
         "finished_at",
+        "response",
         "too_large",
         "waiting_on_client",
         "watchdog",
@@ -207,6 +208,14 @@ class _Upload:
         would hide a stalled response."""
         self.waiting_on_client = False
         self.client_failed = False
+        self.response: aiohttp.ClientResponse | None = None
+        """The upstream's answer, once its headers are in (an early answer)."""
+
+    def _cut_off(self) -> None:
+        """The upload cannot go on. After an early answer, end the exchange now: aiohttp
+        would keep the connection, and the upstream might wait for the rest for ever."""
+        if self.response is not None:
+            self.response.close()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
@@ -218,9 +227,12 @@ class _Upload:
                 # task itself is being cancelled.
                 task = asyncio.current_task()
                 self.client_failed = task is not None and task.cancelling() == 0
+                if self.client_failed:
+                    self._cut_off()
                 raise
             except Exception:
                 self.client_failed = True  # e.g. broken chunked framing from the client
+                self._cut_off()
                 raise
             self.waiting_on_client = False
             if self.watchdog is not None:
@@ -234,6 +246,7 @@ class _Upload:
                     # Stop here: the upstream sees the upload break off, never a body
                     # that looks whole.
                     self.too_large = True
+                    self._cut_off()
                     raise BodyTooLarge("the request body is longer than max_body_size")
             yield chunk
 
@@ -259,6 +272,7 @@ class Exchange:
         self._upload = upload
         if upload is not None:
             upload.watchdog = None
+            upload.response = response
         self._closed = _read_until_close(response)
 
     async def body(self) -> AsyncIterator[bytes]:
@@ -266,9 +280,10 @@ class Exchange:
 
         Raises `UpstreamTimeout` when nothing arrives for the request timeout (or
         `ClientBodyTimeout` if the upstream was waiting for the rest of a stalled
-        upload), and `UpstreamReset` when the upstream breaks off, including a reset
+        upload), `UpstreamReset` when the upstream breaks off, including a reset
         of a body that was to end with the connection (which aiohttp alone takes
-        for an end).
+        for an end), and `BodyTooLarge` or `InvalidRequest` when the client's
+        upload, still going on, passed its limit or broke: the client's fault.
         """
         watchdog = self._watchdog
         content = self.response.content
@@ -284,18 +299,26 @@ class Exchange:
         except asyncio.CancelledError:
             if not watchdog.expired():
                 raise
+            self._raise_if_client_failed()
             if self._upload is not None and self._upload.waiting_on_client:
                 raise ClientBodyTimeout("the client stopped sending its request body") from None
             raise UpstreamTimeout("the response body stalled") from None
         except (aiohttp.ClientError, OSError) as e:
-            if self._upload is not None and self._upload.too_large:
-                raise BodyTooLarge("the request body is longer than max_body_size") from e
+            self._raise_if_client_failed()
             raise translate(e, after_headers=True) from e
         closed = self._closed
         if closed is not None and closed.done() and not closed.cancelled():
             error = closed.exception()
             if error is not None:
                 raise UpstreamReset(str(error))
+
+    def _raise_if_client_failed(self) -> None:
+        """An exchange that broke because of the client's upload is the client's fault."""
+        upload = self._upload
+        if upload is not None and upload.too_large:
+            raise BodyTooLarge("the request body is longer than max_body_size")
+        if upload is not None and upload.client_failed:
+            raise InvalidRequest("the client's request body broke off")
 
     def close(self) -> None:
         """Let the connection go: back to the pool if the body was read whole, else closed."""

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
 
 from sidecar.config import ConfigError, parse_config
-from tests.conftest import Running, StartSidecar, Upstream, json_body
+from tests.conftest import (
+    RawHandler,
+    Running,
+    StartSidecar,
+    Upstream,
+    json_body,
+    read_request_head,
+)
 
 
 def config(url: str, extra: str = "", route_extra: str = "") -> str:
@@ -209,3 +217,126 @@ def test_client_timeouts_config() -> None:
     assert [str(p) for p in info.value.problems] == [
         "c.yaml:2: client_timeouts.header: unknown key 'header'; did you mean 'headers'?"
     ]
+
+
+# -- found by review: each once broke the header timer or the body limit ---------------------
+
+API = """
+client_timeouts: {{headers: 300ms, idle: 30s}}
+routes:
+  - name: api
+    match: {{path_prefix: /api}}
+    upstream: {url}
+    max_body_size: 1KB
+"""
+
+
+async def connect(sc: Running) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = sc.proxy.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def quiet_for(reader: asyncio.StreamReader, seconds: float) -> None:
+    """Nothing arrives from the sidecar for `seconds` (a timer must not fire meanwhile)."""
+    peek = asyncio.ensure_future(reader.read(1))
+    done, _ = await asyncio.wait([peek], timeout=seconds)
+    assert not done, f"the sidecar sent {peek.result()!r}"
+    peek.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await peek
+
+
+async def read_one(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head + await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+async def test_body_bytes_dropped_after_an_answer_do_not_start_the_header_timer(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    """They did: an idle pooled connection then got a 408, read as its next answer."""
+    sc = await start_sidecar(API.format(url=upstream.url))
+    reader, writer = await connect(sc)
+    try:
+        writer.write(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        assert (await read_one(reader)).startswith(b"HTTP/1.1 404 ")
+        writer.write(b"hello")  # read and dropped by aiohttp after the handler answered
+        await quiet_for(reader, 0.6)  # twice the header timeout
+        writer.write(b"GET /api/next HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_one(reader)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()
+
+
+async def test_nothing_follows_a_413(start_sidecar: StartSidecar, upstream: Upstream) -> None:
+    sc = await start_sidecar(API.format(url=upstream.url))
+    reader, writer = await connect(sc)
+    try:
+        writer.write(b"POST /api/up HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+        assert (await read_one(reader)).startswith(b"HTTP/1.1 413 ")
+        writer.write(b"z" * 500)  # the client goes on uploading what it declared
+        rest = await asyncio.wait_for(reader.read(), 12)  # aiohttp reads it for up to 10 s
+    finally:
+        writer.close()
+    assert rest == b""
+
+
+async def test_a_partial_head_pipelined_during_a_slow_request_is_timed(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    """It was not: the slowloris held its connection for `idle` instead of `headers`."""
+    sc = await start_sidecar(API.format(url=upstream.url).replace("/api}", "/}"))
+    reader, writer = await connect(sc)
+    try:
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(upstream.entered.wait(), 5)
+        writer.write(b"GET /b HTTP/1.1\r\nHo")  # and never the rest
+        # Well past the header timeout, while the first request is still in hand.
+        await quiet_for(reader, 0.6)
+        upstream.release.set()
+        assert (await read_one(reader)).startswith(b"HTTP/1.1 200 ")  # answered first
+        rest = await asyncio.wait_for(reader.read(), 2)
+    finally:
+        writer.close()
+    assert rest.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_a_body_too_large_during_an_early_answer_is_cut_off_at_once(
+    start_sidecar: StartSidecar, raw_upstream: Callable[[RawHandler], Awaitable[str]]
+) -> None:
+    """It waited for timeouts.request, then counted an upstream `timeout`: the client's fault."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            await reader.readexactly(size + 2)
+        writer.write(b"0\r\n\r\n")
+        await reader.read()
+
+    url = await raw_upstream(echo)
+    sc = await start_sidecar(API.format(url=url) + "    timeouts: {request: 30s}\n")
+    reader, writer = await connect(sc)
+    try:
+        writer.write(b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"190\r\n" + b"a" * 400 + b"\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        for _ in range(2):  # 1200 bytes in all: past the 1KB limit
+            writer.write(b"190\r\n" + b"a" * 400 + b"\r\n")
+        rest = await asyncio.wait_for(reader.read(), 5)  # long before the 30 s timeout
+        assert not rest.endswith(b"0\r\n\r\n")  # aborted, never ended as if whole
+    finally:
+        writer.close()
+    for kind in ("timeout", "reset", "connect", "status"):
+        assert sc.sample("sidecar_upstream_failures_total", route="api", kind=kind) == 0
+    assert sc.breaker("api").consecutive_failures == 0
+
+
+def test_the_aiohttp_internals_the_listener_reads_are_still_there() -> None:
+    """`_messages` and `_ErrInfo`: if aiohttp renames them, a broken chunk hangs again."""
+    from aiohttp import web_protocol
+
+    assert "_messages" in web_protocol.RequestHandler.__slots__
+    assert hasattr(web_protocol, "_ErrInfo")
