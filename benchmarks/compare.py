@@ -1,20 +1,33 @@
-"""Issue 2's throughput comparison: the sidecar against minimal aiohttp baselines.
+"""Issues 2 and 5: the sidecar against nginx, HAProxy and minimal aiohttp baselines.
 
-    python benchmarks/compare.py [--rounds 5] [--duration 5] [--warmup 1]
+    python benchmarks/compare.py [--rounds 5] [--duration 5] [--quick] [--only SETUP,...]
+                                 [--write-results]
 
 Every server (the proxy or app under test, and the upstream) is pinned to CPU 0
-with `taskset -c 0`; wrk runs on CPU 1 (`taskset -c 1 wrk -t1 -c50 --latency`)
-with keep-alive connections. Each round starts every setup afresh, warms it up,
-measures it and stops it; the order rotates from round to round so no setup
-always goes first. The report is the median requests/sec of each setup over the
-rounds and two ratios of medians, each against the 0.90 bar of the issue:
+with `taskset -c 0`; the load runs on CPU 1. Each round starts every setup afresh
+and measures it three ways before stopping it:
 
-    sidecar-forward / minimal-proxy     forwarding to a 100-byte upstream
-    sidecar-open    / bare-503          answering from an OPEN route
+- throughput: `wrk -t1 -c50 --latency` (closed loop, keep-alive), with the CPU
+  time per request of the server under test read from /proc;
+- latency at fixed offered loads (500 and 2,000 req/s): `openloop.py`, an
+  open-loop generator whose latencies run from each request's scheduled time;
+  "added latency" is a setup's percentile minus upstream-direct's in the same
+  round, at the same rate;
+- throughput with 1,000 open keep-alive connections: `wrk -t1 -c1000`.
 
-The exit status is 0 whatever the ratios are (this is a report); it is 1 only
-when the benchmark itself cannot run (no second CPU, no wrk, a server that
-does not start or answers wrongly). Ctrl-C stops every process it started.
+The order of the setups rotates from round to round so no setup always goes
+first; the report gives medians over the rounds and ratios of medians, with
+PASS/FAIL against the bars of issues 2 and 5. After the rounds it measures the
+sidecar's resident memory with 1, 1,000 and 10,000 routes. `--write-results`
+also writes benchmarks/RESULTS.md and benchmarks/results.png (matplotlib, from
+the `bench` extra). Missing wrk, nginx or HAProxy are apt-installed (root), with
+their system services left stopped: the script runs the binaries with its own
+configs in a temporary directory.
+
+The exit status is 0 whatever the verdicts are (this is a report); it is 1 only
+when the benchmark itself cannot run (no second CPU, a tool that cannot be
+installed, a server that does not start or answers wrongly). Ctrl-C stops every
+process it started.
 """
 
 from __future__ import annotations
@@ -28,6 +41,8 @@ import math
 import os
 import platform
 import re
+import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -46,11 +61,27 @@ HOST = "127.0.0.1"
 SERVER_CPU = "0"
 WRK_CPU = "1"
 PASS_RATIO = 0.90
+"""Issue 2's bar for both ratios against the minimal aiohttp baselines."""
+KEEP_UP = 0.98
+"""A setup kept up with an offered rate when it answered at least this share of it."""
+ISSUE_RATE = 2000
+"""Issue 5's fixed offered load (req/s) for the added-latency target."""
 STEAL_WARNING = 5.0
 """Steal time (percent of CPU 0) above which a run is flagged as disturbed."""
+LAG_WARNING = 2.0
+"""p99 send lag of the open-loop generator itself (ms) above which a run is flagged."""
 ROUTE = "bench"
 CLOSED_PORT = 1
 """Nothing listens on 127.0.0.1:1: the OPEN setup's upstream, refused at once."""
+MANY_ROUTES = 1000
+"""Routes configured before the catch-all in `sidecar-1000-routes`."""
+OPEN_FILES = 65536
+"""RLIMIT_NOFILE wanted for the servers and wrk (1,000 client connections, nginx twice that)."""
+SBIN = os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/sbin"])
+TOOLS = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy"}
+"""Binary -> the Debian package that provides it."""
+RESULTS_MD = HERE / "RESULTS.md"
+RESULTS_PNG = HERE / "results.png"
 
 
 class BenchError(Exception):
@@ -134,6 +165,26 @@ def pinned(cpu: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cpu, *argv]
 
 
+def which(name: str) -> str | None:
+    """A binary on PATH, or in the sbin directories (nginx and haproxy live in /usr/sbin)."""
+    return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + SBIN)
+
+
+def raise_open_files() -> int:
+    """Lift RLIMIT_NOFILE (inherited by every child) towards OPEN_FILES; the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= OPEN_FILES or soft == resource.RLIM_INFINITY:
+        return OPEN_FILES
+    if hard != resource.RLIM_INFINITY and hard < OPEN_FILES and os.geteuid() == 0:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
+            return OPEN_FILES
+    target = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 # -- HTTP checks ----------------------------------------------------------------
 
 
@@ -193,47 +244,170 @@ class Setup:
     check: Callable[[int], None]
     prepare: Callable[[int], None] | None = None
     ok_status: str = "2xx"
-    """What wrk should see: "2xx" (no Non-2xx line) or "503" (every response non-2xx)."""
+    """What the load should see: "2xx" (no Non-2xx line) or "503" (every response non-2xx)."""
     forwards: bool = True
     """Whether requests reach the upstream (its CPU per request is reported then)."""
+    tool: str | None = None
+    """A binary the setup needs besides Python (apt-installed when missing)."""
 
 
 def _python(script: str, *args: str) -> list[str]:
     return [sys.executable, str(HERE / script), *args]
 
 
-def sidecar_config(tmp: Path, name: str, port: int, upstream_port: int, open_route: bool) -> Path:
-    breaker = "    breaker:\n      failure_threshold: 1\n      open_duration: 1h\n"
-    timeouts = "    timeouts:\n      connect: 1s\n"
-    text = (
-        f"listen: {HOST}:{port}\n"
-        f"admin:\n  listen: {HOST}:0\n"
-        "routes:\n"
-        f"  - name: {ROUTE}\n"
-        "    match:\n      path_prefix: /\n"
-        f"    upstream: http://{HOST}:{CLOSED_PORT if open_route else upstream_port}\n"
-        + (timeouts + breaker if open_route else "")
-    )
+def sidecar_config(
+    tmp: Path, name: str, port: int, upstream_port: int, open_route: bool, extra_routes: int = 0
+) -> Path:
+    """The sidecar's config: `extra_routes` (half host, half prefix) before the catch-all.
+
+    The benchmark's requests (`/bench/...`, Host 127.0.0.1) match none of the extra
+    routes, so routing passes over every one of them before the catch-all `/` route,
+    which must come last (an earlier `/` would shadow the rest, and the config would
+    be rejected).
+    """
+    upstream = f"http://{HOST}:{upstream_port}"
+    lines = [f"listen: {HOST}:{port}", "admin:", f"  listen: {HOST}:0", "routes:"]
+    hosts = extra_routes // 2
+    for n in range(extra_routes):
+        if n < hosts:
+            lines += [f"  - name: host-{n}", f"    match: {{host: h{n}.bench}}"]
+        else:
+            lines += [f"  - name: prefix-{n}", f"    match: {{path_prefix: /r{n}}}"]
+        lines.append(f"    upstream: {upstream}")
+    lines += [f"  - name: {ROUTE}", "    match: {path_prefix: /}"]
+    if open_route:
+        lines += [
+            f"    upstream: http://{HOST}:{CLOSED_PORT}",
+            "    timeouts: {connect: 1s}",
+            "    breaker: {failure_threshold: 1, open_duration: 1h}",
+        ]
+    else:
+        lines.append(f"    upstream: {upstream}")
     path = tmp / f"{name}.yaml"
-    path.write_text(text)
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _sidecar(open_route: bool) -> Callable[[Context, int], list[str]]:
+def _sidecar(
+    name: str, open_route: bool = False, extra_routes: int = 0
+) -> Callable[..., list[str]]:
     def command(ctx: Context, port: int) -> list[str]:
-        name = "sidecar-open" if open_route else "sidecar-forward"
-        config = sidecar_config(ctx.tmp, name, port, ctx.upstream_port, open_route)
+        config = sidecar_config(ctx.tmp, name, port, ctx.upstream_port, open_route, extra_routes)
         return [sys.executable, "-m", "sidecar", "run", "-c", str(config)]
 
     return command
 
 
+def _tool_path(name: str) -> str:
+    path = which(name)
+    if path is None:
+        raise BenchError(f"{name} is not installed")
+    return path
+
+
+def nginx_command(ctx: Context, port: int) -> list[str]:
+    """nginx-light: one worker, access log off, upstream keep-alive; every path in the tmp dir."""
+    prefix = ctx.tmp / f"nginx-{port}"
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    prefix.mkdir()
+    temp = {key: prefix / key for key in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    config = f"""
+worker_processes 1;
+worker_rlimit_nofile {files};
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{
+    worker_connections {files // 2};
+}}
+http {{
+    access_log off;
+    client_body_temp_path {temp["client_body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
+    keepalive_requests 1000000;
+    upstream backend {{
+        server {HOST}:{ctx.upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {HOST}:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    path = prefix / "nginx.conf"
+    path.write_text(config.lstrip())
+    return [
+        _tool_path("nginx"),
+        "-p",
+        f"{prefix}/",
+        "-e",
+        str(prefix / "error.log"),
+        "-c",
+        str(path),
+    ]
+
+
+def haproxy_command(ctx: Context, port: int) -> list[str]:
+    """HAProxy: one thread, HTTP mode, server connections reused by every client, no logging."""
+    # HAProxy wants two descriptors per connection and refuses to start above the limit.
+    maxconn = max(256, min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100) // 2))
+    config = f"""
+global
+    nbthread 1
+    maxconn {maxconn}
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout http-keep-alive 60s
+
+frontend bench
+    bind {HOST}:{port}
+    default_backend upstream
+
+backend upstream
+    server upstream {HOST}:{ctx.upstream_port}
+"""
+    path = ctx.tmp / f"haproxy-{port}.cfg"
+    path.write_text(config.lstrip())
+    return [_tool_path("haproxy"), "-db", "-f", str(path)]
+
+
 SETUPS = [
     Setup(
         "upstream-direct",
-        "reference only: wrk straight at the upstream, no proxy",
+        "reference: the load straight at the upstream, no proxy",
         lambda ctx, port: [],  # the upstream itself; see measure()
         expect_forwarded,
+    ),
+    Setup(
+        "nginx",
+        "nginx-light, 1 worker, upstream keepalive 64, HTTP/1.1 to the upstream",
+        nginx_command,
+        expect_forwarded,
+        tool="nginx",
+    ),
+    Setup(
+        "haproxy",
+        "HAProxy, nbthread 1, mode http, http-reuse always",
+        haproxy_command,
+        expect_forwarded,
+        tool="haproxy",
     ),
     Setup(
         "minimal-proxy",
@@ -249,8 +423,15 @@ SETUPS = [
     ),
     Setup(
         "sidecar-forward",
-        "sidecar run, one route path_prefix / -> upstream (CLOSED)",
-        _sidecar(open_route=False),
+        "sidecar run, one route path_prefix / -> upstream (CLOSED), breaker and metrics on",
+        _sidecar("sidecar-forward"),
+        expect_forwarded,
+    ),
+    Setup(
+        "sidecar-1000-routes",
+        f"the same behind {MANY_ROUTES // 2} host + {MANY_ROUTES - MANY_ROUTES // 2} "
+        "prefix routes that do not match (the catch-all comes last)",
+        _sidecar("sidecar-1000-routes", extra_routes=MANY_ROUTES),
         expect_forwarded,
     ),
     Setup(
@@ -264,14 +445,14 @@ SETUPS = [
     Setup(
         "sidecar-open",
         "sidecar run, one route OPEN (upstream 127.0.0.1:1, threshold 1, open 1h)",
-        _sidecar(open_route=True),
+        _sidecar("sidecar-open", open_route=True),
         expect_circuit_open,
         prepare=trip_breaker,
         ok_status="503",
         forwards=False,
     ),
 ]
-RATIOS = [("sidecar-forward", "minimal-proxy"), ("sidecar-open", "bare-503")]
+SETUP_NAMES = [setup.name for setup in SETUPS]
 
 
 # -- wrk ------------------------------------------------------------------------
@@ -327,13 +508,18 @@ def parse_wrk(output: str) -> WrkResult:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (from /proc; NaN if unreadable)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / _TICK
+def cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds so far of a process group (nginx: master and worker)."""
+    total, found = 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+            found = True
+    return total / _TICK if found else float("nan")
 
 
 def cpu_ticks(cpu: str) -> tuple[int, int]:
@@ -347,47 +533,190 @@ def cpu_ticks(cpu: str) -> tuple[int, int]:
     return 0, 0
 
 
-def run_wrk(processes: Processes, url: str, seconds: int, connections: int, log: Path) -> WrkResult:
-    argv = pinned(
-        WRK_CPU,
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
-    )
-    child = processes.start(argv, log.with_suffix(".wrk.log"))
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process (VmRSS in /proc/PID/status), KiB; 0 if unreadable."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _run_load(processes: Processes, argv: list[str], seconds: float, log: Path) -> str:
+    """Run one load generator pinned to the load CPU; its output (stdout and stderr)."""
+    out = log.with_suffix(".load.log")
+    child = processes.start(pinned(WRK_CPU, argv), out)
     try:
         child.wait(seconds + 30)
     except subprocess.TimeoutExpired:
-        raise BenchError(f"wrk did not finish: {argv}") from None
+        raise BenchError(f"the load did not finish: {shlex.join(argv)}") from None
     finally:
         processes.stop(child)
-    output = log.with_suffix(".wrk.log").read_text(errors="replace")
-    log.with_suffix(".wrk.log").unlink()
+    output = out.read_text(errors="replace")
+    out.unlink()
     if child.returncode != 0:
-        raise BenchError(f"wrk exited with {child.returncode}:\n{output}")
-    return parse_wrk(output)
+        raise BenchError(f"{shlex.join(argv[:3])} ... exited with {child.returncode}:\n{output}")
+    return output
 
 
-def ensure_wrk() -> None:
-    if shutil.which("wrk"):
+def run_wrk(
+    processes: Processes, url: str, seconds: float, connections: int, log: Path
+) -> WrkResult:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s"]
+    return parse_wrk(_run_load(processes, [*argv, "--latency", url], seconds, log))
+
+
+# -- the open-loop generator ----------------------------------------------------
+
+
+@dataclass
+class OpenLoopResult:
+    offered: float
+    achieved: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    errors: int
+    unfinished: int
+    statuses: dict[str, int]
+    lag_p99_ms: float
+    """How late the generator itself sent requests (its own precision)."""
+
+    @property
+    def kept_up(self) -> bool:
+        return self.achieved >= KEEP_UP * self.offered
+
+
+def _num(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else float("nan")
+
+
+def run_openloop(
+    processes: Processes,
+    url: str,
+    rate: int,
+    args: argparse.Namespace,
+    log: Path,
+) -> OpenLoopResult:
+    argv = _python(
+        "openloop.py",
+        "--url",
+        url,
+        "--rate",
+        str(rate),
+        "--duration",
+        f"{args.latency_duration:g}",
+        "--warmup",
+        f"{args.warmup:g}",
+        "--connections",
+        str(args.latency_connections),
+    )
+    output = _run_load(processes, argv, args.latency_duration + args.warmup + 10, log)
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    try:
+        data = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise BenchError(f"no JSON result from openloop.py:\n{output}") from None
+    return OpenLoopResult(
+        offered=float(rate),
+        achieved=_num(data.get("achieved_rps")),
+        p50_ms=_num(data.get("p50_ms")),
+        p99_ms=_num(data.get("p99_ms")),
+        p999_ms=_num(data.get("p999_ms")),
+        errors=int(data.get("errors", 0)),
+        unfinished=int(data.get("unfinished", 0)),
+        statuses={str(k): int(v) for k, v in data.get("statuses", {}).items()},
+        lag_p99_ms=_num(data.get("sched_lag_p99_ms")),
+    )
+
+
+# -- tools ----------------------------------------------------------------------
+
+
+def ensure_tools(setups: list[Setup]) -> None:
+    """apt-install wrk, nginx-light and HAProxy when the chosen setups need them.
+
+    Their system services stay stopped: a temporary policy-rc.d forbids starting them
+    during the install, and under systemd they are disabled afterwards. The benchmark
+    runs the binaries itself, with its own configs.
+    """
+    needed = ["wrk", *sorted({s.tool for s in setups if s.tool})]
+    missing = [name for name in needed if which(name) is None]
+    if not missing:
         return
-    print("wrk is missing: apt-get install -y wrk", flush=True)
-    for argv in (
-        ["apt-get", "install", "-y", "wrk"],
-        ["apt-get", "update"],
-        ["apt-get", "install", "-y", "wrk"],
-    ):
-        result = subprocess.run(argv, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if argv[1] == "install" and result.returncode == 0:
-            break
-    if not shutil.which("wrk"):
-        raise BenchError("wrk is not installed and `apt-get install -y wrk` failed (root needed)")
+    packages = [TOOLS[name] for name in missing]
+    if os.geteuid() != 0:
+        raise BenchError(
+            f"{', '.join(missing)} missing; as root: apt-get install -y {' '.join(packages)}"
+        )
+    print(f"{', '.join(missing)} missing: apt-get install -y {' '.join(packages)}", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    policy = Path("/usr/sbin/policy-rc.d")
+    ours = not policy.exists()
+    try:
+        if ours:
+            policy.write_text(
+                "#!/bin/sh\n# compare.py: start no service while installing\nexit 101\n"
+            )
+            policy.chmod(0o755)
+        if subprocess.run(install, env=env).returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env)
+            subprocess.run(install, env=env)
+    except OSError as e:
+        raise BenchError(f"apt-get failed: {e}") from None
+    finally:
+        if ours:
+            with contextlib.suppress(OSError):
+                policy.unlink()
+    if Path("/run/systemd/system").is_dir():
+        units = [name for name in missing if name in ("nginx", "haproxy")]
+        if units:
+            subprocess.run(
+                ["systemctl", "disable", "--now", *units],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+    still = [name for name in missing if which(name) is None]
+    if still:
+        raise BenchError(
+            f"{', '.join(still)} still missing after `apt-get install -y {' '.join(packages)}`"
+        )
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    return ((done.stdout or done.stderr).strip().split("\n") or ["?"])[0]
 
 
 # -- the run --------------------------------------------------------------------
 
 
 @dataclass
+class Measurement:
+    """One setup in one round."""
+
+    throughput: WrkResult
+    latency: dict[int, OpenLoopResult] = field(default_factory=dict)
+    many: WrkResult | None = None
+    """The wrk run with --many-connections open connections."""
+
+
+@dataclass
+class MemoryResult:
+    routes: int
+    rss_kib: int = 0
+    start_s: float = float("nan")
+    error: str = ""
+
+
+@dataclass
 class Results:
-    by_setup: dict[str, list[WrkResult]] = field(default_factory=dict)
+    by_setup: dict[str, list[Measurement]] = field(default_factory=dict)
+    memory: list[MemoryResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -397,7 +726,7 @@ def measure(
     upstream: subprocess.Popen[bytes],
     args: argparse.Namespace,
     round_no: int,
-) -> WrkResult:
+) -> Measurement:
     if upstream.poll() is not None:
         raise BenchError(f"the upstream exited with {upstream.returncode}")
     log = ctx.tmp / f"{setup.name}.{round_no}.log"
@@ -435,12 +764,57 @@ def measure(
                 result.upstream_cpu_us = (up1 - up0) / result.requests * 1e6
         if total1 > total0:
             result.steal_pct = 100.0 * (steal1 - steal0) / (total1 - total0)
+        measurement = Measurement(result)
+        for rate in args.latency_rates:
+            measurement.latency[rate] = run_openloop(ctx.processes, url, rate, args, log)
+        if args.many_connections:
+            measurement.many = run_wrk(
+                ctx.processes, url, args.duration, args.many_connections, log
+            )
         if server is not None and server.poll() is not None:
             raise BenchError(f"{setup.name} exited during the run:\n{tail(log)}")
-        return result
+        return measurement
+    except BenchError as e:
+        raise BenchError(f"{setup.name}: {e}") from None
     finally:
         if server is not None:
             ctx.processes.stop(server)
+
+
+def measure_memory(ctx: Context, args: argparse.Namespace) -> list[MemoryResult]:
+    """The sidecar's RSS with N routes (N - 1 extra ones and the catch-all), after a warm-up."""
+    found = []
+    for routes in args.memory_routes:
+        result = MemoryResult(routes)
+        found.append(result)
+        port = free_port()
+        name = f"sidecar-memory-{routes}"
+        log = ctx.tmp / f"{name}.log"
+        config = sidecar_config(ctx.tmp, name, port, ctx.upstream_port, False, routes - 1)
+        argv = [sys.executable, "-m", "sidecar", "run", "-c", str(config)]
+        started = time.monotonic()
+        server = ctx.processes.start(pinned(SERVER_CPU, argv), log)
+        try:
+            wait_for_port(port, server, log, timeout=args.memory_timeout)
+            result.start_s = time.monotonic() - started
+            expect_forwarded(port)
+            run_wrk(ctx.processes, f"http://{HOST}:{port}/bench/item?id=1", 1, 50, log)
+            time.sleep(0.5)
+            result.rss_kib = rss_kib(server.pid)
+        except BenchError as e:
+            result.error = str(e).splitlines()[0]
+        finally:
+            ctx.processes.stop(server)
+        print(
+            f"memory  sidecar with {routes:>6} routes: "
+            + (
+                f"RSS {result.rss_kib / 1024:.1f} MiB, listening after {result.start_s:.1f}s"
+                if not result.error
+                else result.error
+            ),
+            flush=True,
+        )
+    return found
 
 
 def describe_machine() -> list[str]:
@@ -467,14 +841,16 @@ def describe_machine() -> list[str]:
         for line in Path("/etc/os-release").read_text().splitlines():
             if line.startswith("PRETTY_NAME="):
                 distro = line.split("=", 1)[1].strip('"')
-    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
-    wrk_version = (wrk.stdout or wrk.stderr).split("\n")[0]
+    nginx = which("nginx")
+    haproxy = which("haproxy")
     return [
         f"date      {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"machine   {os.cpu_count()} CPUs ({model}), {distro}, Linux {platform.release()}",
         f"python    {platform.python_version()}, aiohttp {aiohttp_version}, "
         f"uvloop {uvloop_version}",
-        f"wrk       {wrk_version.strip() or 'unknown'}",
+        f"wrk       {tool_version(['wrk', '-v'])}",
+        f"nginx     {tool_version([nginx, '-v']) if nginx else 'not installed'}",
+        f"haproxy   {tool_version([haproxy, '-v']) if haproxy else 'not installed'}",
         f"sidecar   {sidecar_revision()}",
     ]
 
@@ -504,15 +880,17 @@ def check_cpus() -> None:
         raise BenchError("taskset is missing (apt-get install -y util-linux)")
     allowed = os.sched_getaffinity(0)
     if not {0, 1} <= allowed:
-        raise BenchError(f"needs CPUs 0 and 1 (servers on 0, wrk on 1); allowed: {sorted(allowed)}")
+        raise BenchError(
+            f"needs CPUs 0 and 1 (servers on 0, load on 1); allowed: {sorted(allowed)}"
+        )
     if len(allowed) > 2:
         print(
             f"note: {len(allowed)} CPUs; CPUs 0 and 1 are used, others should be idle", flush=True
         )
 
 
-def run(args: argparse.Namespace) -> Results:
-    results = Results({setup.name: [] for setup in SETUPS})
+def run(args: argparse.Namespace, setups: list[Setup]) -> Results:
+    results = Results({setup.name: [] for setup in setups})
     processes = Processes()
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -526,20 +904,15 @@ def run(args: argparse.Namespace) -> Results:
             wait_for_port(upstream_port, upstream, upstream_log)
             ctx = Context(tmp, processes, upstream_port)
             for round_no in range(1, args.rounds + 1):
-                shift = (round_no - 1) % len(SETUPS)
-                for setup in SETUPS[shift:] + SETUPS[:shift]:
-                    result = measure(setup, ctx, upstream, args, round_no)
-                    results.by_setup[setup.name].append(result)
-                    note = _anomaly(setup, result)
+                shift = (round_no - 1) % len(setups)
+                for setup in setups[shift:] + setups[:shift]:
+                    m = measure(setup, ctx, upstream, args, round_no)
+                    results.by_setup[setup.name].append(m)
+                    note = _anomaly(setup, m)
                     if note:
                         results.warnings.append(f"round {round_no} {setup.name}: {note}")
-                    print(
-                        f"round {round_no}/{args.rounds}  {setup.name:<16} "
-                        f"{result.rps:>10.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
-                        f"p99 {result.p99_ms:6.2f} ms  cpu {_us(result.server_cpu_us):>4} us/req  "
-                        f"steal {result.steal_pct:4.1f}%" + (f"  !! {note}" if note else ""),
-                        flush=True,
-                    )
+                    print(_progress(setup, m, round_no, args, note), flush=True)
+            results.memory = measure_memory(ctx, args)
         finally:
             # A second Ctrl-C must not cut the clean-up short.
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -550,21 +923,58 @@ def run(args: argparse.Namespace) -> Results:
     return results
 
 
-def _anomaly(setup: Setup, result: WrkResult) -> str:
+def _progress(
+    setup: Setup, m: Measurement, round_no: int, args: argparse.Namespace, note: str
+) -> str:
+    r = m.throughput
+    parts = [
+        f"round {round_no}/{args.rounds}  {setup.name:<19} {r.rps:>7.0f} req/s  "
+        f"cpu {_us(r.server_cpu_us):>4} us/req  steal {r.steal_pct:4.1f}%"
+    ]
+    for rate, lat in m.latency.items():
+        slow = "" if lat.kept_up else f" (only {lat.achieved:.0f}/s)"
+        parts.append(f"@{rate}/s p50 {lat.p50_ms:.2f} p99 {lat.p99_ms:.2f} ms{slow}")
+    if m.many is not None:
+        parts.append(f"c{args.many_connections} {m.many.rps:.0f} req/s")
+    return " | ".join(parts) + (f"  !! {note}" if note else "")
+
+
+def _anomaly(setup: Setup, m: Measurement) -> str:
     notes = []
-    if result.socket_errors:
-        notes.append(f"{result.socket_errors} socket errors")
-    if setup.ok_status == "2xx" and result.non_2xx:
-        notes.append(f"{result.non_2xx} non-2xx responses")
-    if result.steal_pct > STEAL_WARNING:
-        notes.append(f"{result.steal_pct:.0f}% of CPU {SERVER_CPU} stolen by the hypervisor")
-    if setup.ok_status == "503" and result.non_2xx != result.requests:
-        notes.append(f"only {result.non_2xx} of {result.requests} responses were non-2xx")
+    for label, result in (("", m.throughput), ("many connections: ", m.many)):
+        if result is None:
+            continue
+        if result.socket_errors:
+            notes.append(f"{label}{result.socket_errors} socket errors")
+        if setup.ok_status == "2xx" and result.non_2xx:
+            notes.append(f"{label}{result.non_2xx} non-2xx responses")
+        if setup.ok_status == "503" and result.non_2xx != result.requests:
+            notes.append(f"{label}only {result.non_2xx} of {result.requests} responses non-2xx")
+    if m.throughput.steal_pct > STEAL_WARNING:
+        notes.append(f"{m.throughput.steal_pct:.0f}% of CPU {SERVER_CPU} stolen by the hypervisor")
+    expected = "200" if setup.ok_status == "2xx" else "503"
+    for rate, lat in m.latency.items():
+        wrong = sum(n for status, n in lat.statuses.items() if status != expected)
+        if lat.errors or wrong:
+            notes.append(
+                f"@{rate}/s: {lat.errors} connection errors, {wrong} answers not {expected}"
+            )
+        if lat.lag_p99_ms > LAG_WARNING:
+            notes.append(f"@{rate}/s: the generator itself sent late (p99 {lat.lag_p99_ms:.1f} ms)")
     return ", ".join(notes)
+
+
+# -- the report -----------------------------------------------------------------
 
 
 def _us(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.0f}"
+
+
+def _ms(value: float, sign: bool = False) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:+.2f}" if sign else f"{value:.2f}"
 
 
 def _median(values: list[float]) -> float:
@@ -572,91 +982,678 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def report(results: Results, args: argparse.Namespace, machine: list[str]) -> str:
-    lines = ["", "=" * 100, "sidecar throughput comparison (issue 2)", *machine]
-    lines.append(
-        f"load      taskset -c {WRK_CPU} wrk -t1 -c{args.connections} -d{args.duration}s "
-        f"--latency (warm-up {args.warmup}s); servers and upstream on CPU {SERVER_CPU}; "
-        f"{args.rounds} rounds, interleaved"
-    )
-    lines.append("")
-    lines.append(
-        f"{'setup':<16} {'median req/s':>12} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'cpu us/req':>10} {'upstr us/req':>12} {'steal%':>6}   req/s per round"
-    )
-    medians: dict[str, float] = {}
-    for setup in SETUPS:
-        runs = results.by_setup[setup.name]
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    left: int = 1
+    """How many leading columns are left-aligned."""
+    left_tail: int = 0
+    """How many trailing columns are left-aligned too (text after the numbers)."""
+
+    def _left(self, i: int) -> bool:
+        return i < self.left or i >= len(self.headers) - self.left_tail
+
+    def text(self) -> list[str]:
+        widths = [
+            max(len(h), *(len(row[i]) for row in self.rows)) if self.rows else len(h)
+            for i, h in enumerate(self.headers)
+        ]
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(
+                c.ljust(w) if self._left(i) else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
+        return [line(self.headers), *(line(row) for row in self.rows)]
+
+    def markdown(self) -> list[str]:
+        rule = ["---" if self._left(i) else "---:" for i in range(len(self.headers))]
+        return ["| " + " | ".join(cells) + " |" for cells in (self.headers, rule, *self.rows)]
+
+
+@dataclass
+class LatencySummary:
+    achieved: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    added_p50_ms: float
+    added_p99_ms: float
+    slow_rounds: int
+    rounds: int
+    min_achieved: float
+
+
+@dataclass
+class Summary:
+    """The medians of one setup over the rounds."""
+
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float
+    upstream_cpu_us: float
+    steal_pct: float
+    per_round: list[float]
+    latency: dict[int, LatencySummary]
+    many_rps: float
+    many_per_round: list[float]
+    many_errors: float
+
+
+@dataclass
+class Target:
+    issue: int
+    claim: str
+    value: float
+    bar: float
+    at_least: bool
+    unit: str = ""
+    detail: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if math.isnan(self.value):
+            return "n/a"
+        ok = self.value >= self.bar if self.at_least else self.value <= self.bar
+        return "PASS" if ok else "FAIL"
+
+    @property
+    def bar_text(self) -> str:
+        return f"{'>=' if self.at_least else '<='} {self.bar:g}{self.unit}"
+
+
+def summarize(results: Results) -> dict[str, Summary]:
+    reference = results.by_setup.get("upstream-direct", [])
+    out: dict[str, Summary] = {}
+    for name, runs in results.by_setup.items():
         if not runs:
             continue
-        medians[setup.name] = statistics.median(r.rps for r in runs)
-        lines.append(
-            f"{setup.name:<16} {medians[setup.name]:>12.0f} "
-            f"{_median([r.p50_ms for r in runs]):>7.2f} "
-            f"{_median([r.p99_ms for r in runs]):>7.2f} "
-            f"{_us(_median([r.server_cpu_us for r in runs])):>10} "
-            f"{_us(_median([r.upstream_cpu_us for r in runs])):>12} "
-            f"{_median([r.steal_pct for r in runs]):>6.1f}   "
-            + " ".join(f"{r.rps:.0f}" for r in runs)
+        latency: dict[int, LatencySummary] = {}
+        for rate in runs[0].latency:
+            own = [m.latency[rate] for m in runs if rate in m.latency]
+            base = [m.latency.get(rate) for m in reference]
+            added50, added99 = [], []
+            for mine, ref in zip(own, base, strict=False):
+                if ref is not None:
+                    added50.append(mine.p50_ms - ref.p50_ms)
+                    added99.append(mine.p99_ms - ref.p99_ms)
+            latency[rate] = LatencySummary(
+                achieved=_median([r.achieved for r in own]),
+                p50_ms=_median([r.p50_ms for r in own]),
+                p99_ms=_median([r.p99_ms for r in own]),
+                p999_ms=_median([r.p999_ms for r in own]),
+                added_p50_ms=_median(added50),
+                added_p99_ms=_median(added99),
+                slow_rounds=sum(not r.kept_up for r in own),
+                rounds=len(own),
+                min_achieved=min(r.achieved for r in own),
+            )
+        many = [m.many for m in runs if m.many is not None]
+        out[name] = Summary(
+            name=name,
+            rps=statistics.median(m.throughput.rps for m in runs),
+            p50_ms=_median([m.throughput.p50_ms for m in runs]),
+            p99_ms=_median([m.throughput.p99_ms for m in runs]),
+            cpu_us=_median([m.throughput.server_cpu_us for m in runs]),
+            upstream_cpu_us=_median([m.throughput.upstream_cpu_us for m in runs]),
+            steal_pct=_median([m.throughput.steal_pct for m in runs]),
+            per_round=[m.throughput.rps for m in runs],
+            latency=latency,
+            many_rps=_median([w.rps for w in many]),
+            many_per_round=[w.rps for w in many],
+            many_errors=_median([float(w.socket_errors) for w in many]),
         )
-    lines.append("")
-    lines.append(
-        f"ratio of medians (the verdict; bar {PASS_RATIO:.2f})   "
-        "[median and range of the per-round ratios]"
+    return out
+
+
+def _paired(results: Results, ours: str, base: str, key: Callable[[Measurement], float]) -> str:
+    ratios = [
+        key(a) / key(b)
+        for a, b in zip(results.by_setup[ours], results.by_setup[base], strict=True)
+        if key(b) and not math.isnan(key(a) / key(b))
+    ]
+    if not ratios:
+        return ""
+    return (
+        f"per round {statistics.median(ratios):.3f} (median), {min(ratios):.3f}..{max(ratios):.3f}"
     )
-    for ours, baseline in RATIOS:
-        if ours not in medians or baseline not in medians:
-            continue
-        ratio = medians[ours] / medians[baseline]
-        paired = [
-            a.rps / b.rps
-            for a, b in zip(results.by_setup[ours], results.by_setup[baseline], strict=True)
-        ]
-        verdict = "PASS" if ratio >= PASS_RATIO else "FAIL"
-        lines.append(
-            f"  {ours + ' / ' + baseline:<34} {ratio:5.3f}  {verdict}   "
-            f"[{statistics.median(paired):.3f}, {min(paired):.3f}..{max(paired):.3f}]"
+
+
+def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
+    found: list[Target] = []
+
+    def rps(m: Measurement) -> float:
+        return m.throughput.rps
+
+    def cpu(m: Measurement) -> float:
+        return m.throughput.server_cpu_us
+
+    def ratio(issue: int, ours: str, base: str, bar: float, label: str) -> None:
+        if ours in s and base in s:
+            found.append(
+                Target(
+                    issue,
+                    f"{label}: {ours} / {base} req/s",
+                    s[ours].rps / s[base].rps,
+                    bar,
+                    True,
+                    detail=_paired(results, ours, base, rps),
+                )
+            )
+
+    ratio(2, "sidecar-forward", "minimal-proxy", PASS_RATIO, "forwarding")
+    ratio(2, "sidecar-open", "bare-503", PASS_RATIO, "rejecting from OPEN")
+    ratio(5, "sidecar-forward", "nginx", 0.50, "forwarding")
+    ratio(5, "sidecar-open", "bare-503", 0.95, "rejecting from OPEN")
+    forward = s.get("sidecar-forward")
+    if forward and ISSUE_RATE in forward.latency and "upstream-direct" in s:
+        lat = forward.latency[ISSUE_RATE]
+        detail = f"p50 {lat.added_p50_ms:+.2f} ms; sidecar p99 {lat.p99_ms:.2f} ms"
+        if lat.slow_rounds:
+            detail += (
+                f"; did NOT keep up in {lat.slow_rounds}/{lat.rounds} rounds "
+                f"(achieved {lat.achieved:.0f} of {ISSUE_RATE} req/s, median)"
+            )
+        found.append(
+            Target(
+                5,
+                f"added p99 latency of sidecar-forward at {ISSUE_RATE} req/s",
+                lat.added_p99_ms,
+                1.0,
+                False,
+                " ms",
+                detail,
+            )
         )
+    many = "sidecar-1000-routes"
+    if many in s and forward:
+        found.append(
+            Target(
+                5,
+                f"{many} / sidecar-forward CPU per request",
+                s[many].cpu_us / forward.cpu_us,
+                1.05,
+                False,
+                detail=f"{s[many].cpu_us:.0f} vs {forward.cpu_us:.0f} us/req; "
+                + _paired(results, many, "sidecar-forward", cpu)
+                + f"; req/s ratio {s[many].rps / forward.rps:.3f}",
+            )
+        )
+    return found
+
+
+def memory_table(results: Results) -> Table:
+    table = Table(["routes", "RSS MiB", "listening after", "KiB per route vs 1 route"])
+    one = next((m for m in results.memory if m.routes == 1 and m.rss_kib), None)
+    for m in results.memory:
+        if m.error:
+            table.rows.append([f"{m.routes}", "-", m.error[:60], "-"])
+            continue
+        per_route = (
+            f"{(m.rss_kib - one.rss_kib) / (m.routes - 1):.1f}"
+            if one is not None and m.routes > 1
+            else "-"
+        )
+        table.rows.append(
+            [f"{m.routes}", f"{m.rss_kib / 1024:.1f}", f"{m.start_s:.1f} s", per_route]
+        )
+    return table
+
+
+def tables(
+    results: Results, s: dict[str, Summary], args: argparse.Namespace
+) -> list[tuple[str, Table]]:
+    names = [n for n in SETUP_NAMES if n in s]
+    found: list[tuple[str, Table]] = []
+    nginx = s.get("nginx")
+    throughput = Table(
+        [
+            "setup",
+            "median req/s",
+            "/ nginx",
+            "p50 ms",
+            "p99 ms",
+            "cpu us/req",
+            "upstr us/req",
+            "steal%",
+            "req/s per round",
+        ]
+    )
+    for n in names:
+        x = s[n]
+        throughput.rows.append(
+            [
+                n,
+                f"{x.rps:.0f}",
+                f"{x.rps / nginx.rps:.2f}" if nginx else "-",
+                _ms(x.p50_ms),
+                _ms(x.p99_ms),
+                _us(x.cpu_us),
+                _us(x.upstream_cpu_us),
+                f"{x.steal_pct:.1f}",
+                " ".join(f"{v:.0f}" for v in x.per_round),
+            ]
+        )
+    found.append(
+        (
+            f"Throughput: wrk -t1 -c{args.connections} -d{args.duration}s, "
+            f"medians of {args.rounds} rounds",
+            throughput,
+        )
+    )
+    for rate in args.latency_rates:
+        table = Table(
+            [
+                "setup",
+                "achieved req/s",
+                "p50 ms",
+                "p99 ms",
+                "p99.9 ms",
+                "added p50 ms",
+                "added p99 ms",
+                "kept up",
+            ]
+        )
+        for n in names:
+            lat = s[n].latency.get(rate)
+            if lat is None:
+                continue
+            kept = (
+                "yes"
+                if not lat.slow_rounds
+                else f"NO in {lat.slow_rounds}/{lat.rounds} (min {lat.min_achieved:.0f}/s)"
+            )
+            reference = n == "upstream-direct"
+            table.rows.append(
+                [
+                    n,
+                    f"{lat.achieved:.0f}",
+                    _ms(lat.p50_ms),
+                    _ms(lat.p99_ms),
+                    _ms(lat.p999_ms),
+                    "(reference)" if reference else _ms(lat.added_p50_ms, sign=True),
+                    "(reference)" if reference else _ms(lat.added_p99_ms, sign=True),
+                    kept,
+                ]
+            )
+        found.append(
+            (
+                f"Latency at {rate} req/s offered: openloop.py, {args.latency_connections} "
+                f"keep-alive connections, {args.latency_duration:g}s (+{args.warmup:g}s "
+                "unrecorded); added = minus upstream-direct in the same round, median",
+                table,
+            )
+        )
+    if args.many_connections:
+        many = Table(
+            ["setup", "median req/s", f"/ c{args.connections}", "socket errors", "per round"]
+        )
+        for n in names:
+            x = s[n]
+            many.rows.append(
+                [
+                    n,
+                    f"{x.many_rps:.0f}",
+                    f"{x.many_rps / x.rps:.2f}",
+                    f"{x.many_errors:.0f}",
+                    " ".join(f"{v:.0f}" for v in x.many_per_round),
+                ]
+            )
+        found.append(
+            (
+                f"Throughput with {args.many_connections} open keep-alive connections: "
+                f"wrk -t1 -c{args.many_connections} -d{args.duration}s",
+                many,
+            )
+        )
+    if results.memory:
+        found.append(
+            (
+                "Sidecar memory per route: VmRSS after 1 s of wrk; N routes = "
+                "N - 1 (half host, half prefix) + the catch-all",
+                memory_table(results),
+            )
+        )
+    verdicts = Table(["issue", "claim", "value", "bar", "verdict", "detail"], left=2, left_tail=2)
+    for t in targets(results, s):
+        verdicts.rows.append(
+            [f"{t.issue}", t.claim, f"{t.value:.3f}{t.unit}", t.bar_text, t.verdict, t.detail]
+        )
+    if verdicts.rows:
+        found.append(("Targets (ratios of medians unless stated)", verdicts))
+    return found
+
+
+def load_description(args: argparse.Namespace) -> list[str]:
+    rates = (
+        f"openloop.py at {', '.join(str(r) for r in args.latency_rates)} req/s"
+        if args.latency_rates
+        else "no open-loop runs"
+    )
+    return [
+        f"servers   every server and the upstream pinned to CPU {SERVER_CPU} (taskset); "
+        f"the load on CPU {WRK_CPU}",
+        f"load      wrk -t1 -c{args.connections} -d{args.duration}s (after {args.warmup}s "
+        f"warm-up); {rates}; "
+        + (
+            f"wrk -t1 -c{args.many_connections} -d{args.duration}s"
+            if args.many_connections
+            else "no many-connection run"
+        ),
+        f"rounds    {args.rounds}, interleaved (the order rotates each round)",
+    ]
+
+
+LEGEND = [
+    "cpu us/req    user+system CPU of the server under test (all its processes), per request",
+    "upstr us/req  the same for the upstream (forwarding setups)",
+    "steal%        CPU 0 time taken by the hypervisor during the run (high: noisy)",
+    f"kept up       achieved >= {KEEP_UP:.0%} of the offered rate in every round; when not, "
+    "its latencies are those of a queue that kept growing",
+]
+
+
+def report(results: Results, args: argparse.Namespace, machine: list[str]) -> str:
+    s = summarize(results)
+    lines = ["", "=" * 100, "sidecar comparison (issues 2 and 5)", *machine]
+    lines += load_description(args)
+    for title, table in tables(results, s, args):
+        lines += ["", title, *("  " + row for row in table.text())]
     if results.warnings:
-        lines.append("")
-        lines.append("warnings:")
-        lines.extend(f"  {w}" for w in results.warnings)
+        lines += ["", "warnings:", *(f"  {w}" for w in results.warnings)]
     lines.append("")
-    for setup in SETUPS:
-        lines.append(f"  {setup.name:<16} {setup.description}")
-    lines.append("  cpu us/req   user+system CPU time of the server under test, per request")
-    lines.append("  upstr us/req the same for the upstream (forwarding setups)")
-    lines.append("  steal%       CPU 0 time taken by the hypervisor during the run (high: noisy)")
+    lines += [f"  {setup.name:<19} {setup.description}" for setup in SETUPS if setup.name in s]
+    lines += [f"  {line}" for line in LEGEND]
     lines.append("=" * 100)
     return "\n".join(lines)
 
 
+def write_chart(results: Results, args: argparse.Namespace, machine: list[str]) -> str:
+    """benchmarks/results.png; an empty string, or why there is no chart."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is missing (pip install -e '.[bench]')"
+    s = summarize(results)
+    names = [n for n in SETUP_NAMES if n in s]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 9.5))
+    x = list(range(len(names)))
+    width = 0.38
+    top.bar(
+        [i - width / 2 for i in x],
+        [s[n].rps for n in names],
+        width,
+        label=f"{args.connections} connections",
+        color="#4c72b0",
+    )
+    if args.many_connections:
+        top.bar(
+            [i + width / 2 for i in x],
+            [s[n].many_rps for n in names],
+            width,
+            label=f"{args.many_connections} connections",
+            color="#8fb0d9",
+        )
+    top.set_xticks(x, names, rotation=15, ha="right")
+    top.set_ylabel("requests/s (median)")
+    top.set_title(f"Throughput, servers on one core (median of {args.rounds} rounds)")
+    top.legend()
+    top.grid(axis="y", alpha=0.3)
+    forwarding = [n for n in names if n != "upstream-direct"]
+    bars = [(rate, pct) for rate in args.latency_rates for pct in ("p50", "p99")]
+    if bars and forwarding:
+        step = 0.8 / len(bars)
+        colors = ["#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#937860"]
+        for k, (rate, pct) in enumerate(bars):
+            values, slow = [], []
+            for n in forwarding:
+                lat = s[n].latency.get(rate)
+                values.append(
+                    float("nan")
+                    if lat is None
+                    else (lat.added_p50_ms if pct == "p50" else lat.added_p99_ms)
+                )
+                slow.append(lat is not None and lat.slow_rounds > 0)
+            xs = [i - 0.4 + step * (k + 0.5) for i in range(len(forwarding))]
+            drawn = bottom.bar(
+                xs, values, step, label=f"added {pct} @ {rate} req/s", color=colors[k % 6]
+            )
+            for rect, is_slow in zip(drawn, slow, strict=True):
+                if is_slow:
+                    rect.set_hatch("//")
+        bottom.axhline(
+            1.0,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"issue 5 bar: added p99 <= 1 ms @ {ISSUE_RATE} req/s",
+        )
+        bottom.set_yscale("symlog", linthresh=0.1)
+        bottom.set_xticks(list(range(len(forwarding))), forwarding, rotation=15, ha="right")
+        bottom.set_ylabel("ms over upstream-direct (symlog)")
+        bottom.set_title(
+            "Added latency at fixed offered load (open loop; hatched: could not keep up)"
+        )
+        bottom.legend(fontsize="small", ncol=2)
+        bottom.grid(axis="y", alpha=0.3)
+    fig.suptitle(
+        f"sidecar benchmark - {machine[0].split(None, 1)[1]} - {machine[1].split(None, 1)[1]}",
+        fontsize="small",
+    )
+    fig.tight_layout()
+    fig.savefig(RESULTS_PNG, dpi=100)
+    plt.close(fig)
+    return ""
+
+
+def write_results(
+    results: Results, args: argparse.Namespace, machine: list[str], command: str, minutes: float
+) -> None:
+    why_no_chart = write_chart(results, args, machine)
+    if why_no_chart:
+        print(f"compare.py: {why_no_chart}: RESULTS.md is written without the chart", flush=True)
+        with contextlib.suppress(FileNotFoundError):
+            RESULTS_PNG.unlink()  # a chart from another run would not match these results
+    s = summarize(results)
+    lines = [
+        "# Benchmark results (issues 2 and 5)",
+        "",
+        "Written by `python benchmarks/compare.py --write-results`; see `README.md` beside this",
+        "file for what each setup is and how the figures are taken. Absolute figures depend on",
+        "the machine; the ratios, taken within one run, are what the targets are judged on.",
+        "",
+        "## Machine and command",
+        "",
+        "```",
+        *machine,
+        *load_description(args),
+        f"command   {command}",
+        f"took      {minutes:.1f} minutes",
+        "```",
+    ]
+    for title, table in tables(results, s, args):
+        lines += ["", f"## {title}", "", *table.markdown()]
+    if not why_no_chart:
+        lines += ["", "## Chart", "", "![throughput and added latency per setup](results.png)"]
+    slow = [
+        f"`{n}` at {rate} req/s ({lat.slow_rounds}/{lat.rounds} rounds, "
+        f"median {lat.achieved:.0f} req/s achieved)"
+        for n, x in s.items()
+        for rate, lat in x.latency.items()
+        if lat.slow_rounds
+    ]
+    lines += ["", "## Notes", ""]
+    if slow:
+        lines.append(
+            "Could not keep up with the offered rate (achieved < "
+            f"{KEEP_UP:.0%}): " + "; ".join(slow) + ". Their latencies there are those of a"
+            " growing queue, not of the proxy."
+        )
+    else:
+        lines.append("Every setup kept up with every offered rate.")
+    if results.warnings:
+        lines += ["", "Warnings during the run:", ""]
+        lines += [f"- {w}" for w in results.warnings]
+    lines += ["", "Legend:", ""]
+    lines += [f"- `{setup.name}`: {setup.description}" for setup in SETUPS if setup.name in s]
+    lines += [f"- {line}" for line in LEGEND]
+    RESULTS_MD.write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS_MD}" + ("" if why_no_chart else f" and {RESULTS_PNG.name}"))
+
+
+# -- the command line -----------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers like 500,2000") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: negative")
+    return [v for v in values if v > 0]
+
+
+def _setup_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in SETUP_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown setup {', '.join(unknown) or '(none)'}; known: {', '.join(SETUP_NAMES)}"
+        )
+    return names
+
+
+def estimate_minutes(args: argparse.Namespace, setups: int) -> float:
+    """Rough wall-clock time of a run, calibrated on the 2-vCPU VM of README.md."""
+    per_setup: float = 1.0 + args.warmup + args.duration
+    per_setup += sum(0.8 + args.warmup + args.latency_duration for _ in args.latency_rates)
+    per_setup += (args.duration + 0.5) if args.many_connections else 0.0
+    memory = sum(3.0 + routes / 2500 for routes in args.memory_routes)
+    return float(per_setup * setups * args.rounds + memory) / 60
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Compare the sidecar's throughput with minimal aiohttp baselines."
+        description="Compare the sidecar with nginx, HAProxy and minimal aiohttp baselines."
     )
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; --quick 1)")
     parser.add_argument(
-        "--duration", type=int, default=5, help="seconds of each measured wrk run (default 5)"
+        "--duration", type=int, help="seconds of each measured run (default 5; --quick 2)"
     )
     parser.add_argument(
-        "--warmup", type=int, default=1, help="seconds of wrk before each measurement (default 1)"
+        "--warmup", type=int, default=1, help="seconds of load before each measurement (default 1)"
     )
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    parser.add_argument(
+        "--latency-rates",
+        type=_int_list,
+        default=[500, ISSUE_RATE],
+        metavar="R,...",
+        help=f"open-loop offered loads in req/s (default 500,{ISSUE_RATE}; 0 for none)",
+    )
+    parser.add_argument(
+        "--latency-duration",
+        type=float,
+        help="seconds of each open-loop run (default 8; --quick 2)",
+    )
+    parser.add_argument(
+        "--latency-connections",
+        type=int,
+        default=64,
+        help="keep-alive connections of the open-loop generator (default 64)",
+    )
+    parser.add_argument(
+        "--many-connections",
+        type=int,
+        default=1000,
+        help="connections of the second wrk run (default 1000; 0 to skip it)",
+    )
+    parser.add_argument(
+        "--memory-routes",
+        type=_int_list,
+        metavar="N,...",
+        help="route counts for the memory probe (default 1,1000,10000; --quick 1,1000; 0: none)",
+    )
+    parser.add_argument(
+        "--memory-timeout",
+        type=float,
+        default=60.0,
+        help="seconds the sidecar may take to start in the memory probe (default 60)",
+    )
+    parser.add_argument(
+        "--only",
+        type=_setup_list,
+        metavar="SETUP,...",
+        help=f"only these of: {', '.join(SETUP_NAMES)}",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 1 round of 2 s runs (about 2 minutes)"
+    )
+    parser.add_argument(
+        "--write-results",
+        action="store_true",
+        help="also write benchmarks/RESULTS.md and benchmarks/results.png",
+    )
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.duration < 1 or args.connections < 1 or args.warmup < 0:
-        parser.error("--rounds, --duration and --connections must be at least 1, --warmup 0")
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 5
+    if args.duration is None:
+        args.duration = 2 if args.quick else 5
+    if args.latency_duration is None:
+        args.latency_duration = 2.0 if args.quick else 8.0
+    if args.memory_routes is None:
+        args.memory_routes = [1, 1000] if args.quick else [1, 1000, 10000]
+    if args.memory_routes and 1 not in args.memory_routes:
+        args.memory_routes.insert(0, 1)  # the baseline the per-route figure needs
+    if (
+        args.rounds < 1
+        or args.duration < 1
+        or args.connections < 1
+        or args.warmup < 0
+        or args.latency_duration <= 0
+        or args.latency_connections < 1
+        or args.many_connections < 0
+    ):
+        parser.error("--rounds, --duration and the connection counts must be at least 1")
+
+    setups = SETUPS
+    if args.only:
+        wanted = set(args.only)
+        if args.latency_rates:
+            wanted.add("upstream-direct")  # added latency is measured against it
+        setups = [s for s in SETUPS if s.name in wanted]
 
     # Ctrl-C, even when started from a shell that ignores SIGINT in background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_interrupt)
+    started = time.monotonic()
     try:
         check_cpus()
-        ensure_wrk()
+        ensure_tools(setups)
+        open_files = raise_open_files()
+        if open_files < 2 * args.many_connections + 256:
+            print(
+                f"note: only {open_files} open files allowed (ulimit -n); "
+                f"{args.many_connections} connections may fail",
+                flush=True,
+            )
         machine = describe_machine()
         print("\n".join(machine), flush=True)
-        results = run(args)
+        print(
+            f"{len(setups)} setups x {args.rounds} rounds: about "
+            f"{estimate_minutes(args, len(setups)):.0f} minutes",
+            flush=True,
+        )
+        results = run(args, setups)
     except BenchError as e:
         print(f"compare.py: cannot run the benchmark: {e}", file=sys.stderr)
         return 1
@@ -664,6 +1661,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\ncompare.py: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
     print(report(results, args, machine))
+    minutes = (time.monotonic() - started) / 60
+    print(f"took {minutes:.1f} minutes")
+    if args.write_results:
+        command = shlex.join(
+            ["python", "benchmarks/compare.py", *(sys.argv[1:] if argv is None else argv)]
+        )
+        write_results(results, args, machine, command, minutes)
     return 0
 
 
