@@ -60,3 +60,11 @@ def test_the_breaker_micro_benchmark_runs() -> None:
         "sidecar-consecutive",
         "pybreaker",
     ]
+
+
+def test_the_client_micro_benchmark_runs() -> None:
+    """Its figures (aiohttp's client against a lean prototype) are issue 5's evidence."""
+    result = run(sys.executable, "benchmarks/client_micro.py", "--rounds", "1", "--requests", "20")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert rows == ["aiohttp-session", "lean-prototype"]

@@ -1,0 +1,157 @@
+"""Issue 5's evidence for a leaner upstream client: aiohttp's ClientSession against a prototype.
+
+    python benchmarks/client_micro.py [--rounds 5] [--requests 2000]
+
+Starts benchmarks/upstream.py pinned to CPU 1, runs itself on CPU 0, and times
+sequential keep-alive GETs two ways, interleaved, in CPU microseconds per
+request (time.process_time, so only this process's own work counts):
+
+    aiohttp-session   ClientSession.request + reading the body, configured as the
+                      sidecar's (no cookies, no decompression, no auto headers)
+    lean-prototype    one asyncio Protocol per connection writing the request by
+                      hand and parsing the answer with aiohttp's own C
+                      HttpResponseParser (chunked, Content-Length, limits): what a
+                      leaner sidecar/upstream.py would be built on
+
+The prototype is not a client (no pool, timeouts, errors or retries): it is the
+floor the real one would approach. Measured here: 264 against 120 us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpResponseParser
+
+HERE = Path(__file__).resolve().parent
+PATH = "/bench/item"
+
+
+class _Connection(BaseProtocol):
+    """One keep-alive connection; `exchange()` sends a GET and reads the whole answer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._loop = loop
+        self._parser: HttpResponseParser | None = None
+        self._answer: asyncio.Future[aiohttp.StreamReader] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        assert self._parser is not None and self._answer is not None
+        messages, _upgraded, _tail = self._parser.feed_data(data)
+        for _message, payload in messages:
+            if not self._answer.done():
+                self._answer.set_result(payload)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(ConnectionResetError("the upstream closed"))
+
+    async def exchange(self, transport: asyncio.Transport, head: bytes) -> None:
+        self._parser = HttpResponseParser(
+            self, self._loop, 2**16, max_line_size=65536, max_field_size=65536,
+            response_with_body=True, auto_decompress=False,
+        )  # fmt: skip
+        self._answer = self._loop.create_future()
+        transport.write(head)
+        payload = await self._answer
+        while await payload.readany():
+            pass
+
+
+async def lean(port: int, n: int) -> None:
+    loop = asyncio.get_running_loop()
+    transport, connection = await loop.create_connection(
+        lambda: _Connection(loop), "127.0.0.1", port
+    )
+    head = f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-A: 1\r\n\r\n".encode()
+    try:
+        for _ in range(n):
+            await connection.exchange(transport, head)
+    finally:
+        transport.close()
+
+
+async def via_session(session: aiohttp.ClientSession, port: int, n: int) -> None:
+    url = f"http://127.0.0.1:{port}{PATH}"
+    for _ in range(n):
+        async with session.get(url, headers={"X-A": "1"}, allow_redirects=False) as response:
+            async for _chunk in response.content.iter_any():
+                pass
+
+
+async def compare(port: int, rounds: int, requests: int) -> dict[str, list[float]]:
+    session = aiohttp.ClientSession(
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+    )
+    per_request: dict[str, list[float]] = {"aiohttp-session": [], "lean-prototype": []}
+    try:
+        await via_session(session, port, 200)
+        await lean(port, 200)
+        for _ in range(rounds):
+            for name, times in per_request.items():
+                started = time.process_time()
+                if name == "aiohttp-session":
+                    await via_session(session, port, requests)
+                else:
+                    await lean(port, requests)
+                times.append((time.process_time() - started) / requests * 1e6)
+    finally:
+        await session.close()
+    return per_request
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    upstream = subprocess.Popen(
+        ["taskset", "-c", "1", sys.executable, str(HERE / "upstream.py"), "--port", str(port)]
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or upstream.poll() is not None:
+                    print("client_micro.py: the upstream did not start", file=sys.stderr)
+                    return 1
+                time.sleep(0.05)
+        os.sched_setaffinity(0, {0})
+        try:
+            import uvloop
+
+            results = uvloop.run(compare(port, args.rounds, args.requests))
+        except ImportError:
+            results = asyncio.run(compare(port, args.rounds, args.requests))
+    finally:
+        upstream.terminate()
+        upstream.wait()
+    print(f"{args.rounds} interleaved rounds x {args.requests} sequential GETs; CPU us per request")
+    for name, times in results.items():
+        rounded = " ".join(f"{t:.0f}" for t in times)
+        print(f"{name:<16} median {statistics.median(times):5.0f}   rounds {rounded}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
