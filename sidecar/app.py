@@ -45,7 +45,9 @@ class Sidecar:
         self.health = Health()
         self.metrics = Metrics(registry or CollectorRegistry(auto_describe=True), __version__)
         # Every route's breaker and series exist from here, before the first scrape.
-        self.proxy = Proxy(config.routes, self.metrics, clock, rand)
+        self.proxy = Proxy(
+            config.routes, self.metrics, clock, rand, write_timeout=config.client_timeouts.write
+        )
         self.admin_app = create_admin_app(self.metrics, self.health)
         self._runners: list[web.BaseRunner] = []
         self._session: aiohttp.ClientSession | None = None

@@ -45,6 +45,7 @@ DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_CLIENT_HEADER_TIMEOUT = 10.0
 DEFAULT_CLIENT_IDLE_TIMEOUT = 75.0
+DEFAULT_CLIENT_WRITE_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_SIZE: int | None = None
 """No limit: bodies stream through in bounded memory whatever their size."""
 DEFAULT_FAILURE_THRESHOLD = 5
@@ -116,6 +117,8 @@ class ClientTimeouts:
     """Seconds from a request's first byte to its last header byte (slowloris)."""
     idle: float
     """Seconds a client connection may wait for its next request (or its first)."""
+    write: float = DEFAULT_CLIENT_WRITE_TIMEOUT
+    """Seconds a client may take to accept each part of its response (slow readers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,7 +420,9 @@ class _Reader:
             self.error(("admin", "listen"), f"is the same address as listen ({listen})")
 
         client_table = (
-            self.mapping(top.get("client_timeouts"), ("client_timeouts",), ["headers", "idle"])
+            self.mapping(
+                top.get("client_timeouts"), ("client_timeouts",), ["headers", "idle", "write"]
+            )
             or {}
         )
         positive = _duration(minimum_exclusive=0.0)
@@ -431,6 +436,9 @@ class _Reader:
             ),
             idle=self.field(
                 client_table, "idle", ("client_timeouts",), positive, DEFAULT_CLIENT_IDLE_TIMEOUT
+            ),
+            write=self.field(
+                client_table, "write", ("client_timeouts",), positive, DEFAULT_CLIENT_WRITE_TIMEOUT
             ),
         )
 

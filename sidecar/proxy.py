@@ -6,6 +6,7 @@ sees"; the responses the sidecar makes itself are built by `error_response`.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email.utils
 import math
@@ -26,6 +27,7 @@ from sidecar.routing import Router, upstream_target
 from sidecar.upstream import (
     BodyTooLarge,
     ClientBodyTimeout,
+    ClientWriteTimeout,
     InvalidRequest,
     UpstreamError,
     client_timeout,
@@ -135,10 +137,12 @@ class Proxy:
         metrics: Metrics,
         clock: Clock = time.monotonic,
         rand: Callable[[], float] = random.random,
+        write_timeout: float | None = None,
     ) -> None:
         self._session: aiohttp.ClientSession  # given by `attach` once a loop runs
         self._metrics = metrics
         self._clock = clock
+        self._write_timeout = write_timeout
         self.targets: list[Target] = []
         for route in routes:
             settings = route.breaker
@@ -263,6 +267,7 @@ class Proxy:
                 route.timeouts.request,
                 self._clock,
                 target.max_body_size,
+                self._write_timeout,
             )
         except UpstreamError as e:
             if e.elapsed > target.slow_after:
@@ -325,7 +330,14 @@ class Proxy:
             except ConnectionResetError:
                 # The client went away mid-response: no outcome (the permit is released).
                 return response
-            except (ClientBodyTimeout, BodyTooLarge, InvalidRequest):
+            except asyncio.CancelledError:
+                if not exchange.client_stalled():
+                    raise
+                # The client stopped reading for the write timeout: its fault, no outcome.
+                # Cut it off, which lets the upstream connection go too.
+                if request.transport is not None:
+                    request.transport.abort()
+            except (ClientBodyTimeout, BodyTooLarge, InvalidRequest, ClientWriteTimeout):
                 # The upstream answered early, and the upload the client goes on with
                 # stalled, passed max_body_size or broke: the client's fault, no outcome.
                 # The response cannot end whole: abort it.

@@ -26,6 +26,7 @@ from sidecar.config import Timeouts
 __all__ = [
     "BodyTooLarge",
     "ClientBodyTimeout",
+    "ClientWriteTimeout",
     "Exchange",
     "InvalidRequest",
     "UpstreamError",
@@ -48,6 +49,10 @@ KEEPALIVE_TIMEOUT = 30.0
 
 class ClientBodyTimeout(Exception):
     """The client stopped sending its request body: its fault, not the upstream's."""
+
+
+class ClientWriteTimeout(Exception):
+    """The client stopped reading its response for the write timeout: its fault."""
 
 
 class BodyTooLarge(Exception):
@@ -130,24 +135,45 @@ class _Watchdog:
     deadline without touching the timer. When the timer fires, it re-arms at the
     moved deadline, or at a fresh one while `paused` (the sidecar is writing to
     its client, which is not the upstream's time), or else cancels the task;
-    `expired()` then tells that cancellation from any other.
+    `expired()` then tells that cancellation from any other. A pause longer than
+    `write_timeout` (a client that stopped reading) also cancels the task, with
+    `client_stalled` set.
     """
 
-    __slots__ = ("_deadline", "_fired", "_handle", "_loop", "_task", "_timeout", "paused")
+    __slots__ = (
+        "_deadline",
+        "_fired",
+        "_handle",
+        "_loop",
+        "_paused_at",
+        "_task",
+        "_timeout",
+        "_write_timeout",
+        "client_stalled",
+        "paused",
+    )
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, write_timeout: float | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self._timeout = timeout
+        self._write_timeout = write_timeout
         self._deadline = self._loop.time() + timeout
-        self._handle = self._loop.call_at(self._deadline, self._fire)
         self._fired = False
+        self._paused_at = 0.0
         self.paused = False
+        self.client_stalled = False
+        self._handle = self._loop.call_at(self._next_check(self._deadline), self._fire)
 
     def progress(self) -> None:
         self._deadline = self._loop.time() + self._timeout
+
+    def pause(self) -> None:
+        """The sidecar writes to its client now: the upstream's clock stops, the client's runs."""
+        self.paused = True
+        self._paused_at = self._loop.time()
 
     def stop(self) -> None:
         self._handle.cancel()
@@ -156,12 +182,25 @@ class _Watchdog:
         """After a CancelledError: was it this deadline alone (then it is swallowed)?"""
         return self._fired and self._task.uncancel() == 0
 
+    def _next_check(self, deadline: float) -> float:
+        # A pause is only noticed when the timer fires: with a write timeout it fires
+        # at least every half of it, so a client is cut off after 1 to 1.5 times it.
+        if self._write_timeout is None:
+            return deadline
+        return min(deadline, self._loop.time() + self._write_timeout / 2)
+
     def _fire(self) -> None:
         now = self._loop.time()
         if self.paused:
             self._deadline = now + self._timeout
+            write_timeout = self._write_timeout
+            if write_timeout is not None and now - self._paused_at >= write_timeout:
+                self.client_stalled = True
+                self._fired = True
+                self._task.cancel()
+                return
         if self._deadline - now > _TIMER_RESOLUTION:
-            self._handle = self._loop.call_at(self._deadline, self._fire)
+            self._handle = self._loop.call_at(self._next_check(self._deadline), self._fire)
             return
         self._fired = True
         self._task.cancel()
@@ -268,7 +307,7 @@ class Exchange:
         """Seconds the upstream took to answer: from the end of the request body (or the
         start, if it answered before the body was whole) to the response headers."""
         self._watchdog = watchdog
-        watchdog.paused = True  # the body's clock starts when the proxy asks for it
+        watchdog.pause()  # the body's clock starts when the proxy asks for it
         self._upload = upload
         if upload is not None:
             upload.watchdog = None
@@ -292,13 +331,15 @@ class Exchange:
                 watchdog.paused = False
                 watchdog.progress()
                 chunk = await content.readany()
-                watchdog.paused = True
+                watchdog.pause()
                 if not chunk:
                     break
                 yield chunk
         except asyncio.CancelledError:
             if not watchdog.expired():
                 raise
+            if watchdog.client_stalled:  # the client's write timeout ran out just now
+                raise ClientWriteTimeout("the client stopped reading its response") from None
             self._raise_if_client_failed()
             if self._upload is not None and self._upload.waiting_on_client:
                 raise ClientBodyTimeout("the client stopped sending its request body") from None
@@ -311,6 +352,14 @@ class Exchange:
             error = closed.exception()
             if error is not None:
                 raise UpstreamReset(str(error))
+
+    def client_stalled(self) -> bool:
+        """After a CancelledError while writing to the client: was it the write timeout?
+
+        (Then the cancellation is swallowed: the caller cuts the client off.)
+        """
+        watchdog = self._watchdog
+        return watchdog.client_stalled and watchdog.expired()
 
     def _raise_if_client_failed(self) -> None:
         """An exchange that broke because of the client's upload is the client's fault."""
@@ -336,17 +385,19 @@ async def send(
     request_timeout: float,
     clock: Clock,
     max_body_size: int | None = None,
+    write_timeout: float | None = None,
 ) -> Exchange:
     """Send a request upstream and return once its response headers are in.
 
     Raises `UpstreamError` (with the time the upstream had in `elapsed`),
     `ClientBodyTimeout` (the client stopped sending its body), `BodyTooLarge`
     (the body passed `max_body_size` bytes), or `InvalidRequest` (aiohttp will
-    not send what the client sent). `clock` measures the upstream's time. The
-    caller must `close()` the exchange.
+    not send what the client sent). `clock` measures the upstream's time;
+    `write_timeout` bounds each wait for the client to take part of the response
+    (see `Exchange.client_stalled`). The caller must `close()` the exchange.
     """
     started = clock()
-    watchdog = _Watchdog(request_timeout)
+    watchdog = _Watchdog(request_timeout, write_timeout)
     upload = _Upload(body, watchdog, clock, max_body_size) if body is not None else None
 
     def elapsed() -> float:

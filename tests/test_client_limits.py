@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
+from sidecar.breaker import State
 from sidecar.config import ConfigError, parse_config
 from tests.conftest import (
     RawHandler,
     Running,
     StartSidecar,
     Upstream,
+    eventually,
     json_body,
     read_request_head,
 )
@@ -211,7 +213,7 @@ def test_client_timeouts_config() -> None:
     parsed = parse_config(config("http://u")).client_timeouts
     assert (parsed.headers, parsed.idle) == (0.3, 30.0)
     default = parse_config(config("http://u").replace("client_timeouts:", "#")).client_timeouts
-    assert (default.headers, default.idle) == (10.0, 75.0)
+    assert (default.headers, default.idle, default.write) == (10.0, 75.0, 60.0)
     with pytest.raises(ConfigError) as info:
         parse_config(config("http://u").replace("headers: 300ms", "header: 1s"), "c.yaml")
     assert [str(p) for p in info.value.problems] == [
@@ -340,3 +342,58 @@ def test_the_aiohttp_internals_the_listener_reads_are_still_there() -> None:
 
     assert "_messages" in web_protocol.RequestHandler.__slots__
     assert hasattr(web_protocol, "_ErrInfo")
+
+
+# -- the write timeout: a client that stops reading its response ------------------------------
+
+READER = """
+client_timeouts: {{write: 300ms}}
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: {url}
+"""
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_counts_nothing(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    """It held its upstream connection (and a socket each side) for as long as it liked."""
+    sc = await start_sidecar(READER.format(url=upstream.url))
+    reader, writer = await connect(sc)
+    try:
+        writer.write(b"GET /big/200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        # ... and reads no more. The socket buffers fill, the sidecar's writes wait, and
+        # after the write timeout it lets go of both sides.
+        await eventually(lambda: sc.sample("sidecar_in_flight_requests", route="api") == 0)
+    finally:
+        writer.close()
+    breaker = sc.breaker("api")
+    assert (breaker.state, breaker.consecutive_failures) == (State.CLOSED, 0)
+    for kind in ("status", "connect", "timeout", "reset"):
+        assert sc.sample("sidecar_upstream_failures_total", route="api", kind=kind) == 0
+    async with aiohttp.ClientSession() as http, http.get(f"{sc.proxy}/after") as response:
+        assert response.status == 200  # and everyone else is served
+
+
+async def test_a_slow_but_steady_reader_is_not_cut_off(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    sc = await start_sidecar(READER.format(url=upstream.url))
+    reader, writer = await connect(sc)
+    size = 4_000_000
+    try:
+        writer.write(f"GET /big/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        received = 0
+        while received < size:
+            chunk = await asyncio.wait_for(reader.read(256 * 1024), 5)
+            assert chunk, f"cut off after {received} bytes"
+            received += len(chunk)
+            await asyncio.sleep(0.05)  # the client's pace: slow, but never 300 ms idle
+    finally:
+        writer.close()
+    assert received == size
