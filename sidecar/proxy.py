@@ -362,6 +362,9 @@ class Proxy:
             headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
         headers["X-Forwarded-Proto"] = request.scheme
         host = request.headers.get("Host")
+        if request.raw_path[:1] != "/" and request.url.absolute:
+            # Absolute form: the host the request names is the one it was routed by.
+            host = request.url.host_port_subcomponent
         if host:
             headers["X-Forwarded-Host"] = host
         else:  # never pass on a client's own claim as if it were ours

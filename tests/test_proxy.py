@@ -568,6 +568,22 @@ async def test_absolute_form_is_forwarded_by_its_path(
     assert upstream.requests[-1]["path"] == "/base/x?q=1"
 
 
+async def test_absolute_form_forwards_the_host_it_names_as_x_forwarded_host(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    """The target's authority picked the route, so it is the host the upstream is told of."""
+    sc = await start_sidecar(
+        f"routes:\n  - {{name: all, match: {{path_prefix: /}}, upstream: '{upstream.url}'}}\n"
+    )
+    await raw_exchange(
+        sc.proxy,
+        b"GET http://api.example:8080/x HTTP/1.1\r\n"
+        b"Host: other.example\r\nConnection: close\r\n\r\n",
+    )
+    headers = {k.lower(): v for k, v in upstream.requests[-1]["headers"]}  # type: ignore[attr-defined]
+    assert headers["x-forwarded-host"] == "api.example:8080"
+
+
 async def test_every_connection_header_and_the_whole_proxy_family_are_dropped(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
