@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from sidecar.breaker import MODES, BreakerSettings, Mode, WindowSettings
+from sidecar.routing import Router
 
 __all__ = [
     "Address",
@@ -769,20 +770,16 @@ class _Reader:
     def check_reachable(self, routes: list[tuple[int, Route]]) -> None:
         """A route that an earlier one always matches first is a mistake, never intended.
 
-        Only an earlier route for no host or the same host, with no path, "/", or a
-        path that is a segment-prefix of this one's can shadow it: those are looked
-        up directly, so a file of thousands of routes is checked in linear time.
+        The router itself says so: asked for a route's own host and prefix, it
+        answers with the first route in file order that matches them all, which
+        is the route itself unless an earlier one shadows it.
         """
-        first: dict[tuple[str | None, str | None], tuple[int, Route]] = {}
-        for n, (i, later) in enumerate(routes):
-            shadowing = [
-                first[key]
-                for host in {None, later.host}
-                for prefix in _shadowing_prefixes(later.path_prefix)
-                if (key := (host, prefix)) in first
-            ]
-            if shadowing:
-                _, earlier = min(shadowing, key=lambda found: found[0])
+        router = Router([(route, (i, route)) for i, route in routes])
+        for i, later in routes:
+            found = router.lookup(later.host, later.path_prefix or "")
+            assert found is not None  # the route itself matches, at least
+            earlier = found[1]
+            if earlier is not later:
                 self.problems.append(
                     Problem(
                         self.file,
@@ -792,16 +789,6 @@ class _Reader:
                         f"(line {earlier.line}) matches every request it would",
                     )
                 )
-            first.setdefault((later.host, later.path_prefix), (n, later))
-
-
-def _shadowing_prefixes(prefix: str | None) -> list[str | None]:
-    """The `path_prefix` values of a route that match every path `prefix` does."""
-    found: list[str | None] = [None, "/"]
-    if prefix is not None and prefix != "/":
-        parts = prefix.split("/")
-        found += ["/".join(parts[:k]) for k in range(2, len(parts) + 1)]
-    return found
 
 
 ROUTE_KEYS = [

@@ -7,9 +7,10 @@ of the Host header and the raw path, tested without HTTP.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from sidecar.config import Route
+if TYPE_CHECKING:  # (sidecar.config uses the Router itself, to find shadowed routes)
+    from sidecar.config import Route
 
 __all__ = ["Router", "normalize_host", "upstream_target"]
 
@@ -53,12 +54,12 @@ class Router(Generic[T]):
 
     def match(self, host_header: str | None, path: str) -> T | None:
         """The target of the first route matching `host_header` and `path` (no query)."""
+        return self.lookup(normalize_host(host_header) if self._uses_host else None, path)
+
+    def lookup(self, host: str | None, path: str) -> T | None:
+        """`match` for a host already normalized (lower case, no port, no brackets)."""
         index = self._index
-        hosts: tuple[str | None, ...] = (None,)
-        if self._uses_host:
-            host = normalize_host(host_header)
-            if host is not None:
-                hosts = (host, None)
+        hosts: tuple[str | None, ...] = (None,) if host is None else (host, None)
         best: tuple[int, T] | None = None
         for host in hosts:
             found = index.get((host, None))
