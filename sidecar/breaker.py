@@ -119,6 +119,11 @@ class BreakerSettings:
     """"shadow": keep state as usual, but admit every request."""
 
     @property
+    def slow_after(self) -> float:
+        """Seconds after which a call is slow: `slow_call_duration`, or never (infinity)."""
+        return math.inf if self.slow_call_duration is None else self.slow_call_duration
+
+    @property
     def open_duration_cap(self) -> float:
         """The longest open period before jitter: `max_open_duration` or `open_duration`."""
         return self.open_duration if self.max_open_duration is None else self.max_open_duration
@@ -210,9 +215,7 @@ class Breaker:
         """Requests a shadow-mode breaker admitted that enforcing would have rejected."""
         self.reason = ""
         """Why the last transition happened, for logs: "3 consecutive failures"."""
-        self._slow_after = (
-            math.inf if settings.slow_call_duration is None else settings.slow_call_duration
-        )
+        self._slow_after = settings.slow_after
         self._window = _make_window(settings.window)
         self._min_requests = (settings.window.min_requests or 1) if settings.window else 0
         self._failure_rate = _ratio(settings.failure_rate)

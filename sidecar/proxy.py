@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -72,7 +71,7 @@ class Target:
     origin: str
     timeout: aiohttp.ClientTimeout
     slow_after: float
-    """`slow_call_duration`, or infinity without one."""
+    """The route's `BreakerSettings.slow_after`, kept at hand for the request path."""
     retry_after_statuses: frozenset[int]
     """Statuses whose `Retry-After` the breaker hears: none unless `respect_retry_after`."""
     max_body_size: int | None
@@ -147,7 +146,6 @@ class Proxy:
         for route in routes:
             settings = route.breaker
             breaker = Breaker(route.name, settings, clock, rand)
-            slow = settings.slow_call_duration
             self.targets.append(
                 Target(
                     route=route,
@@ -155,7 +153,7 @@ class Proxy:
                     metrics=metrics.add_route(breaker),
                     origin=route.upstream.origin,
                     timeout=client_timeout(route.timeouts),
-                    slow_after=math.inf if slow is None else slow,
+                    slow_after=settings.slow_after,
                     retry_after_statuses=(
                         RETRY_AFTER_STATUSES if settings.respect_retry_after else frozenset()
                     ),
@@ -181,7 +179,7 @@ class Proxy:
             # the host it names rather than the Host header, and by its path; then
             # sent to the route's upstream like any other request, never to that host.
             raw_path = request.rel_url.raw_path_qs
-            host = request.host
+            host = request.url.host_port_subcomponent
         target = self._router.match(host, raw_path.partition("?")[0])
         if target is None:
             self._metrics.unrouted += 1
@@ -213,7 +211,7 @@ class Proxy:
                     return error_response(417, "expectation_failed")
                 if request.version >= HttpVersion11:
                     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            return await self._forward(request, target, permit, raw_path)
+            return await self._forward(request, target, permit, raw_path, host)
         finally:
             metrics.in_flight -= 1
             # Still open here only if the client went away (cancellation) before an
@@ -247,12 +245,17 @@ class Proxy:
         return response
 
     async def _forward(
-        self, request: web.BaseRequest, target: Target, permit: Permit, raw_path: str
+        self,
+        request: web.BaseRequest,
+        target: Target,
+        permit: Permit,
+        raw_path: str,
+        host: str | None,
     ) -> web.StreamResponse:
         route = target.route
         metrics = target.metrics
         headers = _without_hop_by_hop(request.headers, _NOT_FORWARDED_UP)
-        self._add_forwarded(request, headers)
+        self._add_forwarded(request, headers, host)
         url = URL(target.origin + upstream_target(route, raw_path), encoded=True)
         body = request.content if request.body_exists else None
 
@@ -355,16 +358,16 @@ class Proxy:
             exchange.close()
 
     @staticmethod
-    def _add_forwarded(request: web.BaseRequest, headers: CIMultiDict[str]) -> None:
+    def _add_forwarded(
+        request: web.BaseRequest, headers: CIMultiDict[str], host: str | None
+    ) -> None:
+        """`host`: the host the request was routed by (its Host header, or what an
+        absolute-form target names)."""
         client = request.remote
         if client:
             prior = ", ".join(headers.popall("X-Forwarded-For", ()))
             headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
         headers["X-Forwarded-Proto"] = request.scheme
-        host = request.headers.get("Host")
-        if request.raw_path[:1] != "/" and request.url.absolute:
-            # Absolute form: the host the request names is the one it was routed by.
-            host = request.url.host_port_subcomponent
         if host:
             headers["X-Forwarded-Host"] = host
         else:  # never pass on a client's own claim as if it were ours

@@ -250,6 +250,13 @@ class _Upload:
         self.response: aiohttp.ClientResponse | None = None
         """The upstream's answer, once its headers are in (an early answer)."""
 
+    def raise_if_failed(self) -> None:
+        """An exchange that broke because of the client's upload is the client's fault."""
+        if self.too_large:
+            raise BodyTooLarge("the request body is longer than max_body_size")
+        if self.client_failed:
+            raise InvalidRequest("the client's request body broke off")
+
     def _cut_off(self) -> None:
         """The upload cannot go on. After an early answer, end the exchange now: aiohttp
         would keep the connection, and the upstream might wait for the rest for ever."""
@@ -362,12 +369,8 @@ class Exchange:
         return watchdog.client_stalled and watchdog.expired()
 
     def _raise_if_client_failed(self) -> None:
-        """An exchange that broke because of the client's upload is the client's fault."""
-        upload = self._upload
-        if upload is not None and upload.too_large:
-            raise BodyTooLarge("the request body is longer than max_body_size")
-        if upload is not None and upload.client_failed:
-            raise InvalidRequest("the client's request body broke off")
+        if self._upload is not None:
+            self._upload.raise_if_failed()
 
     def close(self) -> None:
         """Let the connection go: back to the pool if the body was read whole, else closed."""
@@ -426,10 +429,8 @@ async def send(
             raise UpstreamTimeout("no response headers in time") from None
         except (aiohttp.ClientError, OSError, TimeoutError, BodyTooLarge) as e:
             watchdog.stop()
-            if upload is not None and upload.too_large:
-                raise BodyTooLarge("the request body is longer than max_body_size") from e
-            if upload is not None and upload.client_failed:
-                raise InvalidRequest("the client's request body broke off") from e
+            if upload is not None:
+                upload.raise_if_failed()
             raise translate(e, after_headers=False) from e
         except ValueError as e:  # e.g. a header value aiohttp refuses to put on the wire
             watchdog.stop()
