@@ -195,7 +195,7 @@ class _Collector(Collector):
         )
         duration = HistogramMetricFamily(
             "sidecar_upstream_request_duration_seconds",
-            "Time from sending a request upstream to its response headers.",
+            "Time from the end of the request body sent upstream to the response headers.",
             labels=["route"],
         )
         in_flight = GaugeMetricFamily(
