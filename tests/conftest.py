@@ -218,6 +218,43 @@ async def raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]
         await server.wait_closed()
 
 
+# -- raw sockets to the sidecar, for what an HTTP client library would not send ----------
+
+
+async def connect(proxy: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain TCP connection to the proxy listener at `proxy` ("http://host:port")."""
+    host, port = proxy.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def raw_exchange(proxy: str, data: bytes, within: float = 5.0) -> bytes:
+    """Send `data` on a fresh connection; everything the sidecar sends until it closes."""
+    reader, writer = await connect(proxy)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), within)
+    finally:
+        writer.close()
+
+
+async def read_one(reader: asyncio.StreamReader) -> bytes:
+    """One response with a Content-Length, head and body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head + await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+async def quiet_for(reader: asyncio.StreamReader, seconds: float) -> None:
+    """Nothing arrives from the sidecar for `seconds` (a timer must not fire meanwhile)."""
+    peek = asyncio.ensure_future(reader.read(1))
+    done, _ = await asyncio.wait([peek], timeout=seconds)
+    assert not done, f"the sidecar sent {peek.result()!r}"
+    peek.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await peek
+
+
 async def read_request_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 

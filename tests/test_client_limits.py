@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -13,11 +12,14 @@ from sidecar.breaker import State
 from sidecar.config import ConfigError, parse_config
 from tests.conftest import (
     RawHandler,
-    Running,
     StartSidecar,
     Upstream,
+    connect,
     eventually,
     json_body,
+    quiet_for,
+    raw_exchange,
+    read_one,
     read_request_head,
 )
 
@@ -33,17 +35,6 @@ routes:
     max_body_size: 1KB
 {route_extra}
 """
-
-
-async def raw_exchange(sc: Running, data: bytes, within: float = 5.0) -> bytes:
-    """Send `data` on a fresh connection; everything the sidecar sends until it closes."""
-    host, port = sc.proxy.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(data)
-        return await asyncio.wait_for(reader.read(), within)
-    finally:
-        writer.close()
 
 
 # -- max_body_size ----------------------------------------------------------------------
@@ -72,7 +63,7 @@ async def test_expect_100_continue_over_the_limit_is_refused_before_the_upload(
     head = (
         b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
     )
-    answer = await raw_exchange(sc, head)
+    answer = await raw_exchange(sc.proxy, head)
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b"100 Continue" not in answer
     assert upstream.hits == 0
@@ -144,8 +135,7 @@ async def test_a_slowloris_client_is_cut_off_while_others_are_served(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
     sc = await start_sidecar(config(upstream.url))
-    host, port = sc.proxy.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await connect(sc.proxy)
     writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
 
     async def trickle() -> None:
@@ -173,21 +163,14 @@ async def test_an_idle_keep_alive_connection_is_not_a_slow_header(
 ) -> None:
     """The header timer starts at a request's first byte, not when the connection goes quiet."""
     sc = await start_sidecar(config(upstream.url))
-    host, port = sc.proxy.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await connect(sc.proxy)
     try:
         request = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
         for _ in range(2):
             writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-            assert head.startswith(b"HTTP/1.1 200 ")
-            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
+            assert (await read_one(reader)).startswith(b"HTTP/1.1 200 ")
             # Quiet for longer than the header timeout: a pooled client connection.
-            closed = asyncio.ensure_future(reader.read(1))
-            done, _ = await asyncio.wait([closed], timeout=0.6)
-            assert not done, "the idle connection was closed"
-            closed.cancel()
+            await quiet_for(reader, 0.6)
     finally:
         writer.close()
 
@@ -196,8 +179,7 @@ async def test_a_head_that_arrives_in_pieces_within_the_timeout_is_served(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
     sc = await start_sidecar(config(upstream.url))
-    host, port = sc.proxy.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await connect(sc.proxy)
     try:
         for piece in (b"GET /pieces HT", b"TP/1.1\r\nHost:", b" x\r\nConnection: close\r\n\r\n"):
             writer.write(piece)
@@ -233,33 +215,12 @@ routes:
 """
 
 
-async def connect(sc: Running) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    host, port = sc.proxy.removeprefix("http://").rsplit(":", 1)
-    return await asyncio.open_connection(host, int(port))
-
-
-async def quiet_for(reader: asyncio.StreamReader, seconds: float) -> None:
-    """Nothing arrives from the sidecar for `seconds` (a timer must not fire meanwhile)."""
-    peek = asyncio.ensure_future(reader.read(1))
-    done, _ = await asyncio.wait([peek], timeout=seconds)
-    assert not done, f"the sidecar sent {peek.result()!r}"
-    peek.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await peek
-
-
-async def read_one(reader: asyncio.StreamReader) -> bytes:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    return head + await asyncio.wait_for(reader.readexactly(length), 5)
-
-
 async def test_body_bytes_dropped_after_an_answer_do_not_start_the_header_timer(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
     """They did: an idle pooled connection then got a 408, read as its next answer."""
     sc = await start_sidecar(API.format(url=upstream.url))
-    reader, writer = await connect(sc)
+    reader, writer = await connect(sc.proxy)
     try:
         writer.write(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
         assert (await read_one(reader)).startswith(b"HTTP/1.1 404 ")
@@ -273,7 +234,7 @@ async def test_body_bytes_dropped_after_an_answer_do_not_start_the_header_timer(
 
 async def test_nothing_follows_a_413(start_sidecar: StartSidecar, upstream: Upstream) -> None:
     sc = await start_sidecar(API.format(url=upstream.url))
-    reader, writer = await connect(sc)
+    reader, writer = await connect(sc.proxy)
     try:
         writer.write(b"POST /api/up HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
         assert (await read_one(reader)).startswith(b"HTTP/1.1 413 ")
@@ -289,7 +250,7 @@ async def test_a_partial_head_pipelined_during_a_slow_request_is_timed(
 ) -> None:
     """It was not: the slowloris held its connection for `idle` instead of `headers`."""
     sc = await start_sidecar(API.format(url=upstream.url).replace("/api}", "/}"))
-    reader, writer = await connect(sc)
+    reader, writer = await connect(sc.proxy)
     try:
         writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
         await asyncio.wait_for(upstream.entered.wait(), 5)
@@ -319,7 +280,7 @@ async def test_a_body_too_large_during_an_early_answer_is_cut_off_at_once(
 
     url = await raw_upstream(echo)
     sc = await start_sidecar(API.format(url=url) + "    timeouts: {request: 30s}\n")
-    reader, writer = await connect(sc)
+    reader, writer = await connect(sc.proxy)
     try:
         writer.write(b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         writer.write(b"190\r\n" + b"a" * 400 + b"\r\n")
@@ -360,7 +321,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_counts_nothing(
 ) -> None:
     """It held its upstream connection (and a socket each side) for as long as it liked."""
     sc = await start_sidecar(READER.format(url=upstream.url))
-    reader, writer = await connect(sc)
+    reader, writer = await connect(sc.proxy)
     try:
         writer.write(b"GET /big/200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -382,7 +343,7 @@ async def test_a_slow_but_steady_reader_is_not_cut_off(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
     sc = await start_sidecar(READER.format(url=upstream.url))
-    reader, writer = await connect(sc)
+    reader, writer = await connect(sc.proxy)
     size = 4_000_000
     try:
         writer.write(f"GET /big/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())

@@ -17,6 +17,7 @@ from tests.conftest import (
     StartSidecar,
     Upstream,
     eventually,
+    raw_exchange,
     read_request_head,
 )
 
@@ -497,16 +498,6 @@ async def test_slow_request_admitted_closed_does_not_extend_the_open_period(
 # -- whose fault: the client's mistakes are never the upstream's failures -------------------------
 
 
-async def raw_exchange(proxy: str, request: bytes) -> bytes:
-    host, port = proxy[len("http://") :].rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(request)
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
-    return data
-
-
 async def test_a_probe_is_judged_by_its_answer_not_by_a_slow_reader(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
@@ -666,6 +657,7 @@ async def test_expect_100_continue_is_refused_at_once_while_open(
         sc.proxy,
         b"PUT /api/upload HTTP/1.1\r\nHost: svc\r\nExpect: 100-continue\r\n"
         b"Content-Length: 1000000000\r\nConnection: close\r\n\r\n",
+        within=15,  # aiohttp waits up to 10 s for the body before it closes
     )
     assert data.startswith(b"HTTP/1.1 503")  # never "100 Continue" first
     assert data.endswith(b'{"error":"circuit_open","route":"api","retry_after":10}')
