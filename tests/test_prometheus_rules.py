@@ -1,0 +1,224 @@
+"""The alert rules and the Grafana dashboard in deploy/: promtool, and the series they name."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import StartSidecar, Upstream
+
+ROOT = Path(__file__).parent.parent
+RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
+RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "sidecar-dashboard.json"
+SEVERITIES = {"critical", "warning", "info"}
+PER_ROUTE = re.compile(r"\bsidecar_(breaker|requests|rejected|upstream|in_flight)")
+
+TARGET_LABELS = {"job", "instance"}
+"""Labels Prometheus adds to every scraped series."""
+NOT_EXPORTED = {"up": TARGET_LABELS}
+"""Series Prometheus makes itself, with their labels."""
+
+ROUTES = """
+routes:
+  - name: search
+    match: {path_prefix: /search}
+    upstream: UPSTREAM
+    breaker:
+      mode: shadow
+      window: {duration: 30s, min_requests: 5}
+      failure_rate: 50%
+      slow_call_duration: 1s
+      slow_call_rate: 80%
+  - name: payments
+    match: {path_prefix: /}
+    upstream: UPSTREAM
+"""
+"""Every kind of route, so that the sidecar exports every series and label value it has."""
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool is missing: apt-get install prometheus (Debian's package has it)")
+    return path
+
+
+def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool(), *args], cwd=RULES.parent, capture_output=True, text=True, timeout=120
+    )
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard_targets() -> Iterator[tuple[str, str]]:
+    """(panel title, PromQL expr) for every query of the dashboard."""
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            yield panel["title"], target["expr"]
+
+
+# -- the rules themselves -----------------------------------------------------------------
+
+
+def test_the_alert_rules_pass_promtool_check() -> None:
+    result = run_promtool("check", "rules", RULES.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_alert_rules_pass_their_promtool_unit_tests() -> None:
+    result = run_promtool("test", "rules", RULE_TESTS.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_severity_a_runbook_and_tests_that_fire_it_and_not() -> None:
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for case in tests:
+        for check in case["alert_rule_test"]:
+            (fired if check["exp_alerts"] else quiet).add(check["alertname"])
+    for rule in alert_rules():
+        name = rule["alert"]
+        assert rule["labels"]["severity"] in SEVERITIES, name
+        annotations = rule["annotations"]
+        assert annotations["summary"].strip() and annotations["description"].strip(), name
+        if "route" in rule["expr"]:  # a per-route alert says which route
+            assert "$labels.route" in annotations["summary"], name
+        assert name in fired, f"no test shows {name} firing"
+        assert name in quiet, f"no test shows {name} staying quiet"
+
+
+# -- every series named exists --------------------------------------------------------------
+
+SELECTOR = re.compile(r"\b(sidecar_\w+|up)\s*\{([^{}]*)\}")
+MATCHER = re.compile(r"(\w+)\s*(=~|!~|!=|=)\s*\"([^\"]*)\"")
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^()]*)\)")
+
+
+@pytest.fixture
+async def exported(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> dict[str, dict[str, set[str]]]:
+    """Each sample name a running sidecar's /metrics shows: its labels and their values."""
+    sc = await start_sidecar(ROUTES.replace("UPSTREAM", upstream.url))
+    async with http.get(f"{sc.admin}/metrics") as response:
+        text = await response.text()
+    series: dict[str, dict[str, set[str]]] = {
+        name: {label: set() for label in labels} for name, labels in NOT_EXPORTED.items()
+    }
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = series.setdefault(sample.name, {label: set() for label in TARGET_LABELS})
+            for name, value in sample.labels.items():
+                labels.setdefault(name, set()).add(value)
+    return series
+
+
+def unknown_names(text: str, exported: dict[str, dict[str, set[str]]]) -> list[str]:
+    """The metric names, labels and label values in `text` that the sidecar does not export."""
+    problems = [
+        f"no series {name}" for name in re.findall(r"\bsidecar_\w+", text) if name not in exported
+    ]
+    known_labels = {"le"}.union(*(labels for labels in exported.values()))
+    for grouping in GROUPING.findall(text):
+        for label in filter(None, (part.strip() for part in grouping.split(","))):
+            if label not in known_labels:
+                problems.append(f"no series has a label {label}")
+    for name, matchers in SELECTOR.findall(text):
+        labels = exported.get(name)
+        if labels is None:
+            continue  # reported above
+        for label, op, value in MATCHER.findall(matchers):
+            if label not in labels:
+                problems.append(f"{name} has no label {label}")
+            elif label not in TARGET_LABELS | {"route"} and "$" not in value and op != "!~":
+                wanted = value.split("|") if op == "=~" else [value]
+                problems += [
+                    f"{name}{{{label}={v!r}}} is never exported"
+                    for v in wanted
+                    if v not in labels[label]
+                ]
+    return problems
+
+
+def test_the_names_checker_catches_a_misspelt_series_label_and_value() -> None:
+    exported = {"sidecar_breaker_state": {"route": {"a"}, "state": {"open"}, "job": set()}}
+    assert unknown_names('sidecar_breaker_state{state="open"}', exported) == []
+    assert unknown_names(
+        'sum by (rout) (sidecar_breaker_states{job="x"}) + sidecar_breaker_state{stat="open"}'
+        ' + sidecar_breaker_state{state=~"open|opne"}',
+        exported,
+    ) == [
+        "no series sidecar_breaker_states",
+        "no series has a label rout",
+        "sidecar_breaker_state has no label stat",
+        "sidecar_breaker_state{state='opne'} is never exported",
+    ]
+
+
+def test_the_alert_rules_name_only_series_the_sidecar_exports(
+    exported: dict[str, dict[str, set[str]]],
+) -> None:
+    for rule in alert_rules():
+        text = "\n".join([rule["expr"], *rule["annotations"].values()])
+        assert unknown_names(text, exported) == [], rule["alert"]
+
+
+def test_the_dashboard_names_only_series_the_sidecar_exports(
+    exported: dict[str, dict[str, set[str]]],
+) -> None:
+    for title, expr in dashboard_targets():
+        assert unknown_names(expr, exported) == [], title
+
+
+# -- the dashboard ----------------------------------------------------------------------------
+
+
+def test_the_dashboard_has_its_variables_and_the_panels_an_operator_needs() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert "sidecar_breaker_state" in variables["route"]["query"]["query"]
+    assert variables["route"]["includeAll"] and variables["route"]["multi"]
+
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            if PER_ROUTE.search(target["expr"]):  # the route variable filters it
+                assert 'route=~"$route"' in target["expr"], panel["title"]
+
+    def exprs(kind: str | None = None) -> str:
+        return "\n".join(
+            t["expr"] for p in panels if kind in (None, p["type"]) for t in p["targets"]
+        )
+
+    assert "sidecar_breaker_state" in exprs("state-timeline")
+    everything = exprs()
+    assert re.search(r"by \(route, reason\) \(rate\(sidecar_rejected_requests_total", everything)
+    assert re.search(r"by \(route, kind\) \(rate\(sidecar_upstream_failures_total", everything)
+    assert re.search(r"by \(route, code\) \(rate\(sidecar_requests_total", everything)
+    assert "sidecar_in_flight_requests" in everything
+    quantiles = re.findall(
+        r"histogram_quantile\((0\.\d+), sum by \(route, le\) "
+        r"\(rate\(sidecar_upstream_request_duration_seconds_bucket",
+        everything,
+    )
+    assert quantiles == ["0.5", "0.9", "0.99"]
