@@ -31,6 +31,7 @@ __all__ = [
     "ClientTimeouts",
     "Config",
     "ConfigError",
+    "LogSettings",
     "Problem",
     "Route",
     "Timeouts",
@@ -47,6 +48,10 @@ DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_CLIENT_HEADER_TIMEOUT = 10.0
 DEFAULT_CLIENT_IDLE_TIMEOUT = 75.0
 DEFAULT_CLIENT_WRITE_TIMEOUT = 60.0
+DEFAULT_SHUTDOWN_GRACE = 15.0
+"""Seconds in-flight requests get to finish after SIGTERM."""
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_MAX_BODY_SIZE: int | None = None
 """No limit: bodies stream through in bounded memory whatever their size."""
 DEFAULT_FAILURE_THRESHOLD = 5
@@ -156,6 +161,15 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    format: str = "json"
+    """"json" (one object a line, the documented schema) or "text"."""
+    level: str = "info"
+    access: bool = False
+    """One line per proxied request when true."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     listen: Address
@@ -164,6 +178,8 @@ class Config:
     client_timeouts: ClientTimeouts = ClientTimeouts(
         DEFAULT_CLIENT_HEADER_TIMEOUT, DEFAULT_CLIENT_IDLE_TIMEOUT
     )
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    log: LogSettings = LogSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,7 +424,9 @@ class _Reader:
 
     def config(self, document: Any) -> Config | None:
         top = self.mapping(
-            document, (), ["listen", "admin", "client_timeouts", "defaults", "routes"]
+            document,
+            (),
+            ["listen", "admin", "client_timeouts", "shutdown_grace", "log", "defaults", "routes"],
         )
         if top is None:
             return None
@@ -441,6 +459,15 @@ class _Reader:
             write=self.field(
                 client_table, "write", ("client_timeouts",), positive, DEFAULT_CLIENT_WRITE_TIMEOUT
             ),
+        )
+        shutdown_grace = self.field(
+            top, "shutdown_grace", (), parse_duration, DEFAULT_SHUTDOWN_GRACE
+        )
+        log_table = self.mapping(top.get("log"), ("log",), ["format", "level", "access"]) or {}
+        log = LogSettings(
+            format=self.field(log_table, "format", ("log",), _choice(LOG_FORMATS), "json"),
+            level=self.field(log_table, "level", ("log",), _choice(LOG_LEVELS), "info"),
+            access=self.field(log_table, "access", ("log",), _bool, False),
         )
 
         defaults = (
@@ -508,6 +535,8 @@ class _Reader:
             admin_listen,
             tuple(route for _, route in routes),
             client_timeouts,
+            shutdown_grace,
+            log,
         )
 
     def timeouts(self, value: Any, path: Path, base: Timeouts) -> Timeouts:
@@ -1002,6 +1031,16 @@ def _mode(value: Any) -> Mode:
         if value == mode:
             return mode
     raise _Invalid(f"must be 'enforce' or 'shadow', not {_kind(value)}")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if isinstance(value, str) and value in choices:
+            return value
+        listed = ", ".join(repr(c) for c in choices)
+        raise _Invalid(f"must be one of {listed}, not {_kind(value)}")
+
+    return parse
 
 
 def _bool(value: Any) -> bool:
