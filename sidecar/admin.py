@@ -1,16 +1,36 @@
-"""The admin listener: /metrics, /healthz, /readyz and /breakers."""
+"""The admin listener: /metrics, /healthz, /readyz, /breakers, and the operator's
+endpoints: POST /reload, POST /breakers/{route} (an override), and
+POST /breakers/{route}/reset.
+
+The operator's endpoints change what the proxy does, so they need
+`Authorization: Bearer <SIDECAR_ADMIN_TOKEN>` when that variable is set; without
+it they are accepted only from loopback clients (a pod's own containers).
+"""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
+import json
+import logging
+import math
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from sidecar.breaker import Breaker
-from sidecar.metrics import Metrics
+from sidecar.breaker import Breaker, State
+from sidecar.config import format_duration, parse_duration
+from sidecar.logs import event
+
+if TYPE_CHECKING:
+    from sidecar.app import Sidecar
+
+log = logging.getLogger("sidecar")
+
+OVERRIDES = {"forced_open": State.FORCED_OPEN, "forced_closed": State.FORCED_CLOSED, "auto": None}
 
 __all__ = ["Health", "breaker_report", "create_admin_app"]
 
@@ -35,6 +55,7 @@ def breaker_report(breaker: Breaker) -> dict[str, Any]:
         "consecutive_failures": breaker.consecutive_failures,
         "retry_after": breaker.retry_after(),
         "open_period": breaker.open_period,
+        "override_ttl_left": _seconds_or_none(breaker.override_left),
         "window": None
         if counts is None
         else {
@@ -74,7 +95,60 @@ def _fraction(rate: Fraction | None) -> float | None:
     return None if rate is None else float(rate)
 
 
-def create_admin_app(metrics: Metrics, health: Health) -> web.Application:
+def _seconds_or_none(seconds: float | None) -> float | None:
+    """JSON has no infinity: an override without a ttl has no time left to show."""
+    return None if seconds is None or math.isinf(seconds) else round(seconds, 3)
+
+
+def _error(status: int, error: str, detail: str, **extra: Any) -> web.Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response(
+        {"error": error, "detail": detail, **extra}, status=status, headers=headers
+    )
+
+
+def _is_loopback(address: str | None) -> bool:
+    try:
+        ip = ipaddress.ip_address((address or "").split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _refusal(request: web.Request, token: str | None) -> web.Response | None:
+    """Why a mutating request may not go ahead, or None if it may."""
+    if token is not None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            return None
+        return _error(401, "unauthorized", "send Authorization: Bearer <SIDECAR_ADMIN_TOKEN>")
+    if _is_loopback(request.remote):
+        return None
+    return _error(
+        403,
+        "forbidden",
+        "without SIDECAR_ADMIN_TOKEN set, only loopback clients may change the sidecar",
+    )
+
+
+async def _json_object(request: web.Request) -> dict[str, Any] | web.Response:
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "bad_request", "the body must be a JSON object")
+    if not isinstance(body, dict):
+        return _error(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def create_admin_app(sidecar: Sidecar) -> web.Application:
+    metrics = sidecar.metrics
+    health = sidecar.health
+
     async def get_metrics(_request: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(metrics.registry))
         # Text format 0.0.4: what every Prometheus version scrapes (our names need no escaping).
@@ -92,9 +166,90 @@ def create_admin_app(metrics: Metrics, health: Health) -> web.Application:
     async def get_breakers(_request: web.Request) -> web.Response:
         return web.json_response({"routes": [breaker_report(b) for b in metrics.breakers()]})
 
+    async def post_reload(request: web.Request) -> web.Response:
+        refused = _refusal(request, sidecar.admin_token)
+        if refused is not None:
+            return refused
+        _audit(request, "reload", None)
+        result = await sidecar.reload()
+        return web.json_response(result.as_json(), status=200 if result.ok else 400)
+
+    def route_breaker(request: web.Request) -> Breaker | web.Response:
+        name = request.match_info["route"]
+        breaker = sidecar.breaker(name)
+        if breaker is None:
+            return _error(404, "no_such_route", f"no route named {name!r}")
+        return breaker
+
+    async def post_override(request: web.Request) -> web.Response:
+        refused = _refusal(request, sidecar.admin_token)
+        if refused is not None:
+            return refused
+        breaker = route_breaker(request)
+        if isinstance(breaker, web.Response):
+            return breaker
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        unknown = sorted(set(body) - {"state", "ttl"})
+        if unknown:
+            return _error(400, "bad_request", f"unknown keys: {', '.join(unknown)}")
+        wanted = body.get("state")
+        if not isinstance(wanted, str) or wanted not in OVERRIDES:
+            return _error(
+                400, "bad_request", "state must be one of 'forced_open', 'forced_closed', 'auto'"
+            )
+        state = OVERRIDES[wanted]
+        ttl = None
+        if body.get("ttl") is not None:
+            if state is None:
+                return _error(400, "bad_request", "'auto' takes no ttl")
+            try:
+                ttl = parse_duration(body["ttl"])
+            except ValueError as e:
+                return _error(400, "bad_request", f"ttl: {e}")
+            if ttl <= 0:
+                return _error(400, "bad_request", "ttl: must be greater than 0")
+        _audit(request, "force", breaker.name, state=wanted, ttl=ttl)
+        if state is None:
+            breaker.force(None, reason="override lifted by admin")
+        else:
+            until = "" if ttl is None else f" for {format_duration(ttl)}"
+            breaker.force(state, ttl, reason=f"forced by admin{until}")
+        return web.json_response(breaker_report(breaker))
+
+    async def post_reset(request: web.Request) -> web.Response:
+        refused = _refusal(request, sidecar.admin_token)
+        if refused is not None:
+            return refused
+        breaker = route_breaker(request)
+        if isinstance(breaker, web.Response):
+            return breaker
+        _audit(request, "reset", breaker.name)
+        breaker.reset("reset by admin")
+        return web.json_response(breaker_report(breaker))
+
     app = web.Application()
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/readyz", get_readyz)
     app.router.add_get("/breakers", get_breakers)
+    app.router.add_post("/reload", post_reload)
+    app.router.add_post("/breakers/{route}", post_override)
+    app.router.add_post("/breakers/{route}/reset", post_reset)
     return app
+
+
+def _audit(request: web.Request, action: str, route: str | None, **fields: Any) -> None:
+    what = action if route is None else f"{action} {route}"
+    details = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    event(
+        log,
+        logging.INFO,
+        "admin_action",
+        f"admin: {what} {details} from {request.remote}".replace("  ", " "),
+        action=action,
+        route=route,
+        client=request.remote,
+        **fields,
+    )

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import errno
+import logging
+import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -13,21 +19,47 @@ from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
 from sidecar.admin import Health, create_admin_app
-from sidecar.breaker import Clock
-from sidecar.config import Address, Config
+from sidecar.breaker import Breaker, Clock
+from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.listener import ProxyServer
+from sidecar.logs import ACCESS, event
+from sidecar.logs import configure as configure_logs
 from sidecar.metrics import Metrics
-from sidecar.proxy import Proxy
+from sidecar.proxy import Proxy, RouteChanges
 from sidecar.upstream import new_client_session
 
-__all__ = ["SHUTDOWN_GRACE", "Sidecar", "StartupError"]
+__all__ = ["ReloadResult", "Sidecar", "StartupError", "admin_token_from_env"]
 
-SHUTDOWN_GRACE = 15.0
-"""Seconds in-flight requests get to finish after SIGTERM."""
+log = logging.getLogger("sidecar")
 
 
 class StartupError(Exception):
     """The sidecar cannot start; the message is one line for the user."""
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    errors: list[str] = field(default_factory=list)
+    """Every problem of an invalid config, one line each."""
+    changes: RouteChanges | None = None
+    restart_required: list[str] = field(default_factory=list)
+    """Keys whose new values only a restart applies (the listen addresses)."""
+
+    def as_json(self) -> dict[str, Any]:
+        if not self.ok:
+            return {"result": "failure", "errors": self.errors}
+        assert self.changes is not None
+        return {
+            "result": "success",
+            "routes": dataclasses.asdict(self.changes),
+            "restart_required": self.restart_required,
+        }
+
+
+def admin_token_from_env() -> str | None:
+    """`SIDECAR_ADMIN_TOKEN`, or None when unset or empty (an empty token guards nothing)."""
+    return os.environ.get("SIDECAR_ADMIN_TOKEN") or None
 
 
 class Sidecar:
@@ -40,20 +72,28 @@ class Sidecar:
         clock: Clock = time.monotonic,
         rand: Callable[[], float] = random.random,
         registry: CollectorRegistry | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self.config = config
+        self._bound = (config.listen, config.admin_listen)
+        """What the listeners were started with: a reload cannot move them."""
+        self.admin_token = admin_token
+        """Mutating admin requests need it as their bearer token; None: loopback only."""
         self.health = Health()
         self.metrics = Metrics(registry or CollectorRegistry(auto_describe=True), __version__)
+        self.metrics.last_reload_success = time.time()
         # Every route's breaker and series exist from here, before the first scrape.
         self.proxy = Proxy(
             config.routes, self.metrics, clock, rand, write_timeout=config.client_timeouts.write
         )
-        self.admin_app = create_admin_app(self.metrics, self.health)
+        self.admin_app = create_admin_app(self)
         self._runners: list[web.BaseRunner] = []
+        self._proxy_server: ProxyServer | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._reloading = asyncio.Lock()
         self.addresses: dict[str, Address] = {}
 
-    async def start(self, shutdown_grace: float = SHUTDOWN_GRACE) -> None:
+    async def start(self) -> None:
         """Listen on both addresses, or raise `StartupError` having opened neither."""
         # The client session needs a running loop, so it is made here; it is closed
         # in stop(), after the proxy listener has stopped handing requests over.
@@ -64,8 +104,8 @@ class Sidecar:
         # cost time. handler_cancellation: a client that goes away cancels its handler,
         # which releases its permit (and probe slot) and its upstream request.
         clients = self.config.client_timeouts
-        proxy_server = ProxyServer(
-            self.proxy.handle,
+        self._proxy_server = ProxyServer(
+            self._handle,
             header_timeout=clients.headers,
             keepalive_timeout=clients.idle,
             handler_cancellation=True,
@@ -73,16 +113,8 @@ class Sidecar:
         )
         try:
             for name, runner, address in (
-                (
-                    "admin",
-                    web.AppRunner(self.admin_app, shutdown_timeout=shutdown_grace, access_log=None),
-                    self.config.admin_listen,
-                ),
-                (
-                    "proxy",
-                    web.ServerRunner(proxy_server, shutdown_timeout=shutdown_grace),
-                    self.config.listen,
-                ),
+                ("admin", web.AppRunner(self.admin_app, access_log=None), self.config.admin_listen),
+                ("proxy", web.ServerRunner(self._proxy_server), self.config.listen),
             ):
                 await runner.setup()
                 self._runners.append(runner)
@@ -97,12 +129,104 @@ class Sidecar:
             raise
         self.health.ready = True
 
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if not ACCESS.isEnabledFor(logging.INFO):
+            return await self.proxy.handle(request)
+        started = time.monotonic()
+        status = None
+        try:
+            response = await self.proxy.handle(request)
+            status = response.status
+            return response
+        finally:
+            target = self.proxy.match(request)[0]
+            path = request.raw_path.partition("?")[0]
+            event(
+                ACCESS,
+                logging.INFO,
+                "access",
+                f"{request.remote} {request.method} {path} {status or '-'}",
+                client=request.remote,
+                method=request.method,
+                path=path,
+                route=None if target is None else target.route.name,
+                status=status,
+                duration_ms=round((time.monotonic() - started) * 1000, 3),
+            )
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file: swap to it if valid, else keep serving the old one."""
+        async with self._reloading:
+            try:
+                # In a thread: 10,000 routes take a second or two to check, and the
+                # requests in hand meanwhile must not wait for it.
+                config = await asyncio.to_thread(load_config, self.config.path)
+            except ConfigError as e:
+                self.metrics.reloads["failure"] += 1
+                errors = [str(p) for p in e.problems]
+                event(
+                    log,
+                    logging.ERROR,
+                    "reload",
+                    f"reload failed, still serving the config loaded before: "
+                    f"{len(errors)} error{'s' * (len(errors) != 1)}: " + "; ".join(errors),
+                    result="failure",
+                    errors=errors,
+                )
+                return ReloadResult(False, errors)
+            wanted = (config.listen, config.admin_listen)
+            restart = [
+                key
+                for key, new, bound in zip(
+                    ("listen", "admin.listen"), wanted, self._bound, strict=True
+                )
+                if new != bound
+            ]
+            changes = self.proxy.reconfigure(config.routes)
+            clients = config.client_timeouts
+            self.proxy.write_timeout = clients.write
+            if self._proxy_server is not None:
+                self._proxy_server.set_client_timeouts(clients.headers, clients.idle)
+            configure_logs(config.log)
+            self.config = config
+            self.metrics.reloads["success"] += 1
+            self.metrics.last_reload_success = time.time()
+            result = ReloadResult(True, changes=changes, restart_required=restart)
+            summary = ", ".join(
+                f"{len(names)} {what}"
+                for what, names in dataclasses.asdict(changes).items()
+                if names
+            )
+            event(
+                log,
+                logging.INFO,
+                "reload",
+                f"reloaded {config.path}: {summary}",
+                result="success",
+                **dataclasses.asdict(changes),
+                restart_required=restart,
+            )
+            for key in restart:
+                value = config.listen if key == "listen" else config.admin_listen
+                log.warning(
+                    "%s changed to %s: still listening on %s until restarted",
+                    key,
+                    value,
+                    self.addresses["proxy" if key == "listen" else "admin"],
+                )
+            return result
+
+    def breaker(self, name: str) -> Breaker | None:
+        return next((b for b in self.proxy.breakers if b.name == name), None)
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within the grace period, clean up."""
+        """Stop accepting, let in-flight requests finish within `shutdown_grace`, clean up."""
         self.health.ready = False
+        grace = self.config.shutdown_grace
         # The proxy first: the admin listener keeps answering /readyz (503) and
         # /metrics while the proxy drains.
         for runner in reversed(self._runners):
+            runner._shutdown_timeout = grace  # read by cleanup(); set late, as reloads change it
             await runner.cleanup()
         self._runners.clear()
         if self._session is not None:

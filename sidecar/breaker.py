@@ -20,6 +20,11 @@ period by a random fraction, so that a fleet of sidecars does not probe in step.
 In shadow mode the breaker keeps its state as usual but admits everything,
 counting what it would have rejected.
 
+An operator may override the rules (`force`): FORCED_OPEN rejects everything,
+FORCED_CLOSED admits everything and counts nothing, until the override's ttl
+runs out or it is lifted; either way the breaker then starts afresh in CLOSED,
+as `reset` does. An override applies in shadow mode too: it is an order.
+
 Standard library only: time comes from an injected clock, randomness from an
 injected source, and the outside world (metrics, logs) subscribes to state
 changes through listeners.
@@ -38,6 +43,7 @@ from typing import Literal
 from sidecar.window import Counts, CountWindow, TimeWindow, Window
 
 __all__ = [
+    "FORCED",
     "MODES",
     "Breaker",
     "BreakerSettings",
@@ -62,6 +68,13 @@ class State(enum.Enum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+    FORCED_OPEN = "forced_open"
+    """Set by an operator: every request rejected until the override ends."""
+    FORCED_CLOSED = "forced_closed"
+    """Set by an operator: every request forwarded, no outcome counted, until it ends."""
+
+
+FORCED = frozenset({State.FORCED_OPEN, State.FORCED_CLOSED})
 
 
 StateListener = Callable[["Breaker", State, State], None]
@@ -210,6 +223,8 @@ class Breaker:
         """The period in force (jitter included) of the current or last OPEN."""
         self._probes_in_flight = 0
         self._probe_successes = 0
+        self._override_until = math.inf
+        """While FORCED_*: when the override ends (clock time; inf without a ttl)."""
         self._shadow = settings.mode == "shadow"
         self.shadow_rejections = 0
         """Requests a shadow-mode breaker admitted that enforcing would have rejected."""
@@ -228,10 +243,22 @@ class Breaker:
 
     @property
     def state(self) -> State:
-        """The current state; OPEN turns HALF_OPEN here once its period is over."""
-        if self._state is State.OPEN and self._clock() >= self._open_until:
-            self._to_half_open()
+        """The current state; OPEN turns HALF_OPEN here once its period is over, and
+        an override whose ttl has run out ends here."""
+        state = self._state
+        if state is State.OPEN:
+            if self._clock() >= self._open_until:
+                self._to_half_open()
+        elif state in FORCED and self._clock() >= self._override_until:
+            self._end_override()
         return self._state
+
+    @property
+    def override_left(self) -> float | None:
+        """Seconds until the override ends (inf without a ttl); None when not overridden."""
+        if self.state not in FORCED:
+            return None
+        return self._override_until - self._clock()
 
     @property
     def consecutive_failures(self) -> int:
@@ -255,10 +282,18 @@ class Breaker:
         return self._open_period if self._state is State.OPEN else None
 
     def retry_after(self) -> int | None:
-        """Whole seconds until a probe is admitted while OPEN, else None."""
-        if self.state is not State.OPEN:
-            return None
-        return _whole_seconds(self._open_until - self._clock())
+        """Whole seconds until a request could be admitted while (FORCED_)OPEN, else None."""
+        state = self.state
+        if state is State.OPEN:
+            return _whole_seconds(self._open_until - self._clock())
+        if state is State.FORCED_OPEN:
+            return self._forced_retry_after()
+        return None
+
+    def _forced_retry_after(self) -> int:
+        # The ttl left; without a ttl nobody knows, and open_duration is an honest guess.
+        left = self._override_until - self._clock()
+        return _whole_seconds(self.settings.open_duration if left == math.inf else left)
 
     def window_counts(self) -> Counts | None:
         """Outcomes, failures and slow calls in the window now; None without a window."""
@@ -285,6 +320,14 @@ class Breaker:
             if left > 0:
                 return self._refuse(Rejection(state, _whole_seconds(left)))
             self._to_half_open()
+        elif state is not State.HALF_OPEN:  # an override
+            if self._clock() >= self._override_until:
+                self._end_override()
+                return Permit(self, self._generation, State.CLOSED)
+            if state is State.FORCED_OPEN:
+                return Rejection(state, self._forced_retry_after())
+            # No generation matches: its outcome is counted nowhere.
+            return Permit(self, _SHADOW_GENERATION, state)
         if self._probes_in_flight >= self.settings.half_open_requests:
             return self._refuse(Rejection(State.HALF_OPEN, 1))
         self._probes_in_flight += 1
@@ -361,6 +404,44 @@ class Breaker:
         rate = self._slow_call_rate
         if rate is not None and window.slow * rate[1] >= rate[0] * total:
             self._open(_rate_reason("slow-call rate", window.slow, total, rate))
+
+    # -- operators ---------------------------------------------------------------
+
+    def force(self, state: State | None, ttl: float | None = None, reason: str = "") -> None:
+        """Override the rules with FORCED_OPEN or FORCED_CLOSED, for `ttl` seconds
+        (None: until lifted); `state` None lifts an override (back to CLOSED, afresh)."""
+        if state is None:
+            if self.state in FORCED:
+                self._end_override(reason or "override lifted")
+            return
+        if state not in FORCED:
+            raise ValueError(f"cannot force {state.value}")
+        self._override_until = math.inf if ttl is None else self._clock() + ttl
+        if self._state is not state:
+            self._transition(state, reason or "forced")
+        else:  # a new ttl for the same override: outstanding permits stay as they were
+            self.reason = reason or self.reason
+
+    def reset(self, reason: str = "reset") -> None:
+        """Back to CLOSED with clean counts, whatever the state (an override ends too)."""
+        if self._state is State.CLOSED:
+            # No transition to report; still, outcomes of requests admitted before the
+            # reset must not count against the clean slate.
+            self._generation += 1
+            self._consecutive_failures = 0
+            self._period = self.settings.open_duration
+            if self._window is not None:
+                self._window.clear()
+            self.reason = reason
+            return
+        self._override_until = math.inf
+        self._transition(State.CLOSED, reason)
+
+    def _end_override(self, reason: str | None = None) -> None:
+        if reason is None:
+            reason = f"{self._state.value} override ended (ttl over)"
+        self._override_until = math.inf
+        self._transition(State.CLOSED, reason)
 
     # -- transitions -----------------------------------------------------------
 

@@ -20,6 +20,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from sidecar import __version__
 from sidecar.breaker import Breaker, State, format_percent
 from sidecar.config import Config, ConfigError, Route, format_duration, load_config
+from sidecar.logs import configure as configure_logs
+from sidecar.logs import event
 
 __all__ = ["main", "run_loop"]
 
@@ -148,9 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logs(config.log)
     logging.getLogger("aiohttp.server").addFilter(one_line_client_errors)
     return run_loop(_serve(config))
 
@@ -181,57 +181,85 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def log_transition(breaker: Breaker, from_state: State, to_state: State) -> None:
+    """The one log line of every state change: route, from, to, reason (and period)."""
     extra = ""
     period = breaker.open_period
+    fields: dict[str, object] = {}
     if to_state is State.OPEN and period is not None:
         extra = f" for {format_duration(period)}"
-    log.info(
-        "route %s: %s -> %s%s (%s)",
-        breaker.name,
-        from_state.value,
-        to_state.value,
-        extra,
-        breaker.reason,
+        fields["period"] = round(period, 3)
+    event(
+        log,
+        logging.WARNING if to_state is State.OPEN else logging.INFO,
+        "breaker_transition",
+        f"route {breaker.name}: {from_state.value} -> {to_state.value}{extra} ({breaker.reason})",
+        route=breaker.name,
+        **{"from": from_state.value, "to": to_state.value},
+        reason=breaker.reason,
+        **fields,
     )
 
 
 async def _serve(config: Config) -> int:
-    from sidecar.app import Sidecar, StartupError
+    from sidecar.app import Sidecar, StartupError, admin_token_from_env
 
-    sidecar = Sidecar(config)
-    for breaker in sidecar.proxy.breakers:
-        breaker.add_listener(log_transition)
+    sidecar = Sidecar(config, admin_token=admin_token_from_env())
+    sidecar.proxy.add_transition_listener(log_transition)
     try:
         await sidecar.start()
     except StartupError as e:
         print(f"sidecar run: {e}", file=sys.stderr)
         return 1
-    log.info(
-        "sidecar %s: proxy on %s, admin on %s, %d routes",
-        __version__,
-        sidecar.addresses["proxy"],
-        sidecar.addresses["admin"],
-        len(config.routes),
+    event(
+        log,
+        logging.INFO,
+        "started",
+        f"sidecar {__version__}: proxy on {sidecar.addresses['proxy']}, "
+        f"admin on {sidecar.addresses['admin']}, {len(config.routes)} routes",
+        proxy=str(sidecar.addresses["proxy"]),
+        admin=str(sidecar.addresses["admin"]),
+        routes=len(config.routes),
+        version=__version__,
     )
+    if sidecar.admin_token is None:
+        log.info("SIDECAR_ADMIN_TOKEN is not set: admin changes accepted from loopback only")
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[object]] = set()
 
     def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
         if stopping.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            log.warning("second %s: exiting now, in-flight requests cut off", name)
             os._exit(1)
-        log.info("%s: stopping gracefully", signal.Signals(signum).name)
+        grace = sidecar.config.shutdown_grace
+        event(
+            log,
+            logging.INFO,
+            "stopping",
+            f"{name}: stopping gracefully: not ready, no new connections, "
+            f"{format_duration(grace)} for requests in flight",
+            signal=name,
+            grace=grace,
+        )
         stopping.set()
+
+    def on_hangup() -> None:
+        task = loop.create_task(sidecar.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     # The handlers stay in place while draining, so that a second signal forces the exit.
     await stopping.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
     await sidecar.stop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(signum)
-    log.info("stopped")
+    event(log, logging.INFO, "stopped", "stopped")
     return 0
 
 

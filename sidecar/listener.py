@@ -81,6 +81,11 @@ class ProxyServer(web.Server):
         super().__init__(handle, **kwargs)
         self._header_timeout = header_timeout
 
+    def set_client_timeouts(self, header_timeout: float, keepalive_timeout: float) -> None:
+        """Apply to connections accepted from now on (a reload); open ones keep theirs."""
+        self._header_timeout = header_timeout
+        self._kwargs["keepalive_timeout"] = keepalive_timeout
+
     def __call__(self) -> RequestHandler:
         # `_kwargs` is what web.Server itself passes to each RequestHandler.
         return _Connection(self, header_timeout=self._header_timeout, **self._kwargs)

@@ -28,7 +28,7 @@ from sidecar.breaker import MODES, Breaker, State
 __all__ = ["FAILURE_KINDS", "REJECT_REASONS", "Metrics", "RouteMetrics"]
 
 FAILURE_KINDS = ("status", "connect", "timeout", "reset")
-REJECT_REASONS = ("circuit_open", "circuit_half_open")
+REJECT_REASONS = ("circuit_open", "circuit_half_open", "circuit_forced_open")
 TRANSITIONS = (
     (State.CLOSED, State.OPEN),
     (State.OPEN, State.HALF_OPEN),
@@ -91,6 +91,10 @@ class Metrics:
         self.unrouted = 0
         """Requests that no route matched."""
         self.routes: list[RouteMetrics] = []
+        """The routes whose series are exported: replaced whole when the config is."""
+        self.reloads = {"success": 0, "failure": 0}
+        self.last_reload_success = 0.0
+        """Unix time of the last successful load of the config, at start-up or reload."""
         self._breakers: Callable[[], Iterable[Breaker]] = list
         registry.register(_Collector(self))
 
@@ -98,16 +102,18 @@ class Metrics:
         """Read breaker state from `breakers()` at every scrape."""
         self._breakers = breakers
 
-    def add_route(self, breaker: Breaker) -> RouteMetrics:
-        """Create every series of a route and follow its breaker's transitions."""
+    def new_route(self, breaker: Breaker) -> RouteMetrics:
+        """A route's numbers, following its breaker's transitions; exported once it is
+        in `routes`."""
         route = RouteMetrics(breaker.name)
         transitions = route.transitions
 
         def count(_breaker: Breaker, from_state: State, to_state: State) -> None:
-            transitions[from_state, to_state] += 1
+            # Overrides add pairs beyond the precreated four (closed -> forced_open, ...).
+            key = (from_state, to_state)
+            transitions[key] = transitions.get(key, 0) + 1
 
         breaker.add_listener(count)
-        self.routes.append(route)
         return route
 
     def breakers(self) -> Iterable[Breaker]:
@@ -227,6 +233,18 @@ class _Collector(Collector):
             in_flight.add_metric([name], route.in_flight)
             slow_calls.add_metric([name], route.slow_calls)
 
+        reloads = CounterMetricFamily(
+            "sidecar_config_reloads",
+            "Config reloads (SIGHUP or POST /reload), by result.",
+            labels=["result"],
+        )
+        for result, n in metrics.reloads.items():
+            reloads.add_metric([result], n)
+        last_reload = GaugeMetricFamily(
+            "sidecar_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load, at start-up or by reload.",
+        )
+        last_reload.add_metric([], metrics.last_reload_success)
         unrouted = CounterMetricFamily(
             "sidecar_unrouted_requests", "Requests that no route matched (answered 404)."
         )
@@ -237,4 +255,4 @@ class _Collector(Collector):
         build_info.add_metric([metrics.version], 1)
         yield from (state, mode, consecutive, failure_rate, slow_call_rate, shadow, transitions)
         yield from (requests, rejected, failures, duration, in_flight, slow_calls)
-        yield from (unrouted, build_info)
+        yield from (unrouted, reloads, last_reload, build_info)

@@ -7,6 +7,7 @@ sees"; the responses the sidecar makes itself are built by `error_response`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import email.utils
 import random
@@ -19,7 +20,7 @@ from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from sidecar.breaker import Breaker, Clock, Permit, Rejection, State
+from sidecar.breaker import Breaker, Clock, Permit, Rejection, State, StateListener
 from sidecar.config import Route
 from sidecar.metrics import Metrics, RouteMetrics
 from sidecar.routing import Router, upstream_target
@@ -33,7 +34,7 @@ from sidecar.upstream import (
     send,
 )
 
-__all__ = ["HOP_BY_HOP", "Proxy", "Target", "error_response", "retry_after_seconds"]
+__all__ = ["HOP_BY_HOP", "Proxy", "RouteChanges", "Target", "error_response", "retry_after_seconds"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -57,8 +58,28 @@ COALESCE_HEADERS_BELOW = 65536
 REJECTION_CACHE_SIZE = 1024
 """Finished 503s kept per route: one per second of `Retry-After` counting down."""
 
+_REJECT_REASONS = {
+    State.OPEN: "circuit_open",
+    State.HALF_OPEN: "circuit_half_open",
+    State.FORCED_OPEN: "circuit_forced_open",
+}
+
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 """Upstream answers whose `Retry-After` opens the route under `respect_retry_after`."""
+
+
+@dataclass(slots=True)
+class RouteChanges:
+    """What `Proxy.reconfigure` did, by route name."""
+
+    kept: list[str] = field(default_factory=list)
+    """Unchanged."""
+    updated: list[str] = field(default_factory=list)
+    """Changed, but not their breaker settings: state and counts kept."""
+    reset: list[str] = field(default_factory=list)
+    """Breaker settings changed: a fresh breaker, CLOSED, and fresh counts."""
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -141,16 +162,41 @@ class Proxy:
         self._session: aiohttp.ClientSession  # given by `attach` once a loop runs
         self._metrics = metrics
         self._clock = clock
-        self._write_timeout = write_timeout
+        self._rand = rand
+        self.write_timeout = write_timeout
+        self._listeners: list[StateListener] = []
         self.targets: list[Target] = []
+        self._router: Router[Target] = Router([])
+        self.reconfigure(routes)
+        metrics.watch(lambda: [t.breaker for t in self.targets])
+
+    def reconfigure(self, routes: Sequence[Route]) -> RouteChanges:
+        """Serve `routes` from now on; a route whose name and breaker settings are
+        unchanged keeps its breaker (state, counts, override) and its metrics.
+
+        Requests already in hand finish with the route they were matched to.
+        """
+        previous = {t.route.name: t for t in self.targets}
+        changes = RouteChanges()
+        targets = []
         for route in routes:
             settings = route.breaker
-            breaker = Breaker(route.name, settings, clock, rand)
-            self.targets.append(
+            old = previous.pop(route.name, None)
+            if old is not None and old.route.breaker == settings:
+                breaker, route_metrics = old.breaker, old.metrics
+                same = old.route == dataclasses.replace(route, line=old.route.line)
+                (changes.kept if same else changes.updated).append(route.name)
+            else:
+                breaker = Breaker(route.name, settings, self._clock, self._rand)
+                route_metrics = self._metrics.new_route(breaker)
+                for listener in self._listeners:
+                    breaker.add_listener(listener)
+                (changes.added if old is None else changes.reset).append(route.name)
+            targets.append(
                 Target(
                     route=route,
                     breaker=breaker,
-                    metrics=metrics.add_route(breaker),
+                    metrics=route_metrics,
                     origin=route.upstream.origin,
                     timeout=client_timeout(route.timeouts),
                     slow_after=settings.slow_after,
@@ -160,8 +206,19 @@ class Proxy:
                     max_body_size=route.max_body_size,
                 )
             )
-        self._router = Router([(t.route, t) for t in self.targets])
-        metrics.watch(lambda: [t.breaker for t in self.targets])
+        changes.removed = list(previous)
+        router = Router([(t.route, t) for t in targets])
+        # The swap: no await in between, so every request sees the old set or the new.
+        self.targets, self._router = targets, router
+        self._metrics.routes = [t.metrics for t in targets]
+        return changes
+
+    def add_transition_listener(self, listener: StateListener) -> None:
+        """Call `listener` on every state change of every route's breaker, now and after
+        any reconfiguration."""
+        self._listeners.append(listener)
+        for target in self.targets:
+            target.breaker.add_listener(listener)
 
     def attach(self, session: aiohttp.ClientSession) -> None:
         """Forward through `session` from now on."""
@@ -171,7 +228,9 @@ class Proxy:
     def breakers(self) -> list[Breaker]:
         return [t.breaker for t in self.targets]
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def match(self, request: web.BaseRequest) -> tuple[Target | None, str, str | None]:
+        """The request's route (None: none matches), its target path, and the host it
+        is routed by."""
         raw_path = request.raw_path
         host = request.headers.get("Host")
         if raw_path[:1] != "/":
@@ -180,7 +239,10 @@ class Proxy:
             # sent to the route's upstream like any other request, never to that host.
             raw_path = request.rel_url.raw_path_qs
             host = request.url.host_port_subcomponent
-        target = self._router.match(host, raw_path.partition("?")[0])
+        return self._router.match(host, raw_path.partition("?")[0]), raw_path, host
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        target, raw_path, host = self.match(request)
         if target is None:
             self._metrics.unrouted += 1
             return error_response(404, "no_route")
@@ -221,11 +283,14 @@ class Proxy:
     @staticmethod
     def _reject(target: Target, rejection: Rejection) -> web.Response:
         # Keyed by an int, not by (State, int): an Enum hashes in Python, not C.
-        half_open = rejection.state is State.HALF_OPEN
-        key = 0 if half_open else rejection.retry_after
+        # OPEN's are keyed by Retry-After, HALF_OPEN's by 0, FORCED_OPEN's below 0.
+        state = rejection.state
+        key = rejection.retry_after
+        if state is not State.OPEN:
+            key = 0 if state is State.HALF_OPEN else -key
         cached = target.rejections.get(key)
         if cached is None:
-            reason = "circuit_half_open" if half_open else "circuit_open"
+            reason = _REJECT_REASONS[state]
             made = error_response(503, reason, target.route.name, rejection.retry_after)
             assert isinstance(made.body, bytes)
             cached = (reason, made.body, CIMultiDict(made.headers))
@@ -270,7 +335,7 @@ class Proxy:
                 route.timeouts.request,
                 self._clock,
                 target.max_body_size,
-                self._write_timeout,
+                self.write_timeout,
             )
         except UpstreamError as e:
             if e.elapsed > target.slow_after:

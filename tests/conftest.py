@@ -11,6 +11,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import aiohttp
@@ -20,7 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.app import Sidecar
 from sidecar.breaker import Breaker
-from sidecar.config import parse_config
+from sidecar.config import load_config
 from tests.fakes import FakeClock
 
 
@@ -39,20 +40,43 @@ class Running:
     def sample(self, name: str, **labels: str) -> float | None:
         return self.sidecar.metrics.registry.get_sample_value(name, labels)
 
+    def rewrite_config(self, yaml_text: str) -> None:
+        """Replace the config file (listening where it does now) for a reload to read."""
+        config = self.sidecar.config
+        Path(config.path).write_text(_listening(config.listen, config.admin_listen) + yaml_text)
+
+
+def _listening(listen: object = "127.0.0.1:0", admin: object = "127.0.0.1:0") -> str:
+    return f"listen: {listen}\nadmin: {{listen: {admin}}}\n"
+
 
 class StartSidecar(Protocol):
-    def __call__(self, yaml_text: str, rand: Callable[[], float] = ...) -> Awaitable[Running]: ...
+    def __call__(
+        self,
+        yaml_text: str,
+        rand: Callable[[], float] = ...,
+        admin_token: str | None = ...,
+    ) -> Awaitable[Running]: ...
 
 
 @pytest.fixture
-async def start_sidecar() -> AsyncIterator[StartSidecar]:
-    """Start a sidecar from YAML (listeners on free loopback ports), stopped after the test."""
+async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
+    """Start a sidecar from YAML (listeners on free loopback ports), stopped after the test.
+
+    The YAML is written to a file first, which `Running.rewrite_config` replaces and
+    `Sidecar.reload` reads.
+    """
     started: list[Sidecar] = []
 
-    async def start(yaml_text: str, rand: Callable[[], float] = random.random) -> Running:
-        text = "listen: 127.0.0.1:0\nadmin: {listen: 127.0.0.1:0}\n" + yaml_text
+    async def start(
+        yaml_text: str,
+        rand: Callable[[], float] = random.random,
+        admin_token: str | None = None,
+    ) -> Running:
+        path = tmp_path / f"sidecar-{len(started)}.yaml"
+        path.write_text(_listening() + yaml_text)
         clock = FakeClock()
-        sidecar = Sidecar(parse_config(text, "test.yaml"), clock=clock, rand=rand)
+        sidecar = Sidecar(load_config(str(path)), clock=clock, rand=rand, admin_token=admin_token)
         await sidecar.start()
         started.append(sidecar)
         return Running(

@@ -947,7 +947,8 @@ async def test_malformed_requests_log_one_warning_line_each_in_sidecar_run(
             process.kill()
             await process.wait()
     assert "Traceback" not in log
-    assert " ERROR " not in log
-    warnings = [x for x in log.splitlines() if "bad request from 127.0.0.1: 400" in x]
+    lines = [json.loads(x) for x in log.splitlines()]  # JSON, the default: one object each
+    assert not [x for x in lines if x["level"] == "error"]
+    warnings = [x for x in lines if "bad request from 127.0.0.1: 400" in x["message"]]
     assert len(warnings) == len(attacks), log
-    assert all(" WARNING " in x for x in warnings)
+    assert all(x["level"] == "warning" and "exception" not in x for x in warnings)

@@ -186,6 +186,7 @@ async def test_healthz_readyz_and_breakers(
         "consecutive_failures": 3,
         "retry_after": 45,
         "open_period": 60.0,
+        "override_ttl_left": None,
         "window": None,
         "shadow_rejections": 0,
         "settings": {
