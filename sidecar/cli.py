@@ -210,20 +210,6 @@ async def _serve(config: Config) -> int:
     except StartupError as e:
         print(f"sidecar run: {e}", file=sys.stderr)
         return 1
-    event(
-        log,
-        logging.INFO,
-        "started",
-        f"sidecar {__version__}: proxy on {sidecar.addresses['proxy']}, "
-        f"admin on {sidecar.addresses['admin']}, {len(config.routes)} routes",
-        proxy=str(sidecar.addresses["proxy"]),
-        admin=str(sidecar.addresses["admin"]),
-        routes=len(config.routes),
-        version=__version__,
-    )
-    if sidecar.admin_token is None:
-        log.info("SIDECAR_ADMIN_TOKEN is not set: admin changes accepted from loopback only")
-
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[object]] = set()
@@ -246,6 +232,9 @@ async def _serve(config: Config) -> int:
         stopping.set()
 
     def on_hangup() -> None:
+        if stopping.is_set():
+            log.warning("SIGHUP while stopping: not reloading")
+            return
         task = loop.create_task(sidecar.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -253,11 +242,26 @@ async def _serve(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    # Only now, with every handler in place, is it said that the sidecar runs: a
+    # SIGHUP sent as soon as that line is seen must reload, not kill.
+    event(
+        log,
+        logging.INFO,
+        "started",
+        f"sidecar {__version__}: proxy on {sidecar.addresses['proxy']}, "
+        f"admin on {sidecar.addresses['admin']}, {len(config.routes)} routes",
+        proxy=str(sidecar.addresses["proxy"]),
+        admin=str(sidecar.addresses["admin"]),
+        routes=len(config.routes),
+        version=__version__,
+    )
+    if sidecar.admin_token is None:
+        log.info("SIDECAR_ADMIN_TOKEN is not set: admin changes accepted from loopback only")
+
     # The handlers stay in place while draining, so that a second signal forces the exit.
     await stopping.wait()
-    loop.remove_signal_handler(signal.SIGHUP)
     await sidecar.stop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(signum)
     event(log, logging.INFO, "stopped", "stopped")
     return 0
