@@ -97,6 +97,11 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     print(f"{config.path}: valid, {len(config.routes)} route{'s' * (len(config.routes) != 1)}")
     print(f"listen {config.listen}, admin {config.admin_listen}")
+    log_settings = config.log
+    print(
+        f"shutdown_grace {format_duration(config.shutdown_grace)}, log {log_settings.format} "
+        f"at {log_settings.level}" + (" with access log" if log_settings.access else "")
+    )
     for route in config.routes:
         print(describe_route(route))
     return 0
