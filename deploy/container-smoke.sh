@@ -19,6 +19,9 @@ PROXY_PORT=${PROXY_PORT:-18080}
 ADMIN_PORT=${ADMIN_PORT:-19901}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE=$(awk 'toupper($1) == "FROM" { print $2; exit }' Dockerfile)
+# A bare name is Docker Hub's library: import the stand-in under that full name, or
+# podman files it under localhost/, where FROM finds it but docker.io/library/... does not.
+[[ $BASE == */* ]] && BASE_REF=$BASE || BASE_REF=docker.io/library/$BASE
 # runc instead of crun, and limits it need not raise: see deploy/container/containers.conf.
 export CONTAINERS_CONF=$PWD/deploy/container/containers.conf
 export BUILDAH_ISOLATION=chroot
@@ -65,9 +68,9 @@ fi
 
 # -- 2. the base image ---------------------------------------------------------------
 if [[ -n ${REBUILD_BASE:-} ]] || ! podman image exists "$BASE"; then
-    say "making a stand-in for $BASE: debootstrap bookworm with python3, python3-venv, python3-pip"
+    say "making a stand-in for $BASE: debootstrap bookworm with python3, python3-venv, python3-pip and python-is-python3 (the real image has a python command)"
     rootfs=$work/rootfs
-    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip \
+    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,python-is-python3 \
         bookworm "$rootfs" "$DEBIAN_MIRROR" >"$work/debootstrap.log" 2>&1 ||
         { tail -20 "$work/debootstrap.log" >&2; fail "debootstrap"; }
     # As slim as the real base: no package caches, lists or docs.
@@ -83,9 +86,9 @@ if [[ -n ${REBUILD_BASE:-} ]] || ! podman image exists "$BASE"; then
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' \
         --change 'CMD ["python3"]' \
-        - "$BASE" >"$work/import.log" 2>&1 || { cat "$work/import.log" >&2; fail "podman import"; }
+        - "$BASE_REF" >"$work/import.log" 2>&1 || { cat "$work/import.log" >&2; fail "podman import"; }
     rm -rf "$rootfs"
-    say "stand-in $BASE imported"
+    say "stand-in $BASE_REF imported"
 else
     say "base image $BASE is present"
 fi

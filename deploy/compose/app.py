@@ -5,6 +5,8 @@ the circuit is open) its JSON body, so the breaker's cycle shows in the log.
 """
 
 import os
+import signal
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +26,8 @@ def call() -> str:
 
 
 if __name__ == "__main__":
+    # PID 1 in its container, where SIGTERM has no default action: exit on it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         print(time.strftime("%H:%M:%S"), call())
         time.sleep(INTERVAL)

@@ -6,6 +6,8 @@ from start-up; standard library only, so it runs on a stock python image.
 
 import http.server
 import os
+import signal
+import sys
 import time
 
 HEALTHY_SECONDS = float(os.environ.get("HEALTHY_SECONDS", "40"))
@@ -31,6 +33,8 @@ class Flaky(http.server.BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
+    # PID 1 in its container, where SIGTERM has no default action: exit on it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     cycle = f"{HEALTHY_SECONDS:g} s healthy, {FAILING_SECONDS:g} s failing"
     print(f"flaky upstream on :{PORT}: {cycle}")
     http.server.ThreadingHTTPServer(("0.0.0.0", PORT), Flaky).serve_forever()
