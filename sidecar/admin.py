@@ -121,9 +121,9 @@ def _refusal(request: web.Request, token: str | None) -> web.Response | None:
     """Why a mutating request may not go ahead, or None if it may."""
     if token is not None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode(), token.encode()
-        ):
+        # Header values arrive with undecodable bytes as surrogates: compare them as sent.
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given_bytes, token.encode()):
             return None
         return _error(401, "unauthorized", "send Authorization: Bearer <SIDECAR_ADMIN_TOKEN>")
     if _is_loopback(request.remote):
@@ -138,7 +138,7 @@ def _refusal(request: web.Request, token: str | None) -> web.Response | None:
 async def _json_object(request: web.Request) -> dict[str, Any] | web.Response:
     try:
         body = json.loads(await request.read() or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return _error(400, "bad_request", "the body must be a JSON object")
     if not isinstance(body, dict):
         return _error(400, "bad_request", "the body must be a JSON object")
@@ -166,8 +166,15 @@ def create_admin_app(sidecar: Sidecar) -> web.Application:
     async def get_breakers(_request: web.Request) -> web.Response:
         return web.json_response({"routes": [breaker_report(b) for b in metrics.breakers()]})
 
-    async def post_reload(request: web.Request) -> web.Response:
+    def gate(request: web.Request) -> web.Response | None:
+        """Why an operator's request may not go ahead now, or None if it may."""
         refused = _refusal(request, sidecar.admin_token)
+        if refused is None and not health.ready:
+            refused = _error(503, "stopping", "the sidecar is shutting down: no changes now")
+        return refused
+
+    async def post_reload(request: web.Request) -> web.Response:
+        refused = gate(request)
         if refused is not None:
             return refused
         _audit(request, "reload", None)
@@ -182,15 +189,18 @@ def create_admin_app(sidecar: Sidecar) -> web.Application:
         return breaker
 
     async def post_override(request: web.Request) -> web.Response:
-        refused = _refusal(request, sidecar.admin_token)
+        refused = gate(request)
         if refused is not None:
             return refused
-        breaker = route_breaker(request)
-        if isinstance(breaker, web.Response):
-            return breaker
+        # The body first: from looking the breaker up to forcing it there is no await,
+        # so a reload cannot swap the route in between and leave the order on a
+        # breaker nobody uses.
         body = await _json_object(request)
         if isinstance(body, web.Response):
             return body
+        breaker = route_breaker(request)
+        if isinstance(breaker, web.Response):
+            return breaker
         unknown = sorted(set(body) - {"state", "ttl"})
         if unknown:
             return _error(400, "bad_request", f"unknown keys: {', '.join(unknown)}")
@@ -219,7 +229,7 @@ def create_admin_app(sidecar: Sidecar) -> web.Application:
         return web.json_response(breaker_report(breaker))
 
     async def post_reset(request: web.Request) -> web.Response:
-        refused = _refusal(request, sidecar.admin_token)
+        refused = gate(request)
         if refused is not None:
             return refused
         breaker = route_breaker(request)
@@ -229,7 +239,8 @@ def create_admin_app(sidecar: Sidecar) -> web.Application:
         breaker.reset("reset by admin")
         return web.json_response(breaker_report(breaker))
 
-    app = web.Application()
+    # The operator's bodies are a few bytes of JSON: 64 KiB is plenty (413 beyond).
+    app = web.Application(client_max_size=65536)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/readyz", get_readyz)

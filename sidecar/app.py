@@ -58,8 +58,9 @@ class ReloadResult:
 
 
 def admin_token_from_env() -> str | None:
-    """`SIDECAR_ADMIN_TOKEN`, or None when unset or empty (an empty token guards nothing)."""
-    return os.environ.get("SIDECAR_ADMIN_TOKEN") or None
+    """`SIDECAR_ADMIN_TOKEN` without surrounding whitespace (a Secret made from a file
+    ends in a newline), or None when unset or blank: an empty token guards nothing."""
+    return os.environ.get("SIDECAR_ADMIN_TOKEN", "").strip() or None
 
 
 class Sidecar:
@@ -134,12 +135,13 @@ class Sidecar:
             return await self.proxy.handle(request)
         started = time.monotonic()
         status = None
+        # Matched here as handle() is about to (no await between), with the same router.
+        target = self.proxy.match(request)[0]
         try:
             response = await self.proxy.handle(request)
             status = response.status
             return response
         finally:
-            target = self.proxy.match(request)[0]
             path = request.raw_path.partition("?")[0]
             event(
                 ACCESS,
@@ -220,18 +222,39 @@ class Sidecar:
         return next((b for b in self.proxy.breakers if b.name == name), None)
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within `shutdown_grace`, clean up."""
+        """Stop accepting, let in-flight requests finish within `shutdown_grace`, clean up.
+
+        One deadline for everything: what is still running at `shutdown_grace` is
+        cut off then, so the process is gone within the grace it promised (aiohttp's
+        own shutdown would wait up to twice its timeout, per listener).
+        """
         self.health.ready = False
-        grace = self.config.shutdown_grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace
         # The proxy first: the admin listener keeps answering /readyz (503) and
         # /metrics while the proxy drains.
         for runner in reversed(self._runners):
-            runner._shutdown_timeout = grace  # read by cleanup(); set late, as reloads change it
-            await runner.cleanup()
+            await _drain(runner, deadline)
         self._runners.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _drain(runner: web.BaseRunner, deadline: float) -> None:
+    """`runner.cleanup()`, but whatever is left at `deadline` is aborted."""
+    loop = asyncio.get_running_loop()
+    # Read by cleanup() for each connection's wait; set here, as reloads change the grace.
+    # (Never 0, which aiohttp reads as "no limit".)
+    runner._shutdown_timeout = max(0.001, deadline - loop.time())
+    server = runner.server
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    await asyncio.wait([cleanup], timeout=max(0.0, deadline - loop.time()))
+    if not cleanup.done() and server is not None:
+        for connection in server.connections:
+            if connection.transport is not None:
+                connection.transport.abort()  # its handler is cancelled: nothing waits on it
+    await cleanup
 
 
 def _bound_address(runner: web.BaseRunner, wanted: Address) -> Address:

@@ -16,7 +16,7 @@ import pytest
 
 from sidecar.config import LogSettings, parse_config
 from sidecar.logs import ACCESS, JsonFormatter, configure, event
-from tests.conftest import Upstream, running
+from tests.conftest import Upstream, connect, running
 
 SCHEMA_KEYS = ["time", "level", "logger", "event", "message"]
 
@@ -79,6 +79,10 @@ async def test_sigterm_drains_requests_in_flight_then_exits_0(
         await until(not_ready)
         # The listener no longer accepts: a new client is refused, not queued.
         assert await status_of(f"http://{proxy}/x") is None
+        # Nor are changes taken while draining, by SIGHUP or by the admin listener.
+        async with http.post(f"http://{admin}/reload") as response:
+            assert response.status == 503
+            assert (await response.json())["error"] == "stopping"
         assert process.returncode is None  # still draining the one in flight
         upstream.release.set()
         response = await held
@@ -96,14 +100,23 @@ async def test_sigterm_drains_requests_in_flight_then_exits_0(
 async def test_requests_past_the_grace_are_cut_off_and_the_exit_is_still_0(
     tmp_path: Path, upstream: Upstream
 ) -> None:
-    config = write_config(tmp_path / "c.yaml", upstream, "shutdown_grace: 200ms")
-    async with running(config) as (process, proxy, _), aiohttp.ClientSession() as http:
+    config = write_config(tmp_path / "c.yaml", upstream, "shutdown_grace: 1s")
+    async with running(config) as (process, proxy, admin), aiohttp.ClientSession() as http:
         held = asyncio.ensure_future(http.get(f"http://{proxy}/hang"))
         await upstream.entered.wait()
+        # An admin client in the middle of its request, too: the body never comes.
+        _, stuck_admin = await connect(f"http://{admin}")
+        stuck_admin.write(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        await stuck_admin.drain()
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
+        # One deadline for both listeners; aiohttp alone would take two graces each.
+        assert loop.time() - signalled < 1.8
         with pytest.raises(aiohttp.ClientConnectionError):
             await held
+        stuck_admin.close()
 
 
 async def test_a_second_signal_forces_the_exit(tmp_path: Path, upstream: Upstream) -> None:

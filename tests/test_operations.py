@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from sidecar.admin import _is_loopback, _refusal
+from sidecar.app import admin_token_from_env
 from sidecar.breaker import Breaker, BreakerSettings, Permit, Rejection, State
-from tests.conftest import StartSidecar, Upstream, json_body
+from tests.conftest import StartSidecar, Upstream, connect, json_body, raw_exchange
 from tests.fakes import FakeClock
 
 
@@ -532,3 +535,82 @@ routes:
     assert len(statuses) > 30
     assert set(statuses) == {200}
     assert s.sample("sidecar_requests_total", route="steady", code="200") == len(statuses)
+
+
+async def test_an_override_posted_across_a_reload_lands_on_the_live_route(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    s = await start_sidecar(two_routes(upstream))
+    body = json.dumps({"state": "forced_open"}).encode()
+    reader, writer = await connect(s.admin)
+    writer.write(
+        b"POST /breakers/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    await writer.drain()
+    for _ in range(50):  # let the admin handler start and wait for the body
+        await asyncio.sleep(0)
+    s.rewrite_config(
+        two_routes(upstream).replace("failure_threshold: 2", "failure_threshold: 3", 1)
+    )
+    status, answer = await post(http, s.admin + "/reload")
+    assert (status, answer["routes"]["reset"]) == (200, ["a"])  # type: ignore[index]
+    writer.write(body)
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    async with http.get(s.proxy + "/a/x") as response:
+        assert response.status == 503  # in force on the breaker that serves the route
+
+
+async def test_hostile_admin_requests_get_4xx_never_500(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    s = await start_sidecar(two_routes(upstream), admin_token="s3cret")
+    # Undecodable bytes in the token: compared as sent, refused.
+    reply = await raw_exchange(
+        s.admin,
+        b"POST /breakers/a/reset HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 401 ")
+    auth = {"Authorization": "Bearer s3cret"}
+    async with http.post(s.admin + "/breakers/a", data=b"[" * 60_000, headers=auth) as response:
+        assert response.status == 400  # nested too deep for the JSON parser: no traceback
+    async with http.post(s.admin + "/breakers/a", data=b" " * 70_000, headers=auth) as response:
+        assert response.status == 413  # the operator's bodies are small
+    assert s.breaker("a").state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("value", "token"), [("s3cret", "s3cret"), (" s3cret\n", "s3cret"), ("  ", None), ("", None)]
+)
+def test_the_token_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, token: str | None
+) -> None:
+    monkeypatch.setenv("SIDECAR_ADMIN_TOKEN", value)
+    assert admin_token_from_env() == token
+
+
+async def test_the_exposition_is_promtool_clean_with_overrides_and_after_a_reload(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is missing (Debian's prometheus package; .ci/run installs it)")
+    s = await start_sidecar(two_routes(upstream))
+    await post(http, s.admin + "/breakers/a", {"state": "forced_open", "ttl": "1m"})
+    await post(http, s.admin + "/breakers/b", {"state": "forced_closed"})
+    async with http.get(s.proxy + "/a/x"):
+        pass
+    s.rewrite_config(two_routes(upstream).replace("name: b", "name: c"))
+    assert (await post(http, s.admin + "/reload"))[0] == 200
+    async with http.get(s.admin + "/metrics") as response:
+        text = await response.read()
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert b'route="b"' not in text
+    assert b'sidecar_breaker_state{route="a",state="forced_open"} 1.0' in text
