@@ -7,13 +7,13 @@ import random
 import time
 from collections.abc import Callable
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
 from sidecar.admin import Health, create_admin_app
 from sidecar.breaker import Clock
+from sidecar.client import Pool
 from sidecar.config import Address, Config
 from sidecar.listener import ProxyServer
 from sidecar.metrics import Metrics
@@ -50,15 +50,15 @@ class Sidecar:
         )
         self.admin_app = create_admin_app(self.metrics, self.health)
         self._runners: list[web.BaseRunner] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._session: Pool | None = None
         self.addresses: dict[str, Address] = {}
 
     async def start(self, shutdown_grace: float = SHUTDOWN_GRACE) -> None:
         """Listen on both addresses, or raise `StartupError` having opened neither."""
         # The client session needs a running loop, so it is made here; it is closed
         # in stop(), after the proxy listener has stopped handing requests over.
-        self._session = new_client_session()
-        self.proxy.attach(self._session)
+        self._session = session = new_client_session()
+        self.proxy.attach(session)
         # The proxy listener is aiohttp's low-level server: every request goes to one
         # handler, so the Application's router and middleware machinery would only
         # cost time. handler_cancellation: a client that goes away cancels its handler,
