@@ -279,12 +279,17 @@ class Connection(BaseProtocol):
 class Pool:
     """Keep-alive connections per origin, for every route; made with a running loop."""
 
-    def __init__(self, keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._keepalive = keepalive_timeout
         self._origins: dict[str, Origin] = {}
         self._connections: set[Connection] = set()
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context
+        """For https upstreams; by default (made on first use) the system's trusted CAs."""
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -384,7 +389,7 @@ class Pool:
                 elif oldest is None or connection.idle_since < oldest:
                     oldest = connection.idle_since
         if oldest is not None:
-            delay = max(oldest + self._keepalive - now, 1.0)
+            delay = max(oldest + self._keepalive - now, 0.01)
             self._sweeper = self._loop.call_later(delay, self._sweep)
 
     async def close(self) -> None:
