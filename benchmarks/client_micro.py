@@ -1,6 +1,9 @@
 """Issue 5's evidence for a leaner upstream client: aiohttp's ClientSession against a prototype.
 
-    python benchmarks/client_micro.py [--rounds 5] [--requests 2000]
+    python benchmarks/client_micro.py [--rounds 5] [--requests 2000] [--sidecar]
+
+With --sidecar, run it with PYTHONPATH pointing at the checkout whose
+`sidecar.upstream` is to be measured (the `sidecar-send` row).
 
 Starts benchmarks/upstream.py pinned to CPU 1, runs itself on CPU 0, and times
 sequential keep-alive GETs two ways, interleaved, in CPU microseconds per
@@ -12,6 +15,9 @@ request (time.process_time, so only this process's own work counts):
                       hand and parsing the answer with aiohttp's own C
                       HttpResponseParser (chunked, Content-Length, limits): what a
                       leaner sidecar/upstream.py would be built on
+    sidecar-send      (--sidecar) the sidecar's own upstream path: `sidecar.upstream.send()`
+                      through the session the app makes (`new_client_session()`),
+                      with its watchdog, reading the body with `Exchange.body()`
 
 The prototype is not a client (no pool, timeouts, errors or retries): it is the
 floor the real one would approach. Measured here: 264 against 120 us.
@@ -28,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp.base_protocol import BaseProtocol
@@ -91,26 +98,66 @@ async def via_session(session: aiohttp.ClientSession, port: int, n: int) -> None
                 pass
 
 
-async def compare(port: int, rounds: int, requests: int) -> dict[str, list[float]]:
+async def via_sidecar(session: Any, port: int, n: int) -> None:
+    """`sidecar.upstream.send` as the proxy calls it (either side of its signature change)."""
+    import inspect
+
+    from multidict import CIMultiDict
+
+    from sidecar import upstream
+
+    origin = f"http://127.0.0.1:{port}"
+    if "url" in inspect.signature(upstream.send).parameters:  # aiohttp's ClientSession
+        from yarl import URL
+
+        where: tuple[Any, ...] = (URL(origin + PATH, encoded=True),)
+        connect: Any = aiohttp.ClientTimeout(total=None, sock_connect=5)
+    else:
+        where, connect = (origin, PATH), 5.0
+    for _ in range(n):
+        headers = CIMultiDict({"X-A": "1"})
+        exchange = await upstream.send(
+            session, "GET", *where, headers, None, connect, 10.0, time.monotonic, None, 60.0
+        )
+        try:
+            async for _chunk in exchange.body():
+                pass
+        finally:
+            exchange.close()
+
+
+async def compare(
+    port: int, rounds: int, requests: int, with_sidecar: bool
+) -> dict[str, list[float]]:
     session = aiohttp.ClientSession(
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
     )
+    from sidecar.upstream import new_client_session
+
+    sidecar_session = new_client_session()
     per_request: dict[str, list[float]] = {"aiohttp-session": [], "lean-prototype": []}
+    if with_sidecar:
+        per_request["sidecar-send"] = []
     try:
         await via_session(session, port, 200)
         await lean(port, 200)
+        if with_sidecar:
+            await via_sidecar(sidecar_session, port, 200)
         for _ in range(rounds):
             for name, times in per_request.items():
                 started = time.process_time()
                 if name == "aiohttp-session":
                     await via_session(session, port, requests)
-                else:
+                elif name == "lean-prototype":
                     await lean(port, requests)
+                else:
+                    await via_sidecar(sidecar_session, port, requests)
                 times.append((time.process_time() - started) / requests * 1e6)
     finally:
         await session.close()
+        await sidecar_session.close()
     return per_request
 
 
@@ -118,6 +165,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument(
+        "--sidecar", action="store_true", help="also time sidecar.upstream.send (sidecar-send)"
+    )
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,9 +190,9 @@ def main() -> int:
         try:
             import uvloop
 
-            results = uvloop.run(compare(port, args.rounds, args.requests))
+            results = uvloop.run(compare(port, args.rounds, args.requests, args.sidecar))
         except ImportError:
-            results = asyncio.run(compare(port, args.rounds, args.requests))
+            results = asyncio.run(compare(port, args.rounds, args.requests, args.sidecar))
     finally:
         upstream.terminate()
         upstream.wait()

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
 from sidecar.admin import Health, create_admin_app
 from sidecar.breaker import Breaker, Clock
+from sidecar.client import Pool
 from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.listener import ProxyServer
 from sidecar.logs import ACCESS, event
@@ -90,7 +90,7 @@ class Sidecar:
         self.admin_app = create_admin_app(self)
         self._runners: list[web.BaseRunner] = []
         self._proxy_server: ProxyServer | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session: Pool | None = None
         self._reloading = asyncio.Lock()
         self.addresses: dict[str, Address] = {}
 
@@ -98,8 +98,8 @@ class Sidecar:
         """Listen on both addresses, or raise `StartupError` having opened neither."""
         # The client session needs a running loop, so it is made here; it is closed
         # in stop(), after the proxy listener has stopped handing requests over.
-        self._session = new_client_session()
-        self.proxy.attach(self._session)
+        self._session = session = new_client_session()
+        self.proxy.attach(session)
         # The proxy listener is aiohttp's low-level server: every request goes to one
         # handler, so the Application's router and middleware machinery would only
         # cost time. handler_cancellation: a client that goes away cancels its handler,

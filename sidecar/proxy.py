@@ -15,12 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import aiohttp
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from sidecar.breaker import Breaker, Clock, Permit, Rejection, State, StateListener
+from sidecar.client import Pool
 from sidecar.config import Route
 from sidecar.metrics import Metrics, RouteMetrics
 from sidecar.routing import Router, upstream_target
@@ -30,7 +29,6 @@ from sidecar.upstream import (
     ClientWriteTimeout,
     InvalidRequest,
     UpstreamError,
-    client_timeout,
     send,
 )
 
@@ -90,7 +88,7 @@ class Target:
     breaker: Breaker
     metrics: RouteMetrics
     origin: str
-    timeout: aiohttp.ClientTimeout
+    """The upstream's "scheme://host:port"."""
     slow_after: float
     """The route's `BreakerSettings.slow_after`, kept at hand for the request path."""
     retry_after_statuses: frozenset[int]
@@ -159,7 +157,7 @@ class Proxy:
         rand: Callable[[], float] = random.random,
         write_timeout: float | None = None,
     ) -> None:
-        self._session: aiohttp.ClientSession  # given by `attach` once a loop runs
+        self._session: Pool  # given by `attach` once a loop runs
         self._metrics = metrics
         self._clock = clock
         self._rand = rand
@@ -198,7 +196,6 @@ class Proxy:
                     breaker=breaker,
                     metrics=route_metrics,
                     origin=route.upstream.origin,
-                    timeout=client_timeout(route.timeouts),
                     slow_after=settings.slow_after,
                     retry_after_statuses=(
                         RETRY_AFTER_STATUSES if settings.respect_retry_after else frozenset()
@@ -220,7 +217,7 @@ class Proxy:
         for target in self.targets:
             target.breaker.add_listener(listener)
 
-    def attach(self, session: aiohttp.ClientSession) -> None:
+    def attach(self, session: Pool) -> None:
         """Forward through `session` from now on."""
         self._session = session
 
@@ -321,17 +318,17 @@ class Proxy:
         metrics = target.metrics
         headers = _without_hop_by_hop(request.headers, _NOT_FORWARDED_UP)
         self._add_forwarded(request, headers, host)
-        url = URL(target.origin + upstream_target(route, raw_path), encoded=True)
         body = request.content if request.body_exists else None
 
         try:
             exchange = await send(
                 self._session,
                 request.method,
-                url,
+                target.origin,
+                upstream_target(route, raw_path),
                 headers,
                 body,
-                target.timeout,
+                route.timeouts.connect,
                 route.timeouts.request,
                 self._clock,
                 target.max_body_size,

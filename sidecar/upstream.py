@@ -1,14 +1,14 @@
-"""The boundary to upstreams: one pooled aiohttp client, and its errors made ours.
+"""The boundary to upstreams: one pooled client (`sidecar.client`), and its errors made ours.
 
-aiohttp's exceptions are translated into the project's own in exactly one
-place, this module; the proxy handler never catches aiohttp exceptions itself.
+The client's exceptions are translated into the project's own in exactly one
+place, this module; the proxy handler never catches them itself.
 
     UpstreamError               the upstream exchange failed; `kind` is the failure label
      +-- UpstreamUnreachable    refused, unresolvable, or reset before response headers (502)
      +-- UpstreamTimeout        connect or response-headers deadline passed (504)
      +-- UpstreamReset          broke off after its response headers (client aborted)
     ClientBodyTimeout           the client stopped sending its body (408, no outcome)
-    InvalidRequest              aiohttp will not send what the client sent (400, no outcome)
+    InvalidRequest              what the client sent cannot go on the wire (400, no outcome)
 """
 
 from __future__ import annotations
@@ -18,12 +18,24 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from multidict import CIMultiDict
-from yarl import URL
 
 from sidecar.breaker import Clock
-from sidecar.config import Timeouts
+from sidecar.client import (
+    IDEMPOTENT_METHODS,
+    KEEPALIVE_TIMEOUT,
+    MAX_HEADER_SIZE,
+    BadResponse,
+    Connection,
+    Disconnected,
+    Origin,
+    Pool,
+    Response,
+    request_head,
+)
 
 __all__ = [
+    "KEEPALIVE_TIMEOUT",
+    "MAX_HEADER_SIZE",
     "BodyTooLarge",
     "ClientBodyTimeout",
     "ClientWriteTimeout",
@@ -33,18 +45,10 @@ __all__ = [
     "UpstreamReset",
     "UpstreamTimeout",
     "UpstreamUnreachable",
-    "client_timeout",
     "new_client_session",
     "send",
     "translate",
 ]
-
-POOL_SIZE = 0
-"""Connections per session; 0 is unlimited, as a sidecar's caller already bounds its concurrency."""
-MAX_HEADER_SIZE = 65536
-"""Bytes in an upstream's status line, and in one header value (the name not counted)."""
-KEEPALIVE_TIMEOUT = 30.0
-"""Seconds an idle upstream connection is kept for reuse."""
 
 
 class ClientBodyTimeout(Exception):
@@ -82,46 +86,23 @@ class UpstreamReset(UpstreamError):
     kind = "reset"
 
 
-def new_client_session() -> aiohttp.ClientSession:
-    """One session for every route: keep-alive pool, bytes passed through untouched."""
-    connector = aiohttp.TCPConnector(
-        limit=POOL_SIZE,
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
-        enable_cleanup_closed=False,
-        ttl_dns_cache=10,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # a proxy forwards the bytes it was given
-        cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies between clients
-        timeout=aiohttp.ClientTimeout(total=None),  # per-route deadlines are set per request
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        # Envoy's limits, not aiohttp's 8 KiB: an upstream's large cookie is no outage.
-        max_line_size=MAX_HEADER_SIZE,
-        max_field_size=MAX_HEADER_SIZE,
-        trust_env=False,
-        raise_for_status=False,
-    )
+def new_client_session() -> Pool:
+    """One pool for every route (made with a running loop): keep-alive, bytes untouched.
+
+    No limit on connections, as a sidecar's caller already bounds its concurrency.
+    """
+    return Pool(KEEPALIVE_TIMEOUT)
 
 
 def translate(exc: BaseException, *, after_headers: bool) -> UpstreamError:
     """Map an exception from the upstream exchange to the project's own error."""
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout(str(exc) or "timed out")
     if after_headers:
         return UpstreamReset(str(exc) or type(exc).__name__)
     return UpstreamUnreachable(str(exc) or type(exc).__name__)
-
-
-def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    """aiohttp's own deadlines for a route, made once: only the TCP connect.
-
-    The request deadline (which must not run while the client is still
-    uploading) and the body's idle deadline are kept by one `_Watchdog`.
-    """
-    return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeouts.connect)
 
 
 _TIMER_RESOLUTION = 0.001
@@ -212,7 +193,9 @@ class _Upload:
     Every chunk that moves pushes the request deadline out again, so the
     deadline only runs for real once the body is whole, as Envoy's route timeout
     does: a slow uploader is not an upstream timeout. `waiting_on_client` says
-    whose turn it was when the deadline passed.
+    whose turn it was when the deadline passed. It is written by its own task
+    (an early answer can come while it goes on), which closes the upstream
+    connection if the upload cannot go on: the upstream may not wait for the rest.
     """
 
     __slots__ = (
@@ -221,7 +204,6 @@ class _Upload:
         "_source",
         "client_failed",
         "finished_at",
-        "response",
         "too_large",
         "waiting_on_client",
         "watchdog",
@@ -247,8 +229,6 @@ class _Upload:
         would hide a stalled response."""
         self.waiting_on_client = False
         self.client_failed = False
-        self.response: aiohttp.ClientResponse | None = None
-        """The upstream's answer, once its headers are in (an early answer)."""
 
     def raise_if_failed(self) -> None:
         """An exchange that broke because of the client's upload is the client's fault."""
@@ -256,12 +236,6 @@ class _Upload:
             raise BodyTooLarge("the request body is longer than max_body_size")
         if self.client_failed:
             raise InvalidRequest("the client's request body broke off")
-
-    def _cut_off(self) -> None:
-        """The upload cannot go on. After an early answer, end the exchange now: aiohttp
-        would keep the connection, and the upstream might wait for the rest for ever."""
-        if self.response is not None:
-            self.response.close()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
@@ -273,12 +247,9 @@ class _Upload:
                 # task itself is being cancelled.
                 task = asyncio.current_task()
                 self.client_failed = task is not None and task.cancelling() == 0
-                if self.client_failed:
-                    self._cut_off()
                 raise
             except Exception:
                 self.client_failed = True  # e.g. broken chunked framing from the client
-                self._cut_off()
                 raise
             self.waiting_on_client = False
             if self.watchdog is not None:
@@ -292,7 +263,6 @@ class _Upload:
                     # Stop here: the upstream sees the upload break off, never a body
                     # that looks whole.
                     self.too_large = True
-                    self._cut_off()
                     raise BodyTooLarge("the request body is longer than max_body_size")
             yield chunk
 
@@ -300,11 +270,14 @@ class _Upload:
 class Exchange:
     """One request to an upstream, from its response headers to the end of its body."""
 
-    __slots__ = ("_closed", "_upload", "_watchdog", "elapsed", "response")
+    __slots__ = ("_connection", "_pool", "_upload", "_watchdog", "_writer", "elapsed", "response")
 
     def __init__(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
+        pool: Pool,
+        connection: Connection,
+        writer: asyncio.Task[None] | None,
         watchdog: _Watchdog,
         upload: _Upload | None,
         elapsed: float,
@@ -313,13 +286,15 @@ class Exchange:
         self.elapsed = elapsed
         """Seconds the upstream took to answer: from the end of the request body (or the
         start, if it answered before the body was whole) to the response headers."""
+        self._pool = pool
+        self._connection = connection
+        self._writer = writer
+        """The upload's task, while it may still run."""
         self._watchdog = watchdog
         watchdog.pause()  # the body's clock starts when the proxy asks for it
         self._upload = upload
         if upload is not None:
             upload.watchdog = None
-            upload.response = response
-        self._closed = _read_until_close(response)
 
     async def body(self) -> AsyncIterator[bytes]:
         """The response body as it arrives.
@@ -327,9 +302,9 @@ class Exchange:
         Raises `UpstreamTimeout` when nothing arrives for the request timeout (or
         `ClientBodyTimeout` if the upstream was waiting for the rest of a stalled
         upload), `UpstreamReset` when the upstream breaks off, including a reset
-        of a body that was to end with the connection (which aiohttp alone takes
-        for an end), and `BodyTooLarge` or `InvalidRequest` when the client's
-        upload, still going on, passed its limit or broke: the client's fault.
+        of a body that was to end with the connection, and `BodyTooLarge` or
+        `InvalidRequest` when the client's upload, still going on, passed its
+        limit or broke: the client's fault.
         """
         watchdog = self._watchdog
         content = self.response.content
@@ -354,11 +329,6 @@ class Exchange:
         except (aiohttp.ClientError, OSError) as e:
             self._raise_if_client_failed()
             raise translate(e, after_headers=True) from e
-        closed = self._closed
-        if closed is not None and closed.done() and not closed.cancelled():
-            error = closed.exception()
-            if error is not None:
-                raise UpstreamReset(str(error))
 
     def client_stalled(self) -> bool:
         """After a CancelledError while writing to the client: was it the write timeout?
@@ -373,33 +343,46 @@ class Exchange:
             self._upload.raise_if_failed()
 
     def close(self) -> None:
-        """Let the connection go: back to the pool if the body was read whole, else closed."""
+        """Let the connection go: back to the pool if the exchange ended whole, else closed."""
         self._watchdog.stop()
-        self.response.close()
+        writer = self._writer
+        if writer is not None and not writer.done():
+            # The answer came before the upload's end: the connection cannot be reused.
+            writer.cancel()
+            self._connection.close()
+            return
+        self._pool.release(self._connection)
 
 
 async def send(
-    session: aiohttp.ClientSession,
+    session: Pool,
     method: str,
-    url: URL,
+    origin: str,
+    target: str,
     headers: CIMultiDict[str],
     body: aiohttp.StreamReader | None,
-    timeout: aiohttp.ClientTimeout,
+    connect_timeout: float | None,
     request_timeout: float,
     clock: Clock,
     max_body_size: int | None = None,
     write_timeout: float | None = None,
 ) -> Exchange:
-    """Send a request upstream and return once its response headers are in.
+    """Send a request to `origin` ("scheme://host:port") for `target` (path and query),
+    and return once its response headers are in.
 
     Raises `UpstreamError` (with the time the upstream had in `elapsed`),
     `ClientBodyTimeout` (the client stopped sending its body), `BodyTooLarge`
-    (the body passed `max_body_size` bytes), or `InvalidRequest` (aiohttp will
-    not send what the client sent). `clock` measures the upstream's time;
+    (the body passed `max_body_size` bytes), or `InvalidRequest` (what the client
+    sent cannot go on the wire). `clock` measures the upstream's time;
     `write_timeout` bounds each wait for the client to take part of the response
     (see `Exchange.client_stalled`). The caller must `close()` the exchange.
     """
     started = clock()
+    where = session.origin(origin)
+    try:
+        head, chunked = request_head(method, target, where, headers, body is not None)
+    except ValueError as e:  # e.g. a header value that cannot go on the wire
+        raise InvalidRequest(str(e)) from e
     watchdog = _Watchdog(request_timeout, write_timeout)
     upload = _Upload(body, watchdog, clock, max_body_size) if body is not None else None
 
@@ -410,15 +393,8 @@ async def send(
 
     try:
         try:
-            response = await session.request(
-                method,
-                url,
-                headers=headers,
-                data=upload.chunks() if upload is not None else None,
-                timeout=timeout,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
+            connection, writer, response = await _exchange(
+                session, where, method, head, upload, chunked, connect_timeout
             )
         except asyncio.CancelledError:
             watchdog.stop()
@@ -427,42 +403,73 @@ async def send(
             if upload is not None and upload.waiting_on_client:
                 raise ClientBodyTimeout("the client stopped sending its request body") from None
             raise UpstreamTimeout("no response headers in time") from None
-        except (aiohttp.ClientError, OSError, TimeoutError, BodyTooLarge) as e:
+        except (OSError, BadResponse, aiohttp.ClientError, BodyTooLarge, InvalidRequest) as e:
             watchdog.stop()
             if upload is not None:
                 upload.raise_if_failed()
             raise translate(e, after_headers=False) from e
-        except ValueError as e:  # e.g. a header value aiohttp refuses to put on the wire
-            watchdog.stop()
-            raise InvalidRequest(str(e)) from e
         except BaseException:
             watchdog.stop()  # never leave a cancellation armed against the task
             raise
         if not 200 <= response.status <= 599:
-            # 1xx were consumed by aiohttp; a 101 nobody asked for, or a status out of
-            # range, is not an answer a client can use.
+            # 1xx were skipped; a 101 nobody asked for, or a status out of range, is not
+            # an answer a client can use.
             watchdog.stop()
-            response.close()
+            if writer is not None:
+                writer.cancel()
+            connection.close()
             raise UpstreamUnreachable(f"unusable status {response.status}")
     except UpstreamError as e:
         e.elapsed = elapsed()
         raise
-    return Exchange(response, watchdog, upload, elapsed())
+    return Exchange(response, session, connection, writer, watchdog, upload, elapsed())
 
 
-def _read_until_close(response: aiohttp.ClientResponse) -> asyncio.Future[None] | None:
-    """For a body that ends when the connection closes: the future that says how it closed."""
-    if response.content_length is not None or response.connection is None:
-        return None
-    if "chunked" in response.headers.get("Transfer-Encoding", "").lower():
-        return None
-    protocol = response.connection.protocol
-    closed = protocol.closed if protocol is not None else None
-    if closed is not None:
-        closed.add_done_callback(_retrieve)
-    return closed
+async def _exchange(
+    pool: Pool,
+    origin: Origin,
+    method: str,
+    head: bytes,
+    upload: _Upload | None,
+    chunked: bool,
+    connect_timeout: float | None,
+) -> tuple[Connection, asyncio.Task[None] | None, Response]:
+    """One request on a pooled or new connection, until its response head is in.
+
+    A request without a body whose method is idempotent is sent again, once, on
+    another connection, if the first closes before any answer (a pooled one the
+    upstream was closing, say), as aiohttp's client did (RFC 9112 9.3.1.1).
+    """
+    retry = upload is None and method in IDEMPOTENT_METHODS
+    while True:
+        connection = pool.idle(origin)
+        if connection is None:
+            connection = await pool.connect(origin, connect_timeout)
+        writer: asyncio.Task[None] | None = None
+        try:
+            answer = connection.request(head, with_body=method != "HEAD")
+            if upload is not None:
+                writer = asyncio.create_task(connection.upload(upload.chunks(), chunked))
+                writer.add_done_callback(_retrieve)
+            message, payload = await answer
+        except Disconnected:
+            connection.close()
+            if writer is not None:
+                writer.cancel()
+            if not retry:
+                raise
+            retry = False
+            continue
+        except BaseException:
+            connection.close()
+            if writer is not None:
+                writer.cancel()
+            raise
+        if writer is not None and writer.done():
+            writer = None
+        return connection, writer, Response(message, payload)
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()  # marks it retrieved: no "never retrieved" noise
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # marks it retrieved: an upload's failure is reported by the exchange
