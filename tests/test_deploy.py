@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -348,13 +349,18 @@ def test_compose_prometheus_config_passes_promtool() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is missing (apt-get install prometheus)")
-    result = subprocess.run(
-        [promtool, "check", "config", str(DEPLOY / "compose/prometheus.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # Laid out as compose.yaml mounts them: the config and the alert rules side by side.
+    with tempfile.TemporaryDirectory() as etc:
+        shutil.copy(DEPLOY / "compose/prometheus.yml", Path(etc, "prometheus.yml"))
+        shutil.copy(DEPLOY / "prometheus/alerts.yml", Path(etc, "alerts.yml"))
+        result = subprocess.run(
+            [promtool, "check", "config", str(Path(etc, "prometheus.yml"))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 9 rules found" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("path", sorted((DEPLOY / "compose").glob("*.py")), ids=lambda p: p.name)
