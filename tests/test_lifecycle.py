@@ -100,7 +100,7 @@ async def test_sigterm_drains_requests_in_flight_then_exits_0(
 async def test_requests_past_the_grace_are_cut_off_and_the_exit_is_still_0(
     tmp_path: Path, upstream: Upstream
 ) -> None:
-    config = write_config(tmp_path / "c.yaml", upstream, "shutdown_grace: 1s")
+    config = write_config(tmp_path / "c.yaml", upstream, "shutdown_grace: 2s")
     async with running(config) as (process, proxy, admin), aiohttp.ClientSession() as http:
         held = asyncio.ensure_future(http.get(f"http://{proxy}/hang"))
         await upstream.entered.wait()
@@ -112,8 +112,8 @@ async def test_requests_past_the_grace_are_cut_off_and_the_exit_is_still_0(
         signalled = loop.time()
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
-        # One deadline for both listeners; aiohttp alone would take two graces each.
-        assert loop.time() - signalled < 1.8
+        # One deadline for both listeners; aiohttp alone would take two graces each (4 s+).
+        assert 2 <= loop.time() - signalled < 3.2
         with pytest.raises(aiohttp.ClientConnectionError):
             await held
         stuck_admin.close()
