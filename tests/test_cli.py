@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import signal
 import socket
 import subprocess
@@ -82,6 +83,22 @@ def test_check_valid_prints_effective_settings() -> None:
         "    rates: window last 1m (min_requests 20), failure_rate 50 %, "
         "slow_call_duration 1s, slow_call_rate 80 %\n" in result.stdout
     )
+
+
+def test_check_into_a_closed_pipe_stops_quietly() -> None:
+    # `sidecar check -c F | head -1`: a reader that has gone away.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "sidecar", "check", "-c", EXAMPLE],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, b"")
 
 
 def test_check_invalid_lists_every_error_and_exits_2(tmp_path: Path) -> None:
