@@ -253,7 +253,8 @@ def create_admin_app(sidecar: Sidecar) -> web.Application:
 
 def _audit(request: web.Request, action: str, route: str | None, **fields: Any) -> None:
     what = action if route is None else f"{action} {route}"
-    details = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    shown = {k: format_duration(v) if k == "ttl" else v for k, v in fields.items() if v is not None}
+    details = " ".join(f"{k}={v}" for k, v in shown.items())
     event(
         log,
         logging.INFO,
