@@ -21,7 +21,7 @@ from sidecar.admin import Health, create_admin_app
 from sidecar.breaker import Breaker, Clock
 from sidecar.client import Pool
 from sidecar.config import Address, Config, ConfigError, load_config
-from sidecar.listener import ProxyServer
+from sidecar.listener import ProxyServer, Request, Response
 from sidecar.logs import ACCESS, event
 from sidecar.logs import configure as configure_logs
 from sidecar.metrics import Metrics
@@ -130,7 +130,7 @@ class Sidecar:
             raise
         self.health.ready = True
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: Request) -> Response:
         if not ACCESS.isEnabledFor(logging.INFO):
             return await self.proxy.handle(request)
         started = time.monotonic()

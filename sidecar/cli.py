@@ -229,6 +229,8 @@ async def _serve(config: Config) -> int:
             log.warning("second %s: exiting now, in-flight requests cut off", name)
             os._exit(1)
         grace = sidecar.config.shutdown_grace
+        # Not ready from the moment it is said, not from when stop() gets to run.
+        sidecar.health.ready = False
         event(
             log,
             logging.INFO,

@@ -24,12 +24,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, StreamReader, web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.http_writer import _serialize_headers
+from aiohttp.log import server_logger
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
 
-__all__ = ["ProxyServer"]
-
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+__all__ = ["FastResponse", "ProxyServer", "Request", "Response", "SimpleRequest"]
 
 
 def _closing_response(status: str, error: str) -> bytes:
@@ -47,16 +54,32 @@ _VERSION_RESPONSE = _closing_response(
 )
 _NOT_IMPLEMENTED_RESPONSE = _closing_response("501 Not Implemented", "not_implemented")
 _HTTP_1 = (HttpVersion11, HttpVersion10)
+_HEAD_END = b"\r\n\r\n"
+_PENDING_LIMIT = 2**16
+"""Bytes kept from a client while its request is in hand, before reading pauses."""
+_NOT_SIMPLE = ("Connection", "Content-Length", "Expect", "Transfer-Encoding", "Upgrade")
+"""Headers that take a request off the fast path (any framing, or connection management)."""
+
+
+Handler = Callable[["Request"], Awaitable["Response"]]
 
 
 class ProxyServer(web.Server):
-    """`web.Server` whose connections enforce `header_timeout` on every request."""
+    """`web.Server` whose connections enforce `header_timeout` on every request.
+
+    A connection starts on the fast path (`_FastConnection`), and moves to
+    aiohttp's `RequestHandler` (`_Connection`) for good at its first request
+    that is not a simple one.
+    """
 
     def __init__(self, handler: Handler, *, header_timeout: float, **kwargs: Any) -> None:
+        self.proxy_handler = handler
+        """The handler itself, without the checks `handle` adds (simple requests pass them)."""
+
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             connection = request.protocol
-            if not isinstance(connection, _Connection):  # never: __call__ makes them
-                return await handler(request)
+            if not isinstance(connection, _Connection):  # never: handler() makes them
+                raise TypeError("not a proxy connection")
             connection.headers_received(request)
             try:
                 if request.version not in _HTTP_1:
@@ -69,6 +92,7 @@ class ProxyServer(web.Server):
                     # if it were plain (the coding is hop-by-hop): RFC 9112 6.1's 501.
                     return connection.refuse(_NOT_IMPLEMENTED_RESPONSE)
                 response = await handler(request)
+                assert isinstance(response, web.StreamResponse)  # for an aiohttp request
                 if connection.must_finish:
                     # Send the answer now, before `request_done` may close the connection
                     # (a malformed body, or a next request's head out of time).
@@ -87,8 +111,373 @@ class ProxyServer(web.Server):
         self._kwargs["keepalive_timeout"] = keepalive_timeout
 
     def __call__(self) -> RequestHandler:
+        # The protocol factory of the listening socket. Not a RequestHandler: the fast
+        # path makes one (`handler()`) when the connection needs it.
+        return _FastConnection(self)  # type: ignore[return-value]
+
+    def handler(self) -> _Connection:
         # `_kwargs` is what web.Server itself passes to each RequestHandler.
         return _Connection(self, header_timeout=self._header_timeout, **self._kwargs)
+
+    @property
+    def keepalive_timeout(self) -> float:
+        return float(self._kwargs.get("keepalive_timeout", 3630.0))
+
+
+class SimpleRequest:
+    """A request on the fast path: a GET of HTTP/1.1, no body, no connection headers.
+
+    It has what the proxy reads of an aiohttp `BaseRequest`, under the same names.
+    """
+
+    __slots__ = ("_message", "headers", "method", "protocol", "raw_path", "remote")
+
+    scheme = "http"
+    version = HttpVersion11
+    content = EMPTY_PAYLOAD
+    content_length = None
+    body_exists = False
+
+    def __init__(self, protocol: _FastConnection, message: RawRequestMessage) -> None:
+        self._message = message
+        self.protocol = protocol
+        self.method: str = message.method
+        self.raw_path: str = message.path
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.remote = protocol.remote
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.protocol.transport
+
+    def response(
+        self, status: int, reason: str, headers: CIMultiDict[str], length: int | None
+    ) -> FastResponse:
+        return FastResponse(self.protocol, status, reason, headers, length)
+
+
+Request = web.BaseRequest | SimpleRequest
+
+
+class FastResponse:
+    """A response to a `SimpleRequest`, written with `StreamResponse`'s interface.
+
+    Its head is what aiohttp's would be (Date, Server, Content-Type defaults;
+    chunked when the length is unknown), serialized by aiohttp's C helper. A
+    short body of known length goes out in one write with its head.
+    """
+
+    __slots__ = (
+        "_chunked",
+        "_eof",
+        "_head",
+        "_headers",
+        "_protocol",
+        "keep_alive",
+        "reason",
+        "status",
+    )
+
+    def __init__(
+        self,
+        protocol: _FastConnection,
+        status: int,
+        reason: str,
+        headers: CIMultiDict[str],
+        length: int | None,
+    ) -> None:
+        self._protocol = protocol
+        self.status = status
+        self.reason = reason
+        self._headers = headers
+        self._head: bytes | None = None
+        """The serialized head, until written."""
+        self._chunked = False
+        self._eof = False
+        self.keep_alive = True
+
+    def force_close(self) -> None:
+        self.keep_alive = False
+
+    @property
+    def prepared(self) -> bool:
+        return self._head is not None or self._eof
+
+    async def prepare(self, request: Request) -> None:
+        headers = self._headers
+        status = self.status
+        length: int | None = None
+        if must_be_empty_body("GET", status):
+            if should_remove_content_length("GET", status):
+                headers.popall("Content-Length", None)
+            headers.popall("Transfer-Encoding", None)
+        else:
+            value = headers.get("Content-Length")
+            if value is None:
+                self._chunked = True
+                headers["Transfer-Encoding"] = "chunked"
+            else:
+                length = int(value)
+            if length != 0:
+                headers.setdefault("Content-Type", "application/octet-stream")
+        _finish_head(headers, self.keep_alive)
+        head = _serialize_headers(f"HTTP/1.1 {status} {self.reason}", headers)
+        if length is not None and length < COALESCE_BELOW:
+            self._head = head  # sent with the first bytes of the body
+        else:
+            self._head = b""
+            self._send(head)
+
+    def _send(self, data: bytes) -> None:
+        transport = self._protocol.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        transport.write(data)
+
+    async def write(self, data: bytes) -> None:
+        head = self._head
+        if head:
+            self._head = b""
+            data = head + data if not self._chunked else head + _chunk(data)
+        elif self._chunked:
+            data = _chunk(data)
+        self._send(data)
+        protocol = self._protocol
+        if protocol._paused:
+            await protocol._drain_helper()
+
+    async def write_eof(self) -> None:
+        if self._eof:
+            return
+        self._eof = True
+        data = self._head or b""
+        self._head = b""
+        if self._chunked:
+            data += b"0\r\n\r\n"
+        if data:
+            self._send(data)
+        protocol = self._protocol
+        if protocol._paused:
+            await protocol._drain_helper()
+
+
+COALESCE_BELOW = 65536
+"""A body shorter than this goes out in one write with its head (`proxy.COALESCE_HEADERS_BELOW`)."""
+
+Response = web.StreamResponse | FastResponse
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+
+
+def _finish_head(headers: CIMultiDict[str], keep_alive: bool) -> None:
+    """What aiohttp's `StreamResponse` adds to every head (the request is HTTP/1.1)."""
+    if "Date" not in headers:
+        headers["Date"] = rfc822_formatted_time()
+    headers.setdefault("Server", SERVER_SOFTWARE)
+    if not keep_alive and "Connection" not in headers:
+        headers["Connection"] = "close"
+
+
+class _FastConnection(BaseProtocol):
+    """A client connection on the fast path, until it sends something else.
+
+    It handles requests that come whole, one per read, with nothing after
+    them: GETs of HTTP/1.1 without a body or connection headers (as good as
+    every request of a keep-alive client), parsed by aiohttp's C parser, and
+    answered with `FastResponse`. At the first read that is anything else (a
+    head in pieces, pipelining, a body, another method or version, a malformed
+    request), it hands the connection, with those bytes, to aiohttp's
+    `RequestHandler` (`_Connection`) for good. Bytes that come while a request
+    is in hand wait for its end (they are decided on then: responses keep
+    their order). It has what `Sidecar.stop` and `web.Server.shutdown` use of a
+    RequestHandler: `transport`, `close()` and `shutdown()`.
+    """
+
+    def __init__(self, server: ProxyServer) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(loop)
+        self._server = server
+        self._handler = server.proxy_handler
+        self._keepalive = server.keepalive_timeout
+        self._request_parser = HttpRequestParser(
+            self, loop, 2**16, max_line_size=8190, max_field_size=8190, max_headers=128
+        )
+        self._parser = self._request_parser  # what BaseProtocol's flow control reaches
+        self._task: asyncio.Task[None] | None = None
+        self._pending = b""
+        self._held = False
+        self._closing = False
+        self._idle_until = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.remote: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        tcp_keepalive(self.transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, (list, tuple)):
+            self.remote = str(peer[0])
+        elif peer is not None:
+            self.remote = str(peer)
+        self._server._connections[self] = self.transport  # type: ignore[index]
+        # As aiohttp's: the keep-alive timeout also runs from accept.
+        self._idle_until = self._loop.time() + self._keepalive
+        self._idle_timer = self._loop.call_at(self._idle_until, self._idle_check)
+
+    def data_received(self, data: bytes) -> None:
+        if self._task is not None or self._pending:
+            self._pending += data
+            if len(self._pending) > _PENDING_LIMIT and not self._held:
+                self._held = True  # until the request in hand is done
+                self._pause_transport_reading()
+            return
+        self._dispatch(data)
+
+    def _dispatch(self, data: bytes) -> None:
+        if not self._closing and data.find(_HEAD_END) == len(data) - 4:
+            try:
+                messages, upgraded, _tail = self._request_parser.feed_data(data)
+            except Exception:
+                messages, upgraded = [], True
+            if len(messages) == 1 and not upgraded:
+                message, payload = messages[0]
+                if (
+                    payload is EMPTY_PAYLOAD
+                    and message.method == "GET"
+                    and message.version == HttpVersion11
+                    and not message.should_close
+                    and message.path[:1] == "/"
+                ):
+                    headers = message.headers
+                    for name in _NOT_SIMPLE:
+                        if name in headers:
+                            break
+                    else:
+                        self._task = self._loop.create_task(self._run(message))
+                        return
+        self._switch(data)
+
+    def _switch(self, data: bytes) -> None:
+        """Hand the connection to aiohttp's RequestHandler, with `data`, for good."""
+        transport = self.transport
+        self._server._connections.pop(self, None)  # type: ignore[call-overload]
+        self._stop_timer()
+        if transport is None:
+            return
+        connection = self._server.handler()
+        connection._paused = self._paused
+        transport.set_protocol(connection)
+        connection.connection_made(transport)
+        # Whatever held reading here (too much pipelined, or the parser's buffer for a
+        # body it began) is the new handler's to decide now.
+        self._resume_transport_reading()
+        if self._closing:
+            connection.close()
+        if data:
+            connection.data_received(data)
+
+    async def _run(self, message: RawRequestMessage) -> None:
+        request = SimpleRequest(self, message)
+        keep = False
+        try:
+            response = await self._handler(request)
+            if isinstance(response, FastResponse):
+                if not response.prepared:
+                    await response.prepare(request)
+                await response.write_eof()
+                keep = response.keep_alive
+            else:
+                keep = response.keep_alive is not False
+                self._send_whole(response, keep)
+        except asyncio.CancelledError:
+            raise
+        except ConnectionError:
+            pass
+        except Exception:
+            server_logger.exception("Error handling request")
+            if self.transport is not None and not self.transport.is_closing():
+                self._send_whole(web.Response(status=500, text="500 Internal Server Error"), False)
+        finally:
+            self._task = None
+        transport = self.transport
+        if transport is None:
+            return
+        if not keep or self._closing or transport.is_closing():
+            transport.close()
+            return
+        self._idle_until = self._loop.time() + self._keepalive
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_at(self._idle_until, self._idle_check)
+        if self._held:
+            self._held = False
+            self._resume_transport_reading()
+        if self._pending:
+            data, self._pending = self._pending, b""
+            self._dispatch(data)
+
+    def _send_whole(self, response: web.StreamResponse, keep: bool) -> None:
+        """A response the handler made whole (`web.Response`): head and body in one write."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        assert isinstance(response, web.Response)
+        body = response.body
+        assert body is None or isinstance(body, bytes)
+        body = body or b""
+        headers = CIMultiDict(response.headers)
+        headers["Content-Length"] = str(len(body))
+        _finish_head(headers, keep)
+        head = _serialize_headers(f"HTTP/1.1 {response.status} {response.reason}", headers)
+        transport.write(head + body)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        transport = self.transport
+        if transport is None or self._task is not None:
+            return  # re-armed when the request in hand is done
+        now = self._loop.time()
+        if now < self._idle_until:
+            self._idle_timer = self._loop.call_at(self._idle_until, self._idle_check)
+            return
+        transport.close()
+
+    def _stop_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def close(self) -> None:
+        """Stop taking requests: close now if idle, else after the request in hand."""
+        self._closing = True
+        if self._task is None and self.transport is not None:
+            self.transport.close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """Let the request in hand finish within `timeout`, then cancel it; and close."""
+        self._closing = True
+        self._stop_timer()
+        task = self._task
+        if task is not None:
+            done, _ = await asyncio.wait([task], timeout=timeout)
+            if not done:
+                task.cancel()
+                await asyncio.wait([task])
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._stop_timer()
+        task = self._task
+        connections = self._server._connections
+        if task is not None:
+            task.cancel()  # the client went away: its handler is cancelled, as aiohttp's
+            task.add_done_callback(lambda _: connections.pop(self, None))  # type: ignore[call-overload]
+        else:
+            connections.pop(self, None)  # type: ignore[call-overload]
 
 
 def _chunked_only(request: web.BaseRequest) -> bool:

@@ -12,7 +12,7 @@ import datetime
 import email.utils
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import HttpVersion11, web
@@ -21,6 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.breaker import Breaker, Clock, Permit, Rejection, State, StateListener
 from sidecar.client import Pool
 from sidecar.config import Route
+from sidecar.listener import Request, Response, SimpleRequest
 from sidecar.metrics import Metrics, RouteMetrics
 from sidecar.routing import Router, upstream_target
 from sidecar.upstream import (
@@ -225,7 +226,7 @@ class Proxy:
     def breakers(self) -> list[Breaker]:
         return [t.breaker for t in self.targets]
 
-    def match(self, request: web.BaseRequest) -> tuple[Target | None, str, str | None]:
+    def match(self, request: Request) -> tuple[Target | None, str, str | None]:
         """The request's route (None: none matches), its target path, and the host it
         is routed by."""
         raw_path = request.raw_path
@@ -234,11 +235,12 @@ class Proxy:
             # Absolute form (`GET http://host/x`): matched, as RFC 9112 3.2.2 says, by
             # the host it names rather than the Host header, and by its path; then
             # sent to the route's upstream like any other request, never to that host.
+            assert isinstance(request, web.BaseRequest)  # a SimpleRequest's is a path
             raw_path = request.rel_url.raw_path_qs
             host = request.url.host_port_subcomponent
         return self._router.match(host, raw_path.partition("?")[0]), raw_path, host
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response:
         target, raw_path, host = self.match(request)
         if target is None:
             self._metrics.unrouted += 1
@@ -250,6 +252,7 @@ class Proxy:
             # with `Expect: 100-continue`, before the client sends a byte of it).
             response = self._too_large(target)
             if "Expect" in request.headers:
+                assert isinstance(request, web.BaseRequest)  # a SimpleRequest has no body
                 # No body is coming: close at once rather than wait for one to drop.
                 await response.prepare(request)
                 await response.write_eof()
@@ -264,6 +267,7 @@ class Proxy:
         metrics.in_flight += 1
         try:
             if "Expect" in request.headers:
+                assert isinstance(request, web.BaseRequest)  # a SimpleRequest has no Expect
                 # Only now, admitted, may the client send its body: an OPEN route has
                 # refused above before a single byte of the upload was asked for.
                 if request.headers["Expect"].lower() != "100-continue":
@@ -308,12 +312,12 @@ class Proxy:
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         target: Target,
         permit: Permit,
         raw_path: str,
         host: str | None,
-    ) -> web.StreamResponse:
+    ) -> Response:
         route = target.route
         metrics = target.metrics
         headers = _without_hop_by_hop(request.headers, _NOT_FORWARDED_UP)
@@ -376,17 +380,21 @@ class Proxy:
                 permit.succeeded(elapsed)
 
             length = upstream.content_length
-            response = (
-                _CoalescedResponse
-                if length is not None and length < COALESCE_HEADERS_BELOW
-                else web.StreamResponse
-            )(
-                status=status,
-                reason=upstream.reason,
-                headers=_without_hop_by_hop(upstream.headers, HOP_BY_HOP),
-            )
+            headers = _without_hop_by_hop(upstream.headers, HOP_BY_HOP)
+            response: Response
+            prepared: Awaitable[object]
+            if isinstance(request, SimpleRequest):
+                response = request.response(status, upstream.reason, headers, length)
+                prepared = response.prepare(request)
+            else:
+                response = (
+                    _CoalescedResponse
+                    if length is not None and length < COALESCE_HEADERS_BELOW
+                    else web.StreamResponse
+                )(status=status, reason=upstream.reason, headers=headers)
+                prepared = response.prepare(request)
             try:
-                await response.prepare(request)
+                await prepared
                 metrics.count_response(status)
                 async for chunk in exchange.body():
                     await response.write(chunk)
@@ -420,9 +428,7 @@ class Proxy:
             exchange.close()
 
     @staticmethod
-    def _add_forwarded(
-        request: web.BaseRequest, headers: CIMultiDict[str], host: str | None
-    ) -> None:
+    def _add_forwarded(request: Request, headers: CIMultiDict[str], host: str | None) -> None:
         """`host`: the host the request was routed by (its Host header, or what an
         absolute-form target names)."""
         client = request.remote
