@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+from aiohttp import web
+from multidict import CIMultiDict
 
 from sidecar.breaker import State
 from sidecar.config import ConfigError, parse_config
@@ -303,6 +305,33 @@ def test_the_aiohttp_internals_the_listener_reads_are_still_there() -> None:
 
     assert "_messages" in web_protocol.RequestHandler.__slots__
     assert hasattr(web_protocol, "_ErrInfo")
+
+
+async def test_the_aiohttp_internals_the_fast_paths_use_are_still_there() -> None:
+    """The listener's fast path and the upstream client lean on these (issue 5): if an
+    aiohttp upgrade renames one, this says which, before anything misbehaves."""
+    from aiohttp import helpers, http_parser, http_writer
+    from aiohttp.base_protocol import BaseProtocol
+
+    server = web.Server(lambda _request: None)  # type: ignore[arg-type, return-value]
+    assert isinstance(server._connections, dict) and isinstance(server._kwargs, dict)
+    protocol = BaseProtocol(asyncio.get_running_loop())
+    for name in ("_paused", "_drain_helper", "_parser", "transport"):
+        assert hasattr(protocol, name), name
+    for name in ("_pause_transport_reading", "_resume_transport_reading"):
+        assert callable(getattr(protocol, name, None)), name
+    for module, name in (
+        (http_writer, "_serialize_headers"),
+        (helpers, "must_be_empty_body"),
+        (helpers, "should_remove_content_length"),
+        (helpers, "rfc822_formatted_time"),
+        (http_parser, "HttpRequestParser"),
+        (http_parser, "HttpResponseParser"),
+    ):
+        assert callable(getattr(module, name, None)), f"aiohttp.{module.__name__}.{name}"
+    assert http_writer._serialize_headers("HTTP/1.1 200 OK", CIMultiDict(A="b")) == (
+        b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n"
+    )
 
 
 # -- the write timeout: a client that stops reading its response ------------------------------
