@@ -9,7 +9,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +106,7 @@ class Sidecar:
         # which releases its permit (and probe slot) and its upstream request.
         clients = self.config.client_timeouts
         self._proxy_server = ProxyServer(
-            self._handle,
+            self._handler(),
             header_timeout=clients.headers,
             keepalive_timeout=clients.idle,
             handler_cancellation=True,
@@ -130,9 +130,12 @@ class Sidecar:
             raise
         self.health.ready = True
 
-    async def _handle(self, request: Request) -> Response:
-        if not ACCESS.isEnabledFor(logging.INFO):
-            return await self.proxy.handle(request)
+    def _handler(self) -> Callable[[Request], Awaitable[Response]]:
+        """The proxy's handler, wrapped in the access log only when that is on (a
+        wrapper costs a coroutine a request)."""
+        return self._handle_logged if ACCESS.isEnabledFor(logging.INFO) else self.proxy.handle
+
+    async def _handle_logged(self, request: Request) -> Response:
         started = time.monotonic()
         status = None
         # Matched here as handle() is about to (no await between), with the same router.
@@ -190,6 +193,8 @@ class Sidecar:
             if self._proxy_server is not None:
                 self._proxy_server.set_client_timeouts(clients.headers, clients.idle)
             configure_logs(config.log)
+            if self._proxy_server is not None:
+                self._proxy_server.proxy_handler = self._handler()
             self.config = config
             self.metrics.reloads["success"] += 1
             self.metrics.last_reload_success = time.time()

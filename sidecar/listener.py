@@ -74,7 +74,8 @@ class ProxyServer(web.Server):
 
     def __init__(self, handler: Handler, *, header_timeout: float, **kwargs: Any) -> None:
         self.proxy_handler = handler
-        """The handler itself, without the checks `handle` adds (simple requests pass them)."""
+        """The handler itself, without the checks `handle` adds (simple requests pass them).
+        May be replaced while serving: every request reads it afresh."""
 
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             connection = request.protocol
@@ -91,7 +92,7 @@ class ProxyServer(web.Server):
                     # coding other than chunked would reach the upstream undecoded, as
                     # if it were plain (the coding is hop-by-hop): RFC 9112 6.1's 501.
                     return connection.refuse(_NOT_IMPLEMENTED_RESPONSE)
-                response = await handler(request)
+                response = await self.proxy_handler(request)
                 assert isinstance(response, web.StreamResponse)  # for an aiohttp request
                 if connection.must_finish:
                     # Send the answer now, before `request_done` may close the connection
@@ -299,7 +300,6 @@ class _FastConnection(BaseProtocol):
         loop = asyncio.get_running_loop()
         super().__init__(loop)
         self._server = server
-        self._handler = server.proxy_handler
         self._keepalive = server.keepalive_timeout
         self._request_parser = HttpRequestParser(
             self, loop, 2**16, max_line_size=8190, max_field_size=8190, max_headers=128
@@ -383,7 +383,7 @@ class _FastConnection(BaseProtocol):
         request = SimpleRequest(self, message)
         keep = False
         try:
-            response = await self._handler(request)
+            response = await self._server.proxy_handler(request)
             if isinstance(response, FastResponse):
                 if not response.prepared:
                     await response.prepare(request)

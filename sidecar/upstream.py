@@ -14,7 +14,9 @@ place, this module; the proxy handler never catches them itself.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -109,6 +111,50 @@ _TIMER_RESOLUTION = 0.001
 """uvloop's timers tick in whole milliseconds: re-arming for less would spin until the tick."""
 
 
+class _Arming:
+    """Sets the timers of the watchdogs that are still running after a tick.
+
+    A watchdog whose first check is more than `INTERVAL` away does not set its
+    timer: it waits here, and the next tick (within `INTERVAL`, so before that
+    check is due) sets it, at exactly the time it would have had. An exchange
+    that ends first (nearly all of them) leaves the set and never had a timer.
+    One tick timer per loop runs while anything waits.
+    """
+
+    INTERVAL: ClassVar[float] = 0.25
+    _loops: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Arming]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    __slots__ = ("_loop", "_tick", "_waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: set[_Watchdog] = set()
+        self._tick: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Arming:
+        arming = cls._loops.get(loop)
+        if arming is None:
+            arming = cls._loops[loop] = cls(loop)
+        return arming
+
+    def add(self, watchdog: _Watchdog) -> None:
+        self._waiting.add(watchdog)
+        if self._tick is None:
+            self._tick = self._loop.call_later(self.INTERVAL, self._arm_waiting)
+
+    def discard(self, watchdog: _Watchdog) -> None:
+        self._waiting.discard(watchdog)
+
+    def _arm_waiting(self) -> None:
+        self._tick = None
+        waiting, self._waiting = self._waiting, set()
+        for watchdog in waiting:
+            watchdog.arm()
+
+
 class _Watchdog:
     """One timer for a whole upstream exchange, instead of one per await.
 
@@ -124,6 +170,7 @@ class _Watchdog:
     __slots__ = (
         "_deadline",
         "_fired",
+        "_first",
         "_handle",
         "_loop",
         "_paused_at",
@@ -135,18 +182,31 @@ class _Watchdog:
     )
 
     def __init__(self, timeout: float, write_timeout: float | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self._timeout = timeout
         self._write_timeout = write_timeout
-        self._deadline = self._loop.time() + timeout
+        now = loop.time()
+        self._deadline = now + timeout
         self._fired = False
         self._paused_at = 0.0
         self.paused = False
         self.client_stalled = False
-        self._handle = self._loop.call_at(self._next_check(self._deadline), self._fire)
+        first = self._next_check(self._deadline)
+        self._handle: asyncio.TimerHandle | None = None
+        if first - now > _Arming.INTERVAL:
+            # Armed later, and only if the exchange lasts that long (most end in a
+            # millisecond): a timer per request costs more than the rest of this module.
+            self._first = first
+            _Arming.of(loop).add(self)
+        else:
+            self._handle = loop.call_at(first, self._fire)
+
+    def arm(self) -> None:
+        """Set the timer for the first check, as `__init__` would have (see `_Arming`)."""
+        self._handle = self._loop.call_at(self._first, self._fire)
 
     def progress(self) -> None:
         self._deadline = self._loop.time() + self._timeout
@@ -157,7 +217,10 @@ class _Watchdog:
         self._paused_at = self._loop.time()
 
     def stop(self) -> None:
-        self._handle.cancel()
+        if self._handle is not None:
+            self._handle.cancel()
+        else:
+            _Arming.of(self._loop).discard(self)
 
     def expired(self) -> bool:
         """After a CancelledError: was it this deadline alone (then it is swallowed)?"""

@@ -149,9 +149,12 @@ async def test_sighup_reloads_and_a_bad_file_keeps_the_old_config(
             async with http.get(f"http://{admin}/breakers") as response:
                 return [r["name"] for r in (await response.json())["routes"]]
 
+        async with http.get(f"http://{proxy}/before") as response:
+            assert response.status == 200  # no access log yet
         write_config(
             path,
             upstream,
+            "log: {access: true}",  # taken up by the reload, as every key is
             routes=f"  - {{name: extra, match: {{host: extra.test}}, upstream: '{upstream.url}'}}",
         )
         process.send_signal(signal.SIGHUP)
@@ -181,6 +184,8 @@ async def test_sighup_reloads_and_a_bad_file_keeps_the_old_config(
     assert reloads[0]["added"] == ["extra"] and reloads[0]["kept"] == ["main"]
     assert reloads[1]["level"] == "error"
     assert len(reloads[1]["errors"]) == 1 and reloads[1]["errors"][0].startswith(config + ":")
+    access = [(x["path"], x["route"]) for x in lines if x["event"] == "access"]
+    assert access == [("/x", "extra")]
 
 
 async def test_transitions_and_the_access_log_in_json(tmp_path: Path, upstream: Upstream) -> None:
