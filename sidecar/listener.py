@@ -36,7 +36,14 @@ from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-__all__ = ["FastResponse", "ProxyServer", "Request", "Response", "SimpleRequest"]
+__all__ = [
+    "COALESCE_BELOW",
+    "FastResponse",
+    "ProxyServer",
+    "Request",
+    "Response",
+    "SimpleRequest",
+]
 
 
 def _closing_response(status: str, error: str) -> bytes:
@@ -151,10 +158,8 @@ class SimpleRequest:
     def transport(self) -> asyncio.Transport | None:
         return self.protocol.transport
 
-    def response(
-        self, status: int, reason: str, headers: CIMultiDict[str], length: int | None
-    ) -> FastResponse:
-        return FastResponse(self.protocol, status, reason, headers, length)
+    def response(self, status: int, reason: str, headers: CIMultiDict[str]) -> FastResponse:
+        return FastResponse(self.protocol, status, reason, headers)
 
 
 Request = web.BaseRequest | SimpleRequest
@@ -185,7 +190,6 @@ class FastResponse:
         status: int,
         reason: str,
         headers: CIMultiDict[str],
-        length: int | None,
     ) -> None:
         self._protocol = protocol
         self.status = status
@@ -263,7 +267,8 @@ class FastResponse:
 
 
 COALESCE_BELOW = 65536
-"""A body shorter than this goes out in one write with its head (`proxy.COALESCE_HEADERS_BELOW`)."""
+"""A body of known length shorter than this goes out in one write with its head, on
+either path (`FastResponse`, and the proxy's `_CoalescedResponse` for aiohttp's)."""
 
 Response = web.StreamResponse | FastResponse
 

@@ -21,7 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.breaker import Breaker, Clock, Permit, Rejection, State, StateListener
 from sidecar.client import Pool
 from sidecar.config import Route
-from sidecar.listener import Request, Response, SimpleRequest
+from sidecar.listener import COALESCE_BELOW, Request, Response, SimpleRequest
 from sidecar.metrics import Metrics, RouteMetrics
 from sidecar.routing import Router, upstream_target
 from sidecar.upstream import (
@@ -50,9 +50,6 @@ HOP_BY_HOP = frozenset(
 
 _NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "expect"}
 """Host is rewritten to the upstream's; the handler itself answers `Expect: 100-continue`."""
-
-COALESCE_HEADERS_BELOW = 65536
-"""A response whose Content-Length is under this goes out with its headers in one write."""
 
 REJECTION_CACHE_SIZE = 1024
 """Finished 503s kept per route: one per second of `Retry-After` counting down."""
@@ -384,12 +381,12 @@ class Proxy:
             response: Response
             prepared: Awaitable[object]
             if isinstance(request, SimpleRequest):
-                response = request.response(status, upstream.reason, headers, length)
+                response = request.response(status, upstream.reason, headers)
                 prepared = response.prepare(request)
             else:
                 response = (
                     _CoalescedResponse
-                    if length is not None and length < COALESCE_HEADERS_BELOW
+                    if length is not None and length < COALESCE_BELOW
                     else web.StreamResponse
                 )(status=status, reason=upstream.reason, headers=headers)
                 prepared = response.prepare(request)
