@@ -199,18 +199,15 @@ class Sidecar:
             self.metrics.reloads["success"] += 1
             self.metrics.last_reload_success = time.time()
             result = ReloadResult(True, changes=changes, restart_required=restart)
-            summary = ", ".join(
-                f"{len(names)} {what}"
-                for what, names in dataclasses.asdict(changes).items()
-                if names
-            )
+            by_kind = dataclasses.asdict(changes)
+            summary = ", ".join(f"{len(names)} {what}" for what, names in by_kind.items() if names)
             event(
                 log,
                 logging.INFO,
                 "reload",
                 f"reloaded {config.path}: {summary}",
                 result="success",
-                **dataclasses.asdict(changes),
+                **by_kind,
                 restart_required=restart,
             )
             for key in restart:

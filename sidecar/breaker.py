@@ -428,10 +428,7 @@ class Breaker:
             # No transition to report; still, outcomes of requests admitted before the
             # reset must not count against the clean slate.
             self._generation += 1
-            self._consecutive_failures = 0
-            self._period = self.settings.open_duration
-            if self._window is not None:
-                self._window.clear()
+            self._clean_slate()
             self.reason = reason
             return
         self._override_until = math.inf
@@ -471,12 +468,16 @@ class Breaker:
         self._probe_successes = 0
         self.reason = reason
         if to_state is State.CLOSED:
-            self._consecutive_failures = 0
-            self._period = self.settings.open_duration
-            if self._window is not None:
-                self._window.clear()
+            self._clean_slate()
         for listener in self._listeners:
             listener(self, from_state, to_state)
+
+    def _clean_slate(self) -> None:
+        """What CLOSED starts with: no failures, the base open period, an empty window."""
+        self._consecutive_failures = 0
+        self._period = self.settings.open_duration
+        if self._window is not None:
+            self._window.clear()
 
 
 def _make_window(settings: WindowSettings | None) -> Window | None:
