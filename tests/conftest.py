@@ -35,7 +35,9 @@ class Running:
     admin: str
 
     def breaker(self, name: str) -> Breaker:
-        return next(b for b in self.sidecar.proxy.breakers if b.name == name)
+        found = self.sidecar.breaker(name)
+        assert found is not None, f"no route {name!r}"
+        return found
 
     def sample(self, name: str, **labels: str) -> float | None:
         return self.sidecar.metrics.registry.get_sample_value(name, labels)

@@ -20,16 +20,14 @@ import asyncio
 import contextlib
 import gzip
 import json
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RawHandler, Running, StartSidecar, Upstream, eventually
+from tests.conftest import RawHandler, Running, StartSidecar, Upstream, eventually, running
 
 DEADLINE = 5.0
 """Seconds one raw exchange may take: anything slower is a hang."""
@@ -916,15 +914,8 @@ async def test_malformed_requests_log_one_warning_line_each_in_sidecar_run(
     config.write_text(
         "listen: 127.0.0.1:0\nadmin: {listen: 127.0.0.1:0}\n" + catch_all(upstream.url)
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "run", "-c", str(config), stderr=asyncio.subprocess.PIPE
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
-        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-        found = re.search(r"proxy on (\S+),", line)
-        assert found, line
-        proxy = f"http://{found[1]}"
+    async with running(str(config)) as (process, proxy_address, _):
+        proxy = f"http://{proxy_address}"
         attacks = [
             G + b"X: a\x00b\r\n\r\n",
             G + b"X-A: " + b"b" * 8191 + b"\r\n\r\n",
@@ -941,11 +932,8 @@ async def test_malformed_requests_log_one_warning_line_each_in_sidecar_run(
         assert reply.status == 200
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
+        assert process.stderr is not None
         log = (await process.stderr.read()).decode()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert "Traceback" not in log
     lines = [json.loads(x) for x in log.splitlines()]  # JSON, the default: one object each
     assert not [x for x in lines if x["level"] == "error"]

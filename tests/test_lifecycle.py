@@ -48,6 +48,15 @@ async def until(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> N
         await asyncio.sleep(0.02)
 
 
+async def until_not_ready(admin: str) -> None:
+    """Until the sidecar's /readyz says 503 (it has taken the signal to stop)."""
+
+    async def not_ready() -> bool:
+        return await status_of(f"http://{admin}/readyz") == 503
+
+    await until(not_ready)
+
+
 async def status_of(url: str) -> int | None:
     try:
         async with aiohttp.ClientSession() as http, http.get(url) as response:
@@ -72,11 +81,7 @@ async def test_sigterm_drains_requests_in_flight_then_exits_0(
         await upstream.entered.wait()
         assert await status_of(f"http://{admin}/readyz") == 200
         process.send_signal(signal.SIGTERM)
-
-        async def not_ready() -> bool:
-            return await status_of(f"http://{admin}/readyz") == 503
-
-        await until(not_ready)
+        await until_not_ready(admin)
         # The listener no longer accepts: a new client is refused, not queued.
         assert await status_of(f"http://{proxy}/x") is None
         # Nor are changes taken while draining, by SIGHUP or by the admin listener.
@@ -125,11 +130,7 @@ async def test_a_second_signal_forces_the_exit(tmp_path: Path, upstream: Upstrea
         held = asyncio.ensure_future(http.get(f"http://{proxy}/hang"))
         await upstream.entered.wait()
         process.send_signal(signal.SIGTERM)
-
-        async def not_ready() -> bool:
-            return await status_of(f"http://{admin}/readyz") == 503
-
-        await until(not_ready)
+        await until_not_ready(admin)
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 10) == 1
         held.cancel()
