@@ -509,17 +509,32 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds so far of a process group (nginx: master and worker)."""
-    total, found = 0, False
+    """CPU seconds so far of a process group (nginx: master and worker), all threads.
+
+    From /proc/PID/task/TID/schedstat, the scheduler's own count in nanoseconds:
+    utime and stime in /proc/PID/stat are sampled at each timer tick (4 ms at
+    HZ=250), which a load sent at a fixed rate, in step with the tick, can skew
+    (/proc/stat's per-CPU figures, counted the same way, once put CPU 0 at 6 %
+    busy while the upstream alone used 37 % of it). Where schedstat is missing,
+    those ticks it is.
+    """
+    total, found = 0.0, False
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-            found = True
-    return total / _TICK if found else float("nan")
+        if int(fields[2]) != pgid:
+            continue
+        found = True
+        try:
+            total += sum(
+                int(task.read_text().split()[0]) / 1e9
+                for task in stat.parent.glob("task/*/schedstat")
+            )
+        except (OSError, IndexError, ValueError):
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total if found else float("nan")
 
 
 def cpu_ticks(cpu: str) -> tuple[int, int]:
@@ -581,10 +596,20 @@ class OpenLoopResult:
     statuses: dict[str, int]
     lag_p99_ms: float
     """How late the generator itself sent requests (its own precision)."""
+    server_cpu_us: float = float("nan")
+    """CPU time per request of the setup's server at this rate (the upstream's, direct)."""
+    upstream_cpu_us: float = float("nan")
+    """CPU time per request of the upstream behind a forwarding setup at this rate."""
 
     @property
     def kept_up(self) -> bool:
         return self.achieved >= KEEP_UP * self.offered
+
+    @property
+    def cpu_busy_pct(self) -> float:
+        """The share of CPU 0 the setup and its upstream need at this rate."""
+        upstream = 0.0 if math.isnan(self.upstream_cpu_us) else self.upstream_cpu_us
+        return (self.server_cpu_us + upstream) * self.offered / 1e4
 
 
 def _num(value: object) -> float:
@@ -766,7 +791,15 @@ def measure(
             result.steal_pct = 100.0 * (steal1 - steal0) / (total1 - total0)
         measurement = Measurement(result)
         for rate in args.latency_rates:
-            measurement.latency[rate] = run_openloop(ctx.processes, url, rate, args, log)
+            before = cpu_seconds(measured), cpu_seconds(upstream.pid)
+            lat = run_openloop(ctx.processes, url, rate, args, log)
+            after = cpu_seconds(measured), cpu_seconds(upstream.pid)
+            # The processes are idle but for the generator's requests, all of them sent.
+            sent = math.ceil((args.warmup + args.latency_duration) * rate)
+            lat.server_cpu_us = (after[0] - before[0]) / sent * 1e6
+            if setup.forwards and server is not None:
+                lat.upstream_cpu_us = (after[1] - before[1]) / sent * 1e6
+            measurement.latency[rate] = lat
         if args.many_connections:
             measurement.many = run_wrk(
                 ctx.processes, url, args.duration, args.many_connections, log
@@ -971,6 +1004,15 @@ def _us(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.0f}"
 
 
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0f} %"
+
+
+def _cpu_split(own: float, upstream: float) -> str:
+    """A forwarding setup's CPU per request, then its upstream's: "287 + 182"."""
+    return _us(own) if math.isnan(upstream) else f"{_us(own)} + {_us(upstream)}"
+
+
 def _ms(value: float, sign: bool = False) -> str:
     if math.isnan(value):
         return "-"
@@ -1021,6 +1063,9 @@ class LatencySummary:
     p999_ms: float
     added_p50_ms: float
     added_p99_ms: float
+    cpu_busy_pct: float
+    server_cpu_us: float
+    upstream_cpu_us: float
     slow_rounds: int
     rounds: int
     min_achieved: float
@@ -1088,6 +1133,9 @@ def summarize(results: Results) -> dict[str, Summary]:
                 p999_ms=_median([r.p999_ms for r in own]),
                 added_p50_ms=_median(added50),
                 added_p99_ms=_median(added99),
+                cpu_busy_pct=_median([r.cpu_busy_pct for r in own]),
+                server_cpu_us=_median([r.server_cpu_us for r in own]),
+                upstream_cpu_us=_median([r.upstream_cpu_us for r in own]),
                 slow_rounds=sum(not r.kept_up for r in own),
                 rounds=len(own),
                 min_achieved=min(r.achieved for r in own),
@@ -1152,7 +1200,17 @@ def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
     forward = s.get("sidecar-forward")
     if forward and ISSUE_RATE in forward.latency and "upstream-direct" in s:
         lat = forward.latency[ISSUE_RATE]
-        detail = f"p50 {lat.added_p50_ms:+.2f} ms; sidecar p99 {lat.p99_ms:.2f} ms"
+        detail = (
+            f"p50 {lat.added_p50_ms:+.2f} ms; sidecar p99 {lat.p99_ms:.2f} ms; "
+            f"CPU {SERVER_CPU} {_pct(lat.cpu_busy_pct)} busy"
+        )
+        ng = s.get("nginx")
+        if ng is not None and ISSUE_RATE in ng.latency:
+            ref = ng.latency[ISSUE_RATE]
+            detail += (
+                f" (nginx: added p99 {_ms(ref.added_p99_ms, sign=True)} ms, "
+                f"CPU {SERVER_CPU} {_pct(ref.cpu_busy_pct)} busy)"
+            )
         if lat.slow_rounds:
             detail += (
                 f"; did NOT keep up in {lat.slow_rounds}/{lat.rounds} rounds "
@@ -1255,6 +1313,8 @@ def tables(
                 "p99.9 ms",
                 "added p50 ms",
                 "added p99 ms",
+                f"CPU {SERVER_CPU} busy",
+                "CPU us/req",
                 "kept up",
             ]
         )
@@ -1277,6 +1337,8 @@ def tables(
                     _ms(lat.p999_ms),
                     "(reference)" if reference else _ms(lat.added_p50_ms, sign=True),
                     "(reference)" if reference else _ms(lat.added_p99_ms, sign=True),
+                    _pct(lat.cpu_busy_pct),
+                    _cpu_split(lat.server_cpu_us, lat.upstream_cpu_us),
                     kept,
                 ]
             )
@@ -1284,7 +1346,9 @@ def tables(
             (
                 f"Latency at {rate} req/s offered: openloop.py, {args.latency_connections} "
                 f"keep-alive connections, {args.latency_duration:g}s (+{args.warmup:g}s "
-                "unrecorded); added = minus upstream-direct in the same round, median",
+                "unrecorded); added = minus upstream-direct in the same round; "
+                "CPU us/req = the setup's own + the upstream's at this rate; "
+                f"CPU {SERVER_CPU} busy = their sum x the rate; medians",
                 table,
             )
         )
@@ -1352,6 +1416,9 @@ LEGEND = [
     "cpu us/req    user+system CPU of the server under test (all its processes), per request",
     "upstr us/req  the same for the upstream (forwarding setups)",
     "steal%        CPU 0 time taken by the hypervisor during the run (high: noisy)",
+    "CPU 0 busy    in the latency tables: the share of CPU 0 the setup and its upstream use at",
+    "              that rate (CPU us/req x rate); the closer to 100 %, the longer whatever",
+    "              arrives during a stall waits behind it, and the higher p99 climbs",
     f"kept up       achieved >= {KEEP_UP:.0%} of the offered rate in every round; when not, "
     "its latencies are those of a queue that kept growing",
 ]
