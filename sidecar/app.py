@@ -157,10 +157,10 @@ class Sidecar:
     async def _handle_logged(self, request: Request) -> Response:
         started = time.monotonic()
         status = None
-        # Matched here as handle() is about to (no await between), with the same router.
-        target = self.proxy.match(request)[0]
+        matched = self.proxy.match(request)
+        target = matched[0]
         try:
-            response = await self.proxy.handle(request)
+            response = await self.proxy.handle(request, matched)
             status = response.status
             return response
         finally:
@@ -198,21 +198,25 @@ class Sidecar:
                     errors=errors,
                 )
                 return ReloadResult(False, errors)
-            wanted = (config.listen, config.admin_listen)
-            restart = [
-                key
-                for key, new, bound in zip(
-                    ("listen", "admin.listen"), wanted, self._bound, strict=True
+            # (key, its new address, the listener still on the old one)
+            moved = [
+                (key, new, listener)
+                for key, new, bound, listener in zip(
+                    ("listen", "admin.listen"),
+                    (config.listen, config.admin_listen),
+                    self._bound,
+                    ("proxy", "admin"),
+                    strict=True,
                 )
                 if new != bound
             ]
+            restart = [key for key, _, _ in moved]
             changes = self.proxy.reconfigure(config.routes)
             clients = config.client_timeouts
             self.proxy.write_timeout = clients.write
+            configure_logs(config.log)  # before _handler(), which asks the access log
             if self._proxy_server is not None:
                 self._proxy_server.set_client_timeouts(clients.headers, clients.idle)
-            configure_logs(config.log)
-            if self._proxy_server is not None:
                 self._proxy_server.proxy_handler = self._handler()
             self.config = config
             self.metrics.reloads["success"] += 1
@@ -229,13 +233,12 @@ class Sidecar:
                 **by_kind,
                 restart_required=restart,
             )
-            for key in restart:
-                value = config.listen if key == "listen" else config.admin_listen
+            for key, new, listener in moved:
                 log.warning(
                     "%s changed to %s: still listening on %s until restarted",
                     key,
-                    value,
-                    self.addresses["proxy" if key == "listen" else "admin"],
+                    new,
+                    self.addresses[listener],
                 )
             return result
 

@@ -237,8 +237,11 @@ class Proxy:
             host = request.url.host_port_subcomponent
         return self._router.match(host, raw_path.partition("?")[0]), raw_path, host
 
-    async def handle(self, request: Request) -> Response:
-        target, raw_path, host = self.match(request)
+    async def handle(
+        self, request: Request, matched: tuple[Target | None, str, str | None] | None = None
+    ) -> Response:
+        """Answer `request`; `matched`: what `match(request)` said, if it was asked already."""
+        target, raw_path, host = matched or self.match(request)
         if target is None:
             self._metrics.unrouted += 1
             return error_response(404, "no_route")

@@ -507,7 +507,10 @@ async def test_an_invalid_reload_keeps_the_old_config_serving(
 
 
 async def test_a_new_listen_address_needs_a_restart(
-    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+    start_sidecar: StartSidecar,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     s = await start_sidecar(two_routes(upstream))
     path = s.sidecar.config.path
@@ -515,6 +518,11 @@ async def test_a_new_listen_address_needs_a_restart(
         f.write("listen: 127.0.0.1:1\nadmin: {listen: 127.0.0.1:0}\n" + two_routes(upstream))
     status, answer = await post(http, s.admin + "/reload")
     assert (status, answer["restart_required"]) == (200, ["listen"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"listen changed to 127.0.0.1:1: still listening on {s.sidecar.addresses['proxy']} "
+        "until restarted"
+    ]
     async with http.get(s.proxy + "/a/x") as response:
         assert response.status == 200  # still where it was
 
