@@ -234,6 +234,8 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
 
 # -- YAML with positions ----------------------------------------------------------
 
+_TOO_DEEP = "nested far too deeply"
+
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """libyaml's parser where PyYAML was built with it: 5 to 10 times as fast on large files."""
 
@@ -293,8 +295,13 @@ class _Reader:
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line = mark.line + 1 if mark else 1
-            what = " ".join(filter(None, [e.context, e.problem]))
-            self.problems.append(Problem(self.file, line, "(yaml)", f"invalid YAML: {what}"))
+            if "maximum nesting depth" in (e.problem or ""):
+                # libyaml's own depth limit (in the wheels of PyYAML 6.0.4 on); with an
+                # older libyaml the same file ends in RecursionError below. One message.
+                self.problems.append(Problem(self.file, line, "(yaml)", _TOO_DEEP))
+            else:
+                what = " ".join(filter(None, [e.context, e.problem]))
+                self.problems.append(Problem(self.file, line, "(yaml)", f"invalid YAML: {what}"))
         except yaml.reader.ReaderError as e:  # a control character, or bytes that are not text
             line = text.count("\n", 0, e.position) + 1
             character = chr(e.character) if isinstance(e.character, int) else e.character
@@ -313,7 +320,7 @@ class _Reader:
                 Problem(self.file, 1, "(yaml)", f"more than {MAX_NODES} values (an alias bomb?)")
             )
         except RecursionError:
-            self.problems.append(Problem(self.file, 1, "(yaml)", "nested far too deeply"))
+            self.problems.append(Problem(self.file, 1, "(yaml)", _TOO_DEEP))
         except (ValueError, OverflowError) as e:  # e.g. an integer of thousands of digits
             self.problems.append(Problem(self.file, 1, "(yaml)", f"invalid value: {e}"))
         finally:
