@@ -32,6 +32,7 @@ __all__ = [
     "IDEMPOTENT_METHODS",
     "KEEPALIVE_TIMEOUT",
     "MAX_HEADER_SIZE",
+    "Answer",
     "BadResponse",
     "Connection",
     "Disconnected",

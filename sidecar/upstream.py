@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import aiohttp
 from multidict import CIMultiDict
@@ -26,6 +27,7 @@ from sidecar.client import (
     IDEMPOTENT_METHODS,
     KEEPALIVE_TIMEOUT,
     MAX_HEADER_SIZE,
+    Answer,
     BadResponse,
     Connection,
     Disconnected,
@@ -38,11 +40,14 @@ from sidecar.client import (
 __all__ = [
     "KEEPALIVE_TIMEOUT",
     "MAX_HEADER_SIZE",
+    "Armable",
+    "Arming",
     "BodyTooLarge",
     "ClientBodyTimeout",
     "ClientWriteTimeout",
     "Exchange",
     "InvalidRequest",
+    "Sent",
     "UpstreamError",
     "UpstreamReset",
     "UpstreamTimeout",
@@ -111,8 +116,16 @@ _TIMER_RESOLUTION = 0.001
 """uvloop's timers tick in whole milliseconds: re-arming for less would spin until the tick."""
 
 
-class _Arming:
+class Armable(Protocol):
+    def arm(self) -> None:
+        """Called by the tick that follows `Arming.add`, unless discarded before."""
+
+
+class Arming:
     """Sets the timers of the watchdogs that are still running after a tick.
+
+    (Anything `Armable` may wait here: the proxy's task-less exchanges do, to be
+    handed to a task with a watchdog if they outlive a tick.)
 
     A watchdog whose first check is more than `INTERVAL` away does not set its
     timer: it waits here, and the next tick (within `INTERVAL`, so before that
@@ -122,7 +135,7 @@ class _Arming:
     """
 
     INTERVAL: ClassVar[float] = 0.25
-    _loops: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Arming]] = (
+    _loops: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Arming]] = (
         weakref.WeakKeyDictionary()
     )
 
@@ -130,22 +143,22 @@ class _Arming:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._waiting: set[_Watchdog] = set()
+        self._waiting: set[Armable] = set()
         self._tick: asyncio.TimerHandle | None = None
 
     @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> _Arming:
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Arming:
         arming = cls._loops.get(loop)
         if arming is None:
             arming = cls._loops[loop] = cls(loop)
         return arming
 
-    def add(self, watchdog: _Watchdog) -> None:
+    def add(self, watchdog: Armable) -> None:
         self._waiting.add(watchdog)
         if self._tick is None:
             self._tick = self._loop.call_later(self.INTERVAL, self._arm_waiting)
 
-    def discard(self, watchdog: _Watchdog) -> None:
+    def discard(self, watchdog: Armable) -> None:
         self._waiting.discard(watchdog)
 
     def _arm_waiting(self) -> None:
@@ -196,16 +209,16 @@ class _Watchdog:
         self.client_stalled = False
         first = self._next_check(self._deadline)
         self._handle: asyncio.TimerHandle | None = None
-        if first - now > _Arming.INTERVAL:
+        if first - now > Arming.INTERVAL:
             # Armed later, and only if the exchange lasts that long (most end in a
             # millisecond): a timer per request costs more than the rest of this module.
             self._first = first
-            _Arming.of(loop).add(self)
+            Arming.of(loop).add(self)
         else:
             self._handle = loop.call_at(first, self._fire)
 
     def arm(self) -> None:
-        """Set the timer for the first check, as `__init__` would have (see `_Arming`)."""
+        """Set the timer for the first check, as `__init__` would have (see `Arming`)."""
         self._handle = self._loop.call_at(self._first, self._fire)
 
     def progress(self) -> None:
@@ -220,7 +233,7 @@ class _Watchdog:
         if self._handle is not None:
             self._handle.cancel()
         else:
-            _Arming.of(self._loop).discard(self)
+            Arming.of(self._loop).discard(self)
 
     def expired(self) -> bool:
         """After a CancelledError: was it this deadline alone (then it is swallowed)?"""
@@ -417,6 +430,19 @@ class Exchange:
         self._pool.release(self._connection)
 
 
+@dataclass(slots=True)
+class Sent:
+    """A body-less request the caller already sent on a pooled connection (see
+    `Proxy.begin`), for `send` to carry on with as if it had sent it itself."""
+
+    connection: Connection
+    answer: asyncio.Future[Answer]
+    at: float
+    """`clock()` when it was sent."""
+    loop_at: float
+    """The loop's time when it was sent: the request timeout runs from there."""
+
+
 async def send(
     session: Pool,
     method: str,
@@ -429,9 +455,10 @@ async def send(
     clock: Clock,
     max_body_size: int | None = None,
     write_timeout: float | None = None,
+    sent: Sent | None = None,
 ) -> Exchange:
     """Send a request to `origin` ("scheme://host:port") for `target` (path and query),
-    and return once its response headers are in.
+    and return once its response headers are in; or, given `sent`, wait for that one.
 
     Raises `UpstreamError` (with the time the upstream had in `elapsed`),
     `ClientBodyTimeout` (the client stopped sending its body), `BodyTooLarge`
@@ -440,12 +467,15 @@ async def send(
     `write_timeout` bounds each wait for the client to take part of the response
     (see `Exchange.client_stalled`). The caller must `close()` the exchange.
     """
-    started = clock()
+    started = clock() if sent is None else sent.at
     where = session.origin(origin)
     try:
         head, chunked = request_head(method, target, where, headers, body is not None)
     except ValueError as e:  # e.g. a header value that cannot go on the wire
         raise InvalidRequest(str(e)) from e
+    if sent is not None:
+        waited = asyncio.get_running_loop().time() - sent.loop_at
+        request_timeout = max(request_timeout - waited, _TIMER_RESOLUTION)
     watchdog = _Watchdog(request_timeout, write_timeout)
     upload = _Upload(body, watchdog, clock, max_body_size) if body is not None else None
 
@@ -457,7 +487,7 @@ async def send(
     try:
         try:
             connection, writer, response = await _exchange(
-                session, where, method, head, upload, chunked, connect_timeout
+                session, where, method, head, upload, chunked, connect_timeout, sent
             )
         except asyncio.CancelledError:
             watchdog.stop()
@@ -496,8 +526,10 @@ async def _exchange(
     upload: _Upload | None,
     chunked: bool,
     connect_timeout: float | None,
+    sent: Sent | None = None,
 ) -> tuple[Connection, asyncio.Task[None] | None, Response]:
-    """One request on a pooled or new connection, until its response head is in.
+    """One request on a pooled or new connection (or `sent` already), until its
+    response head is in.
 
     A request without a body whose method is idempotent is sent again, once, on
     another connection, if the first closes before any answer (a pooled one the
@@ -505,12 +537,15 @@ async def _exchange(
     """
     retry = upload is None and method in IDEMPOTENT_METHODS
     while True:
-        connection = pool.idle(origin)
-        if connection is None:
-            connection = await pool.connect(origin, connect_timeout)
+        answer: asyncio.Future[Answer] | None = None
+        if sent is not None:
+            connection, answer, sent = sent.connection, sent.answer, None
+        else:
+            connection = pool.idle(origin) or await pool.connect(origin, connect_timeout)
         writer: asyncio.Task[None] | None = None
         try:
-            answer = connection.request(head, with_body=method != "HEAD")
+            if answer is None:
+                answer = connection.request(head, with_body=method != "HEAD")
             if upload is not None:
                 writer = asyncio.create_task(connection.upload(upload.chunks(), chunked))
                 writer.add_done_callback(_retrieve)
