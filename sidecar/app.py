@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from sidecar.admin import Health, create_admin_app
 from sidecar.breaker import Breaker, Clock
 from sidecar.client import Pool
 from sidecar.config import Address, Config, ConfigError, load_config
-from sidecar.listener import ProxyServer, Request, Response
+from sidecar.listener import Handler, ProxyServer, Request, Response, SimpleRequest
 from sidecar.logs import ACCESS, event
 from sidecar.logs import configure as configure_logs
 from sidecar.metrics import Metrics
@@ -131,6 +131,7 @@ class Sidecar:
             handler_cancellation=True,
             access_log=None,
         )
+        self._proxy_server.begin = self._begin()
         try:
             for name, runner, address in (
                 ("admin", web.AppRunner(self.admin_app, access_log=None), self.config.admin_listen),
@@ -149,10 +150,15 @@ class Sidecar:
             raise
         self.health.ready = True
 
-    def _handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def _handler(self) -> Handler:
         """The proxy's handler, wrapped in the access log only when that is on (a
         wrapper costs a coroutine a request)."""
         return self._handle_logged if ACCESS.isEnabledFor(logging.INFO) else self.proxy.handle
+
+    def _begin(self) -> Callable[[SimpleRequest], bool] | None:
+        """The proxy's task-less path for simple requests, which the access log (when
+        on) does without: it wraps `handle`."""
+        return None if ACCESS.isEnabledFor(logging.INFO) else self.proxy.begin
 
     async def _handle_logged(self, request: Request) -> Response:
         started = time.monotonic()
@@ -218,6 +224,7 @@ class Sidecar:
             if self._proxy_server is not None:
                 self._proxy_server.set_client_timeouts(clients.headers, clients.idle)
                 self._proxy_server.proxy_handler = self._handler()
+                self._proxy_server.begin = self._begin()
             self.config = config
             self.metrics.reloads["success"] += 1
             self.metrics.last_reload_success = time.time()

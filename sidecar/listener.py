@@ -20,8 +20,8 @@ be valid.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from aiohttp import HttpVersion10, HttpVersion11, StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
@@ -39,6 +39,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 __all__ = [
     "COALESCE_BELOW",
     "FastResponse",
+    "Forwarding",
+    "Handler",
     "ProxyServer",
     "Request",
     "Response",
@@ -68,7 +70,18 @@ _NOT_SIMPLE = ("Connection", "Content-Length", "Expect", "Transfer-Encoding", "U
 """Headers that take a request off the fast path (any framing, or connection management)."""
 
 
-Handler = Callable[["Request"], Awaitable["Response"]]
+Handler = Callable[["Request"], Coroutine[Any, Any, "Response"]]
+Begin = Callable[["SimpleRequest"], bool]
+
+
+class Forwarding(Protocol):
+    """A simple request being answered without a task (see `SimpleRequest.hold`)."""
+
+    def abort(self) -> None:
+        """The client went away: stop, with no answer."""
+
+    def escalate(self) -> None:
+        """Go on in a task (`SimpleRequest.adopt`): the server waits for tasks."""
 
 
 class ProxyServer(web.Server):
@@ -83,6 +96,10 @@ class ProxyServer(web.Server):
         self.proxy_handler = handler
         """The handler itself, without the checks `handle` adds (simple requests pass them).
         May be replaced while serving: every request reads it afresh."""
+        self.begin: Begin | None = None
+        """Offered each simple request first: True if it took it (and answers it without
+        a task, or hands it to one itself), False to leave it to `proxy_handler`. None:
+        every request goes to `proxy_handler`. May be replaced while serving."""
 
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             connection = request.protocol
@@ -161,6 +178,33 @@ class SimpleRequest:
     def response(self, status: int, reason: str, headers: CIMultiDict[str]) -> FastResponse:
         return FastResponse(self.protocol, status, reason, headers)
 
+    # For `ProxyServer.begin`, which answers without a task; each ends with one of
+    # `finish`, `answer_now` or `adopt`, and once `hold` is called, no later.
+
+    def hold(self, forwarding: Forwarding) -> None:
+        """The answer comes from `forwarding`'s callbacks; a client that goes away aborts
+        it, and a shutdown has it `escalate`."""
+        self.protocol._forwarding = forwarding
+
+    def adopt(self, handling: Coroutine[Any, Any, Response]) -> asyncio.Task[None]:
+        """Answer with what `handling` returns, in a task, as `proxy_handler`'s would be.
+
+        A client that goes away cancels the task, which may be before `handling` ever
+        ran: whatever it was to let go of, the task's done callbacks must then."""
+        return self.protocol.adopt(self, handling)
+
+    def finish(self, keep: bool) -> None:
+        """The response is whole on the wire; `keep`: the connection may take another."""
+        self.protocol.finish(keep)
+
+    def answer_now(self, response: web.Response) -> None:
+        """Write a response the handler made whole (a rejection), and finish."""
+        self.protocol.answer_now(response)
+
+    def fail(self) -> None:
+        """The handler raised (a bug): log it, answer 500 if nothing was sent, and close."""
+        self.protocol.fail()
+
 
 Request = web.BaseRequest | SimpleRequest
 
@@ -208,7 +252,20 @@ class FastResponse:
     def prepared(self) -> bool:
         return self._head is not None or self._eof
 
+    @property
+    def needs_drain(self) -> bool:
+        """Whether the client is behind: `write` and `write_eof` would wait for it."""
+        return self._protocol._paused
+
+    async def drain(self) -> None:
+        if self._protocol._paused:
+            await self._protocol._drain_helper()
+
     async def prepare(self, request: Request) -> None:
+        self.start()
+
+    def start(self) -> None:
+        """`prepare`, which never waits."""
         headers = self._headers
         status = self.status
         length: int | None = None
@@ -240,6 +297,11 @@ class FastResponse:
         transport.write(data)
 
     async def write(self, data: bytes) -> None:
+        self.write_now(data)
+        await self.drain()
+
+    def write_now(self, data: bytes) -> None:
+        """`write`, without waiting for a client that is behind."""
         head = self._head
         if head:
             self._head = b""
@@ -247,11 +309,15 @@ class FastResponse:
         elif self._chunked:
             data = _chunk(data)
         self._send(data)
-        protocol = self._protocol
-        if protocol._paused:
-            await protocol._drain_helper()
 
     async def write_eof(self) -> None:
+        if self._eof:
+            return
+        self.end_now()
+        await self.drain()
+
+    def end_now(self) -> None:
+        """`write_eof`, without waiting for a client that is behind."""
         if self._eof:
             return
         self._eof = True
@@ -261,9 +327,6 @@ class FastResponse:
             data += b"0\r\n\r\n"
         if data:
             self._send(data)
-        protocol = self._protocol
-        if protocol._paused:
-            await protocol._drain_helper()
 
 
 COALESCE_BELOW = 65536
@@ -311,6 +374,8 @@ class _FastConnection(BaseProtocol):
         )
         self._parser = self._request_parser  # what BaseProtocol's flow control reaches
         self._task: asyncio.Task[None] | None = None
+        self._forwarding: Forwarding | None = None
+        """The request in hand when it is answered without a task (`ProxyServer.begin`)."""
         self._pending = b""
         self._held = False
         self._closing = False
@@ -333,7 +398,7 @@ class _FastConnection(BaseProtocol):
         self._idle_timer = self._loop.call_at(self._idle_until, self._idle_check)
 
     def data_received(self, data: bytes) -> None:
-        if self._task is not None or self._pending:
+        if self._task is not None or self._forwarding is not None or self._pending:
             self._pending += data
             if len(self._pending) > _PENDING_LIMIT and not self._held:
                 self._held = True  # until the request in hand is done
@@ -361,7 +426,7 @@ class _FastConnection(BaseProtocol):
                         if name in headers:
                             break
                     else:
-                        self._task = self._loop.create_task(self._run(message))
+                        self._begin(SimpleRequest(self, message))
                         return
         self._switch(data)
 
@@ -384,11 +449,39 @@ class _FastConnection(BaseProtocol):
         if data:
             connection.data_received(data)
 
-    async def _run(self, message: RawRequestMessage) -> None:
-        request = SimpleRequest(self, message)
+    def _begin(self, request: SimpleRequest) -> None:
+        begin = self._server.begin
+        try:
+            if begin is not None and begin(request):
+                return
+        except Exception:
+            self.fail()
+            return
+        self.adopt(request, self._server.proxy_handler(request))
+
+    def adopt(
+        self, request: SimpleRequest, handling: Coroutine[Any, Any, Response]
+    ) -> asyncio.Task[None]:
+        self._forwarding = None
+        task = self._task = self._loop.create_task(self._run(request, handling))
+        # Cancelled before its first step (its client gone at once), `_run` never awaits
+        # `handling`: closed here, or it would warn that it never was.
+        task.add_done_callback(lambda _: handling.close())
+        return task
+
+    def finish(self, keep: bool) -> None:
+        self._forwarding = None
+        self._done(keep)
+
+    def answer_now(self, response: web.Response) -> None:
+        keep = response.keep_alive is not False
+        self._send_whole(response, keep)
+        self._done(keep)
+
+    async def _run(self, request: SimpleRequest, handling: Coroutine[Any, Any, Response]) -> None:
         keep = False
         try:
-            response = await self._server.proxy_handler(request)
+            response = await handling
             if isinstance(response, FastResponse):
                 if not response.prepared:
                     await response.prepare(request)
@@ -402,11 +495,22 @@ class _FastConnection(BaseProtocol):
         except ConnectionError:
             pass
         except Exception:
-            server_logger.exception("Error handling request")
-            if self.transport is not None and not self.transport.is_closing():
-                self._send_whole(web.Response(status=500, text="500 Internal Server Error"), False)
+            self._task = None
+            self.fail()
+            return
         finally:
             self._task = None
+        self._done(keep)
+
+    def fail(self) -> None:
+        """Called in the `except` block of a handler's bug."""
+        server_logger.exception("Error handling request")
+        if self.transport is not None and not self.transport.is_closing():
+            self._send_whole(web.Response(status=500, text="500 Internal Server Error"), False)
+        self._done(False)
+
+    def _done(self, keep: bool) -> None:
+        """The request in hand is answered: close, or wait for the next one."""
         transport = self.transport
         if transport is None:
             return
@@ -441,7 +545,7 @@ class _FastConnection(BaseProtocol):
     def _idle_check(self) -> None:
         self._idle_timer = None
         transport = self.transport
-        if transport is None or self._task is not None:
+        if transport is None or self._task is not None or self._forwarding is not None:
             return  # re-armed when the request in hand is done
         now = self._loop.time()
         if now < self._idle_until:
@@ -457,13 +561,15 @@ class _FastConnection(BaseProtocol):
     def close(self) -> None:
         """Stop taking requests: close now if idle, else after the request in hand."""
         self._closing = True
-        if self._task is None and self.transport is not None:
+        if self._task is None and self._forwarding is None and self.transport is not None:
             self.transport.close()
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
         """Let the request in hand finish within `timeout`, then cancel it; and close."""
         self._closing = True
         self._stop_timer()
+        if self._forwarding is not None:
+            self._forwarding.escalate()  # into a task, to be waited for like any other
         task = self._task
         if task is not None:
             done, _ = await asyncio.wait([task], timeout=timeout)
@@ -476,6 +582,10 @@ class _FastConnection(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._stop_timer()
+        forwarding = self._forwarding
+        if forwarding is not None:
+            self._forwarding = None
+            forwarding.abort()
         task = self._task
         connections = self._server._connections
         if task is not None:

@@ -16,19 +16,23 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import HttpVersion11, web
+from aiohttp.http_parser import RawResponseMessage
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.breaker import Breaker, Clock, Permit, Rejection, State, StateListener
-from sidecar.client import Pool
+from sidecar.client import Answer, Connection, Disconnected, Pool, request_head
 from sidecar.config import Route
-from sidecar.listener import COALESCE_BELOW, Request, Response, SimpleRequest
+from sidecar.listener import COALESCE_BELOW, FastResponse, Request, Response, SimpleRequest
 from sidecar.metrics import Metrics, RouteMetrics
 from sidecar.routing import Router, upstream_target
 from sidecar.upstream import (
+    Arming,
     BodyTooLarge,
     ClientBodyTimeout,
     ClientWriteTimeout,
     InvalidRequest,
+    Sent,
     UpstreamError,
     send,
 )
@@ -156,6 +160,7 @@ class Proxy:
         write_timeout: float | None = None,
     ) -> None:
         self._session: Pool  # given by `attach` once a loop runs
+        self._arming: Arming  # the same
         self._metrics = metrics
         self._clock = clock
         self._rand = rand
@@ -216,8 +221,9 @@ class Proxy:
             target.breaker.add_listener(listener)
 
     def attach(self, session: Pool) -> None:
-        """Forward through `session` from now on."""
+        """Forward through `session` from now on (called with the loop running)."""
         self._session = session
+        self._arming = Arming.of(asyncio.get_running_loop())
 
     @property
     def breakers(self) -> list[Breaker]:
@@ -262,7 +268,87 @@ class Proxy:
         permit = target.breaker.acquire()
         if isinstance(permit, Rejection):
             return self._reject(target, permit)
+        return await self._admitted(request, target, permit, raw_path, host)
 
+    def begin(self, request: SimpleRequest) -> bool:
+        """Answer a simple request without a task, if it can be; False: `handle` it.
+
+        Taken: a rejection, answered at once; and a request that can go out at once
+        on a pooled connection, answered from that connection's callback if its
+        whole response is in by then (as good as every one, for a small answer).
+        Whatever needs waiting on (a new connection, a long or slow answer, an
+        error, or a shutdown) goes on in a task through `_admitted`, as in `handle`.
+        """
+        target, raw_path, host = self.match(request)
+        # The deadline runs in a task's watchdog once a tick finds the request still
+        # waiting (`_Forwarding.arm`): a shorter one could pass before that.
+        if target is None or target.route.timeouts.request <= 2 * Arming.INTERVAL:
+            return False
+        permit = target.breaker.acquire()
+        if isinstance(permit, Rejection):
+            request.answer_now(self._reject(target, permit))
+            return True
+        session = self._session
+        origin = session.origin(target.origin)
+        headers = _without_hop_by_hop(request.headers, _NOT_FORWARDED_UP)
+        self._add_forwarded(request, headers, host)
+        try:
+            target_path = upstream_target(target.route, raw_path)
+            head = request_head(request.method, target_path, origin, headers, False)[0]
+        except ValueError:
+            head = None  # `send` says why, and the client gets its 400
+        connection = session.idle(origin) if head is not None else None
+        if connection is None:
+            self._in_a_task(request, target, permit, raw_path, host)
+            return True
+        assert head is not None
+        try:
+            answer = connection.request(head, with_body=True)
+        except Disconnected:
+            connection.close()
+            self._in_a_task(request, target, permit, raw_path, host)
+            return True
+        target.metrics.in_flight += 1
+        forwarding = _Forwarding(self, request, target, permit, raw_path, host, connection, answer)
+        request.hold(forwarding)
+        answer.add_done_callback(forwarding.answered)
+        self._arming.add(forwarding)
+        return True
+
+    def _in_a_task(
+        self,
+        request: SimpleRequest,
+        target: Target,
+        permit: Permit,
+        raw_path: str,
+        host: str | None,
+        sent: Sent | None = None,
+    ) -> None:
+        """Go on with an admitted simple request in a task, through `_admitted`."""
+        task = request.adopt(self._admitted(request, target, permit, raw_path, host, sent))
+
+        def let_go(_: object) -> None:
+            # A task cancelled before its first step (its client gone at once) never ran
+            # `_admitted`, which gives the permit back and takes over `sent`: done here.
+            # (After `_admitted`, the permit has its outcome or is released already.)
+            permit.released()
+            if sent is not None and not sent.taken:
+                sent.connection.close()
+
+        task.add_done_callback(let_go)
+
+    async def _admitted(
+        self,
+        request: Request,
+        target: Target,
+        permit: Permit,
+        raw_path: str,
+        host: str | None,
+        sent: Sent | None = None,
+    ) -> Response:
+        """Answer a request the breaker let through; `sent`: already sent by `begin`."""
+        if sent is not None:
+            sent.taken = True
         metrics = target.metrics
         metrics.in_flight += 1
         try:
@@ -274,7 +360,7 @@ class Proxy:
                     return error_response(417, "expectation_failed")
                 if request.version >= HttpVersion11:
                     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            return await self._forward(request, target, permit, raw_path, host)
+            return await self._forward(request, target, permit, raw_path, host, sent)
         finally:
             metrics.in_flight -= 1
             # Still open here only if the client went away (cancellation) before an
@@ -317,6 +403,7 @@ class Proxy:
         permit: Permit,
         raw_path: str,
         host: str | None,
+        sent: Sent | None = None,
     ) -> Response:
         route = target.route
         metrics = target.metrics
@@ -337,6 +424,7 @@ class Proxy:
                 self._clock,
                 target.max_body_size,
                 self.write_timeout,
+                sent,
             )
         except UpstreamError as e:
             if e.elapsed > target.slow_after:
@@ -364,21 +452,8 @@ class Proxy:
         upstream = exchange.response
         elapsed = exchange.elapsed
         try:
-            metrics.observe_duration(elapsed)
-            if elapsed > target.slow_after:
-                metrics.slow_calls += 1
             status = upstream.status
-            asked = None
-            if status in target.retry_after_statuses:
-                asked = retry_after_seconds(upstream.headers.get("Retry-After"), time.time())
-            if asked is not None or status in route.breaker.failure_status:
-                permit.failed(elapsed, asked)
-                metrics.failures["status"] += 1
-            elif permit.state is State.HALF_OPEN:
-                # A probe is judged by its answer: its slot must not wait on a long body,
-                # nor on a client that reads slowly (or not at all).
-                permit.succeeded(elapsed)
-
+            self._judge(target, permit, status, upstream.headers, elapsed)
             length = upstream.content_length
             headers = _without_hop_by_hop(upstream.headers, HOP_BY_HOP)
             response: Response
@@ -428,6 +503,67 @@ class Proxy:
             exchange.close()
 
     @staticmethod
+    def _judge(
+        target: Target, permit: Permit, status: int, headers: CIMultiDictProxy[str], elapsed: float
+    ) -> None:
+        """Count an answer's time, and tell the breaker what its status says."""
+        metrics = target.metrics
+        metrics.observe_duration(elapsed)
+        if elapsed > target.slow_after:
+            metrics.slow_calls += 1
+        asked = None
+        if status in target.retry_after_statuses:
+            asked = retry_after_seconds(headers.get("Retry-After"), time.time())
+        if asked is not None or status in target.route.breaker.failure_status:
+            permit.failed(elapsed, asked)
+            metrics.failures["status"] += 1
+        elif permit.state is State.HALF_OPEN:
+            # A probe is judged by its answer: its slot must not wait on a long body,
+            # nor on a client that reads slowly (or not at all).
+            permit.succeeded(elapsed)
+
+    def _finish(self, forwarding: _Forwarding, message: RawResponseMessage, body: bytes) -> None:
+        """Relay a whole answer to `begin`'s request, as `_forward` would have."""
+        request, target, permit = forwarding.request, forwarding.target, forwarding.permit
+        metrics = target.metrics
+        keep = False
+        try:
+            elapsed = self._clock() - forwarding.sent.at
+            status = message.code
+            self._judge(target, permit, status, message.headers, elapsed)
+            response = request.response(
+                status, message.reason, _without_hop_by_hop(message.headers, HOP_BY_HOP)
+            )
+            response.start()
+            metrics.count_response(status)
+            if body:
+                response.write_now(body)
+            permit.succeeded(elapsed)
+            response.end_now()
+            keep = response.keep_alive
+        except ConnectionResetError:
+            pass  # the client went away mid-response: no outcome (the permit is released)
+        finally:
+            self._session.release(forwarding.sent.connection)
+            metrics.in_flight -= 1
+            permit.released()
+        if keep and response.needs_drain:
+            request.adopt(self._drained(request, response))
+        else:
+            request.finish(keep)
+
+    async def _drained(self, request: SimpleRequest, response: FastResponse) -> FastResponse:
+        """Wait, as `write_eof` would have, for a client that is behind to take the
+        response; one that does not within the write timeout is cut off."""
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await response.drain()
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
+        return response
+
+    @staticmethod
     def _add_forwarded(request: Request, headers: CIMultiDict[str], host: str | None) -> None:
         """`host`: the host the request was routed by (its Host header, or what an
         absolute-form target names)."""
@@ -440,6 +576,97 @@ class Proxy:
             headers["X-Forwarded-Host"] = host
         else:  # never pass on a client's own claim as if it were ours
             headers.popall("X-Forwarded-Host", None)
+
+
+class _Forwarding:
+    """A simple request `Proxy.begin` sent upstream without a task, until it ends.
+
+    It ends in the connection's callback with the whole answer (`Proxy._finish`),
+    or goes on in a task (`escalate`): when the answer is an error or not whole
+    yet, when the `Arming` tick finds it still waiting (the task's watchdog then
+    keeps the request timeout, counted from the send), or when the server shuts
+    down. A client that goes away aborts it.
+    """
+
+    __slots__ = ("_over", "host", "permit", "proxy", "raw_path", "request", "sent", "target")
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        request: SimpleRequest,
+        target: Target,
+        permit: Permit,
+        raw_path: str,
+        host: str | None,
+        connection: Connection,
+        answer: asyncio.Future[Answer],
+    ) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.target = target
+        self.permit = permit
+        self.raw_path = raw_path
+        self.host = host
+        loop_at = asyncio.get_running_loop().time()
+        self.sent = Sent(connection, answer, proxy._clock(), loop_at)
+        self._over = False
+
+    def answered(self, answer: asyncio.Future[Answer]) -> None:
+        """The connection's callback: the answer's head is in, or the exchange failed."""
+        if self._over:
+            return
+        if answer.cancelled() or answer.exception() is not None:
+            self.escalate()
+            return
+        message, payload = answer.result()
+        body = _whole(payload)
+        if body is None or not 200 <= message.code <= 599:
+            self.escalate()
+            return
+        self._end()
+        try:
+            self.proxy._finish(self, message, body)
+        except Exception:
+            self.request.fail()  # as a task's handler that raised: a bug, logged
+
+    def arm(self) -> None:
+        """The `Arming` tick: still no answer. Into a task if it was sent half a tick
+        ago or more (a task costs more than waiting for the next tick)."""
+        if self._over:
+            return
+        if self.sent.loop_at > asyncio.get_running_loop().time() - Arming.INTERVAL / 2:
+            self.proxy._arming.add(self)
+        else:
+            self.escalate()
+
+    def escalate(self) -> None:
+        if self._over:
+            return
+        self._end()
+        self.target.metrics.in_flight -= 1  # `_admitted` counts it from here
+        self.proxy._in_a_task(
+            self.request, self.target, self.permit, self.raw_path, self.host, self.sent
+        )
+
+    def abort(self) -> None:
+        """The client went away: no outcome, and the connection cannot be reused."""
+        if self._over:
+            return
+        self._end()
+        self.sent.connection.close()
+        self.target.metrics.in_flight -= 1
+        self.permit.released()
+
+    def _end(self) -> None:
+        self._over = True
+        self.proxy._arming.discard(self)
+
+
+def _whole(payload: StreamReader) -> bytes | None:
+    """The body, if all of it is in (and it did not break off); else None."""
+    if not payload.is_eof() or payload.exception() is not None:
+        return None
+    return payload.read_nowait()
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:

@@ -441,6 +441,8 @@ class Sent:
     """`clock()` when it was sent."""
     loop_at: float
     """The loop's time when it was sent: the request timeout runs from there."""
+    taken: bool = False
+    """Set by whoever carries on with it: until then, the connection is the sender's."""
 
 
 async def send(

@@ -1,0 +1,374 @@
+"""Simple requests answered without a task (`Proxy.begin`): each way off that path.
+
+Most tests in the suite go through it already (a keep-alive client's second GET
+does); these are the ways out of it that they do not reach: an answer that is
+an error, a shutdown while an answer is awaited, a client that is behind, and
+the two fallbacks for what cannot go out on the pooled connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from asyncio import Task
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from sidecar import proxy as proxy_module
+from sidecar.breaker import State
+from sidecar.client import Connection, Disconnected
+from sidecar.listener import FastResponse, SimpleRequest
+from sidecar.proxy import _Forwarding
+from sidecar.upstream import Arming
+from tests.conftest import (
+    RawHandler,
+    StartSidecar,
+    Upstream,
+    connect,
+    eventually,
+    read_one,
+    read_request_head,
+)
+
+ROUTE = """
+client_timeouts: {{write: 300ms}}
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: {url}
+    timeouts: {{request: 120s}}
+"""
+
+
+async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return await read_one(reader)
+
+
+async def test_a_pooled_connection_dropped_unanswered_is_retried_on_a_new_one(
+    raw_upstream: Callable[[RawHandler], Awaitable[str]],  # stopped after the sidecar
+    start_sidecar: StartSidecar,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer the task-less path waits for fails: a task takes over at once, as `send`
+    would have had it (a GET is sent again, once, on a new connection)."""
+    monkeypatch.setattr(Arming, "INTERVAL", 30.0)  # not the tick's doing
+    seen: list[tuple[int, bytes]] = []
+    connections = 0
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        try:
+            while True:
+                head = await read_request_head(reader)
+                seen.append((number, head.split(b"\r\n")[0]))
+                if len(seen) == 2:
+                    return  # the second request, on the pooled connection: never answered
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % number)
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    sc = await start_sidecar(ROUTE.format(url=await raw_upstream(upstream)))
+    reader, writer = await connect(sc.proxy)
+    try:
+        first = await get(reader, writer, "/first")
+        second = await get(reader, writer, "/second")
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"\r\n\r\n1")
+    assert second.startswith(b"HTTP/1.1 200 ") and second.endswith(b"\r\n\r\n2")
+    assert seen == [
+        (1, b"GET /first HTTP/1.1"),
+        (1, b"GET /second HTTP/1.1"),
+        (2, b"GET /second HTTP/1.1"),
+    ]
+    assert sc.breaker("api").consecutive_failures == 0
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="connect") == 0
+    assert sc.sample("sidecar_in_flight_requests", route="api") == 0
+
+
+async def test_a_shutdown_waits_for_an_answer_awaited_without_a_task(
+    start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Arming, "INTERVAL", 30.0)  # no tick hands it to a task first
+    escalated = asyncio.Event()
+    escalate = _Forwarding.escalate
+
+    def spied(self: _Forwarding) -> None:
+        escalate(self)
+        escalated.set()
+
+    monkeypatch.setattr(_Forwarding, "escalate", spied)
+    sc = await start_sidecar(ROUTE.format(url=upstream.url))
+    reader, writer = await connect(sc.proxy)
+    try:
+        await get(reader, writer, "/warm")  # its upstream connection is pooled now
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(upstream.entered.wait(), 5)
+        stopping = asyncio.ensure_future(sc.sidecar.stop())
+        await asyncio.wait_for(escalated.wait(), 5)  # by the connection's shutdown
+        assert not stopping.done()
+        upstream.release.set()
+        answer = await read_one(reader)
+        await asyncio.wait_for(stopping, 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"hung": true}')
+    assert sc.breaker("api").consecutive_failures == 0
+
+
+async def test_a_client_behind_on_a_whole_answer_gets_the_write_timeout(
+    start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer is written at once; the next request waits until the client took it,
+    and a client that does not within the write timeout is cut off."""
+    sc = await start_sidecar(ROUTE.format(url=upstream.url))
+    reader, writer = await connect(sc.proxy)
+    drains: list[FastResponse] = []
+    never = asyncio.Event()
+
+    async def drain(self: FastResponse) -> None:
+        drains.append(self)
+        if len(drains) == 2:
+            await never.wait()  # the second answer is never taken
+
+    try:
+        await get(reader, writer, "/warm")  # its upstream connection is pooled now
+        # From here the client is behind: its socket's buffer is over the high-water mark.
+        monkeypatch.setattr(FastResponse, "needs_drain", property(lambda _: True))
+        monkeypatch.setattr(FastResponse, "drain", drain)
+        one = await get(reader, writer, "/one")
+        two = await get(reader, writer, "/two")  # whole, and then nothing more
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    assert one.startswith(b"HTTP/1.1 200 ") and two.startswith(b"HTTP/1.1 200 ")
+    assert len(drains) == 2
+    breaker = sc.breaker("api")
+    assert (breaker.consecutive_failures, upstream.hits) == (0, 3)
+    assert sc.sample("sidecar_in_flight_requests", route="api") == 0
+
+
+async def test_a_request_head_that_cannot_be_written_is_left_to_a_task(
+    start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the task-less path cannot send, the task path answers (a 400 if it too
+    cannot); the request is never left without an answer."""
+    refused: list[str] = []
+
+    def request_head(method: str, target: str, *_: object) -> tuple[bytes, bool]:
+        refused.append(target)
+        raise ValueError("not on the wire")
+
+    sc = await start_sidecar(ROUTE.format(url=upstream.url))
+    reader, writer = await connect(sc.proxy)
+    try:
+        await get(reader, writer, "/warm")
+        monkeypatch.setattr(proxy_module, "request_head", request_head)
+        answer = await get(reader, writer, "/refused")
+    finally:
+        writer.close()
+    assert refused == ["/refused"]
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert [r["path"] for r in upstream.requests] == ["/warm", "/refused"]
+
+
+async def test_a_pooled_connection_that_cannot_take_the_request_is_left_to_a_task(
+    start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    used: list[Connection] = []
+    request = Connection.request
+
+    def flaky(self: Connection, head: bytes, with_body: bool) -> asyncio.Future[object]:
+        used.append(self)
+        if len(used) == 1:
+            raise Disconnected("the upstream closed the connection")
+        return request(self, head, with_body)  # type: ignore[return-value]
+
+    sc = await start_sidecar(ROUTE.format(url=upstream.url))
+    reader, writer = await connect(sc.proxy)
+    try:
+        await get(reader, writer, "/warm")
+        monkeypatch.setattr(Connection, "request", flaky)
+        answer = await get(reader, writer, "/again")
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert len(used) == 2 and used[0] is not used[1] and used[0].closed
+    await eventually(lambda: sc.sample("sidecar_in_flight_requests", route="api") == 0)
+
+
+async def test_an_upstream_still_silent_at_the_tick_times_out_in_a_task(
+    start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request timeout, counted from the send, is kept by the task's watchdog."""
+    monkeypatch.setattr(Arming, "INTERVAL", 0.02)
+    sc = await start_sidecar(ROUTE.replace("120s", "150ms").format(url=upstream.url))
+    reader, writer = await connect(sc.proxy)
+    try:
+        await get(reader, writer, "/warm")  # its upstream connection is pooled now
+        answer = await get(reader, writer, "/hang")
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 504 ")
+    assert answer.endswith(b'{"error":"upstream_timeout","route":"api"}')
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="timeout") == 1
+    await eventually(lambda: upstream.cancelled == 1)  # the connection was let go
+
+
+async def test_a_pooled_connection_answering_an_unusable_status_is_a_502(
+    raw_upstream: Callable[[RawHandler], Awaitable[str]],  # stopped after the sidecar
+    start_sidecar: StartSidecar,
+) -> None:
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 999 Odd\r\nContent-Length: 2\r\n\r\nok",
+    ]
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in answers:
+            await read_request_head(reader)
+            writer.write(answer)
+        await reader.read()
+        writer.close()
+
+    sc = await start_sidecar(ROUTE.format(url=await raw_upstream(upstream)))
+    reader, writer = await connect(sc.proxy)
+    try:
+        first = await get(reader, writer, "/first")
+        second = await get(reader, writer, "/second")
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert second.startswith(b"HTTP/1.1 502 ")
+    assert second.endswith(b'{"error":"upstream_unreachable","route":"api"}')
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="connect") == 1
+
+
+@pytest.mark.parametrize("where", ["match", "_judge"])  # before the send, and after
+async def test_a_bug_on_the_task_less_path_is_a_500_and_a_closed_connection(
+    start_sidecar: StartSidecar,
+    upstream: Upstream,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+) -> None:
+    """As for a handler's bug in a task: logged, answered, and nothing held."""
+
+    def bug(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    sc = await start_sidecar(ROUTE.format(url=upstream.url))
+    reader, writer = await connect(sc.proxy)
+    try:
+        await get(reader, writer, "/warm")
+        monkeypatch.setattr(proxy_module.Proxy, where, bug)
+        answer = await get(reader, writer, "/bug")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 500 ")
+    assert "RuntimeError: a bug" in caplog.text
+    assert sc.sample("sidecar_in_flight_requests", route="api") == 0
+
+
+async def test_an_answer_not_whole_at_its_head_is_relayed_by_a_task(
+    start_sidecar: StartSidecar, upstream: Upstream
+) -> None:
+    sc = await start_sidecar(ROUTE.format(url=upstream.url))
+    reader, writer = await connect(sc.proxy)
+    try:
+        await get(reader, writer, "/warm")  # its upstream connection is pooled now
+        answer = await get(reader, writer, "/big/3000000")  # more than one read's worth
+        again = await get(reader, writer, "/after")
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == b"x" * 3_000_000
+    assert again.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_probe_whose_task_is_cancelled_before_it_runs_gives_its_slot_back(
+    start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task cancelled before its first step (its client gone at once) never runs the
+    coroutine that would let go of the permit and the connection: its done callback does."""
+    monkeypatch.setattr(Arming, "INTERVAL", 0.02)
+    sc = await start_sidecar(
+        ROUTE.replace("120s", "10s").format(url=upstream.url)
+        + "    breaker: {failure_threshold: 1, open_duration: 10s, jitter: 0%}\n"
+    )
+    reader, writer = await connect(sc.proxy)
+    adopt = SimpleRequest.adopt
+
+    def adopt_and_leave(self: SimpleRequest, handling: Coroutine[Any, Any, Any]) -> Task[None]:
+        task = adopt(self, handling)
+        task.cancel()  # as the client's going away would, before the task's first step
+        return task
+
+    try:
+        failed = await get(reader, writer, "/status/500")  # opens the route; pooled
+        assert failed.startswith(b"HTTP/1.1 500 ")
+        sc.clock.advance(10)
+        monkeypatch.setattr(SimpleRequest, "adopt", adopt_and_leave)
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")  # the probe; the tick hands it on
+        await eventually(lambda: upstream.cancelled == 1)  # its upstream connection closed
+    finally:
+        writer.close()
+    breaker = sc.breaker("api")
+    assert (breaker.state, breaker.probes_in_flight) == (State.HALF_OPEN, 0)
+    assert sc.sample("sidecar_in_flight_requests", route="api") == 0
+
+
+async def test_the_connection_of_a_request_handed_to_a_task_is_pooled_after(
+    raw_upstream: Callable[[RawHandler], Awaitable[str]],  # stopped after the sidecar
+    start_sidecar: StartSidecar,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The task takes the connection over: it goes back to the pool at the end, once."""
+    monkeypatch.setattr(Arming, "INTERVAL", 0.02)
+    escalated = asyncio.Event()
+    escalate = _Forwarding.escalate
+
+    def spied(self: _Forwarding) -> None:
+        escalate(self)
+        escalated.set()
+
+    monkeypatch.setattr(_Forwarding, "escalate", spied)
+    seen: list[tuple[int, bytes]] = []
+    connections = 0
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        try:
+            while True:
+                line = (await read_request_head(reader)).split(b"\r\n")[0]
+                seen.append((number, line))
+                if line.startswith(b"GET /slow "):
+                    await escalated.wait()  # answered once the tick handed it to a task
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    sc = await start_sidecar(ROUTE.format(url=await raw_upstream(upstream)))
+    reader, writer = await connect(sc.proxy)
+    try:
+        answers = [await get(reader, writer, path) for path in ("/warm", "/slow", "/after")]
+    finally:
+        writer.close()
+    assert all(a.startswith(b"HTTP/1.1 200 ") and a.endswith(b"ok") for a in answers)
+    assert seen == [
+        (1, b"GET /warm HTTP/1.1"),
+        (1, b"GET /slow HTTP/1.1"),
+        (1, b"GET /after HTTP/1.1"),
+    ]
