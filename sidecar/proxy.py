@@ -288,6 +288,27 @@ class Proxy:
         if isinstance(permit, Rejection):
             request.answer_now(self._reject(target, permit))
             return True
+        try:
+            sent = self._send_now(request, target, raw_path, host)
+        except BaseException:
+            permit.released()  # a bug (answered 500): nothing else has the permit yet
+            raise
+        if sent is None:
+            self._in_a_task(request, target, permit, raw_path, host)
+            return True
+        connection, answer = sent
+        target.metrics.in_flight += 1
+        forwarding = _Forwarding(self, request, target, permit, raw_path, host, connection, answer)
+        request.hold(forwarding)
+        answer.add_done_callback(forwarding.answered)
+        self._arming.add(forwarding)
+        return True
+
+    def _send_now(
+        self, request: SimpleRequest, target: Target, raw_path: str, host: str | None
+    ) -> tuple[Connection, asyncio.Future[Answer]] | None:
+        """Send `request` at once on an idle pooled connection; None: none is idle, or
+        the head cannot be written (`send` will say why, and the client get its 400)."""
         session = self._session
         origin = session.origin(target.origin)
         headers = _without_hop_by_hop(request.headers, _NOT_FORWARDED_UP)
@@ -296,24 +317,17 @@ class Proxy:
             target_path = upstream_target(target.route, raw_path)
             head = request_head(request.method, target_path, origin, headers, False)[0]
         except ValueError:
-            head = None  # `send` says why, and the client gets its 400
-        connection = session.idle(origin) if head is not None else None
+            return None
+        connection = session.idle(origin)
         if connection is None:
-            self._in_a_task(request, target, permit, raw_path, host)
-            return True
-        assert head is not None
+            return None
         try:
-            answer = connection.request(head, with_body=True)
-        except Disconnected:
+            return connection, connection.request(head, with_body=True)
+        except BaseException as e:
             connection.close()
-            self._in_a_task(request, target, permit, raw_path, host)
-            return True
-        target.metrics.in_flight += 1
-        forwarding = _Forwarding(self, request, target, permit, raw_path, host, connection, answer)
-        request.hold(forwarding)
-        answer.add_done_callback(forwarding.answered)
-        self._arming.add(forwarding)
-        return True
+            if isinstance(e, Disconnected):
+                return None
+            raise
 
     def _in_a_task(
         self,

@@ -165,7 +165,10 @@ class Arming:
         self._tick = None
         waiting, self._waiting = self._waiting, set()
         for watchdog in waiting:
-            watchdog.arm()
+            try:
+                watchdog.arm()
+            except Exception as e:  # a bug in one must not leave the others without a deadline
+                self._loop.call_exception_handler({"message": "arm() failed", "exception": e})
 
 
 class _Watchdog:
@@ -194,7 +197,10 @@ class _Watchdog:
         "paused",
     )
 
-    def __init__(self, timeout: float, write_timeout: float | None = None) -> None:
+    def __init__(
+        self, timeout: float, write_timeout: float | None = None, since: float | None = None
+    ) -> None:
+        """`since`: when the exchange began, in the loop's time, if before now."""
         loop = self._loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
@@ -202,7 +208,7 @@ class _Watchdog:
         self._timeout = timeout
         self._write_timeout = write_timeout
         now = loop.time()
-        self._deadline = now + timeout
+        self._deadline = (now if since is None else since) + timeout
         self._fired = False
         self._paused_at = 0.0
         self.paused = False
@@ -475,10 +481,8 @@ async def send(
         head, chunked = request_head(method, target, where, headers, body is not None)
     except ValueError as e:  # e.g. a header value that cannot go on the wire
         raise InvalidRequest(str(e)) from e
-    if sent is not None:
-        waited = asyncio.get_running_loop().time() - sent.loop_at
-        request_timeout = max(request_timeout - waited, _TIMER_RESOLUTION)
-    watchdog = _Watchdog(request_timeout, write_timeout)
+    # Given `sent`, the response headers are due `request_timeout` after it was sent.
+    watchdog = _Watchdog(request_timeout, write_timeout, None if sent is None else sent.loop_at)
     upload = _Upload(body, watchdog, clock, max_body_size) if body is not None else None
 
     def elapsed() -> float:

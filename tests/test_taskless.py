@@ -9,18 +9,20 @@ the two fallbacks for what cannot go out on the pooled connection.
 from __future__ import annotations
 
 import asyncio
+import time
 from asyncio import Task
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
+from multidict import CIMultiDict
 
 from sidecar import proxy as proxy_module
 from sidecar.breaker import State
-from sidecar.client import Connection, Disconnected
+from sidecar.client import Connection, Disconnected, Pool, request_head
 from sidecar.listener import FastResponse, SimpleRequest
 from sidecar.proxy import _Forwarding
-from sidecar.upstream import Arming
+from sidecar.upstream import Arming, Sent, UpstreamTimeout, send
 from tests.conftest import (
     RawHandler,
     StartSidecar,
@@ -126,8 +128,10 @@ async def test_a_shutdown_waits_for_an_answer_awaited_without_a_task(
 async def test_a_client_behind_on_a_whole_answer_gets_the_write_timeout(
     start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The answer is written at once; the next request waits until the client took it,
-    and a client that does not within the write timeout is cut off."""
+    """The answer is written at once; then the connection waits (in a task) for the client
+    to take it, and a client that does not within the write timeout is cut off. (The
+    answer is whole by then: the breaker counts a success, unlike a client that stops
+    reading in the middle of a long body.)"""
     sc = await start_sidecar(ROUTE.format(url=upstream.url))
     reader, writer = await connect(sc.proxy)
     drains: list[FastResponse] = []
@@ -158,8 +162,8 @@ async def test_a_client_behind_on_a_whole_answer_gets_the_write_timeout(
 async def test_a_request_head_that_cannot_be_written_is_left_to_a_task(
     start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Whatever the task-less path cannot send, the task path answers (a 400 if it too
-    cannot); the request is never left without an answer."""
+    """Whatever the task-less path cannot send, the task path answers (or refuses with a
+    400, which `send` does too); the request is never left without an answer."""
     refused: list[str] = []
 
     def request_head(method: str, target: str, *_: object) -> tuple[bytes, bool]:
@@ -298,7 +302,10 @@ async def test_a_probe_whose_task_is_cancelled_before_it_runs_gives_its_slot_bac
     start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A task cancelled before its first step (its client gone at once) never runs the
-    coroutine that would let go of the permit and the connection: its done callback does."""
+    coroutine that would let go of the permit and the connection: its done callback does.
+
+    (The test cancels it with the client still there, which only a client's going away
+    does for real: that client is never answered, and the test closes it.)"""
     monkeypatch.setattr(Arming, "INTERVAL", 0.02)
     sc = await start_sidecar(
         ROUTE.replace("120s", "10s").format(url=upstream.url)
@@ -372,3 +379,115 @@ async def test_the_connection_of_a_request_handed_to_a_task_is_pooled_after(
         (1, b"GET /slow HTTP/1.1"),
         (1, b"GET /after HTTP/1.1"),
     ]
+
+
+async def test_a_bug_after_the_permit_gives_the_permit_back(
+    start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sc = await start_sidecar(
+        ROUTE.format(url=upstream.url)
+        + "    breaker: {failure_threshold: 1, open_duration: 10s, jitter: 0%}\n"
+    )
+
+    def bug(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    reader, writer = await connect(sc.proxy)
+    try:
+        await get(reader, writer, "/status/500")  # opens the route; pooled
+        sc.clock.advance(10)
+        monkeypatch.setattr(proxy_module.Proxy, "_add_forwarded", staticmethod(bug))
+        answer = await get(reader, writer, "/probe")
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 500 ")
+    breaker = sc.breaker("api")
+    assert (breaker.state, breaker.probes_in_flight) == (State.HALF_OPEN, 0)
+
+
+# -- `send` carrying on with a request sent before it (`Sent`) ------------------------------
+
+
+async def sent_to(pool: Pool, url: str, waited: float) -> Sent:
+    """A GET of /x sent on a new connection to `url`, as if `waited` seconds ago."""
+    origin = pool.origin(url)
+    connection = await pool.connect(origin, 2.0)
+    head = request_head("GET", "/x", origin, CIMultiDict(), False)[0]
+    loop_at = asyncio.get_running_loop().time() - waited
+    return Sent(connection, connection.request(head, with_body=True), time.monotonic(), loop_at)
+
+
+async def test_the_headers_of_a_request_sent_before_are_due_from_its_send(
+    raw_upstream: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers
+        writer.close()
+
+    url = await raw_upstream(silent)
+    pool = Pool()
+    try:
+        sent = await sent_to(pool, url, waited=0.55)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await send(
+                pool, "GET", url, "/x", CIMultiDict(), None, 2.0, 0.6, time.monotonic, sent=sent
+            )
+        assert loop.time() - started < 0.3  # the 0.05 s left, not a fresh 0.6 s
+    finally:
+        await pool.close()
+
+
+async def test_the_body_of_a_request_sent_before_gets_the_whole_timeout_per_wait(
+    raw_upstream: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    async def pausing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        await asyncio.sleep(0.3)  # the upstream's pace: well within the 0.6 s timeout
+        writer.write(b"cd")
+        await reader.read()
+        writer.close()
+
+    url = await raw_upstream(pausing)
+    pool = Pool()
+    try:
+        sent = await sent_to(pool, url, waited=0.5)  # 0.1 s left for the headers
+        exchange = await send(
+            pool, "GET", url, "/x", CIMultiDict(), None, 2.0, 0.6, time.monotonic, sent=sent
+        )
+        try:
+            assert b"".join([chunk async for chunk in exchange.body()]) == b"abcd"
+        finally:
+            exchange.close()
+    finally:
+        await pool.close()
+
+
+async def test_an_arm_that_fails_leaves_the_others_on_its_tick_armed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Arming, "INTERVAL", 0.01)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    armed = asyncio.Event()
+
+    class Waiting:
+        def __init__(self, order: int) -> None:
+            self.order = order
+
+        def __hash__(self) -> int:
+            return self.order  # a set of small ints iterates in order: the failing one first
+
+        def arm(self) -> None:
+            if self.order == 0:
+                raise RuntimeError("a bug")
+            armed.set()
+
+    arming = Arming.of(loop)
+    arming.add(Waiting(0))
+    arming.add(Waiting(1))
+    await asyncio.wait_for(armed.wait(), 5)
+    assert [type(context["exception"]) for context in errors] == [RuntimeError]
