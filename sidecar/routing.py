@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 if TYPE_CHECKING:  # (sidecar.config uses the Router itself, to find shadowed routes)
     from sidecar.config import Route
 
-__all__ = ["Router", "normalize_host", "upstream_target"]
+__all__ = ["HOST_CACHE_SIZE", "Router", "normalize_host", "upstream_target"]
 
 T = TypeVar("T")
+
+HOST_CACHE_SIZE = 1024
+"""Host headers a router remembers the normalized form of (it starts over when full)."""
 
 
 def normalize_host(host_header: str | None) -> str | None:
@@ -39,7 +42,7 @@ class Router(Generic[T]):
     look-ups, not a thousand comparisons.
     """
 
-    __slots__ = ("_depth", "_index", "_uses_host")
+    __slots__ = ("_depth", "_hosts", "_index", "_normalized")
 
     def __init__(self, entries: Sequence[tuple[Route, T]]) -> None:
         self._index: dict[tuple[str | None, str | None], tuple[int, T]] = {}
@@ -50,18 +53,32 @@ class Router(Generic[T]):
             self._index.setdefault((route.host, prefix), (order, target))
             if prefix is not None:
                 self._depth = max(self._depth, prefix.count("/"))
-        self._uses_host = any(route.host is not None for route, _ in entries)
+        self._hosts = frozenset(route.host for route, _ in entries if route.host is not None)
+        self._normalized: dict[str, str | None] = {}
+        """Host headers seen: their host if a route names it, else None (no route could
+        match on it). Clients send the same few, so this spares normalizing each."""
 
     def match(self, host_header: str | None, path: str) -> T | None:
         """The target of the first route matching `host_header` and `path` (no query)."""
-        return self.lookup(normalize_host(host_header) if self._uses_host else None, path)
+        host = None
+        if self._hosts and host_header:
+            cache = self._normalized
+            try:
+                host = cache[host_header]
+            except KeyError:
+                if len(cache) >= HOST_CACHE_SIZE:
+                    cache.clear()  # bounded whatever Host headers clients make up
+                name = normalize_host(host_header)
+                host = cache[host_header] = name if name in self._hosts else None
+        return self.lookup(host, path)
 
     def lookup(self, host: str | None, path: str) -> T | None:
         """`match` for a host already normalized (lower case, no port, no brackets)."""
         index = self._index
-        hosts: tuple[str | None, ...] = (None,) if host is None else (host, None)
-        best: tuple[int, T] | None = None
-        for host in hosts:
+        # Each candidate key in turn; the earliest route found wins. (Written out, not
+        # as a loop over hosts: this runs for every request.)
+        best = index.get((None, None))
+        if host is not None:
             found = index.get((host, None))
             if found is not None and (best is None or found[0] < best[0]):
                 best = found
@@ -69,7 +86,10 @@ class Router(Generic[T]):
         for _ in range(self._depth):
             end = path.find("/", end + 1)
             prefix = path if end < 0 else path[:end]
-            for host in hosts:
+            found = index.get((None, prefix))
+            if found is not None and (best is None or found[0] < best[0]):
+                best = found
+            if host is not None:
                 found = index.get((host, prefix))
                 if found is not None and (best is None or found[0] < best[0]):
                     best = found

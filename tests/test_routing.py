@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.config import Route, parse_config
-from sidecar.routing import Router, normalize_host, upstream_target
+from sidecar.routing import HOST_CACHE_SIZE, Router, normalize_host, upstream_target
 
 
 def routes(yaml_routes: str) -> tuple[Route, ...]:
@@ -164,3 +164,13 @@ def test_a_path_is_never_split_deeper_than_the_deepest_prefix() -> None:
     table = router('  - {name: deep, match: {path_prefix: /a/b}, upstream: "http://a"}\n')
     assert table.match(None, "/a/b" + "/x" * 4000) == "deep"
     assert table.match(None, "/a" + "/x" * 4000) is None
+
+
+def test_the_host_headers_remembered_stay_bounded_whatever_clients_send() -> None:
+    """A router remembers the Host headers it normalized; made-up ones cannot grow that."""
+    table = router(TABLE)
+    for i in range(HOST_CACHE_SIZE * 3):
+        assert table.match(f"made-up-{i}.example", "/orders") == "orders"
+        assert len(table._normalized) <= HOST_CACHE_SIZE
+    assert table.match("API.INTERNAL:8443", "/orders") == "api-host"  # and still right
+    assert table.match("API.INTERNAL:8443", "/orders") == "api-host"  # remembered
