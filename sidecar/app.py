@@ -22,7 +22,7 @@ from sidecar.admin import Health, create_admin_app
 from sidecar.breaker import Breaker, Clock
 from sidecar.client import Pool
 from sidecar.config import Address, Config, ConfigError, load_config
-from sidecar.listener import Handler, ProxyServer, Request, Response, SimpleRequest
+from sidecar.listener import Begin, Handler, ProxyServer, Request, Response
 from sidecar.logs import ACCESS, event
 from sidecar.logs import configure as configure_logs
 from sidecar.metrics import Metrics
@@ -124,14 +124,15 @@ class Sidecar:
         # cost time. handler_cancellation: a client that goes away cancels its handler,
         # which releases its permit (and probe slot) and its upstream request.
         clients = self.config.client_timeouts
+        handler, begin = self._handlers()
         self._proxy_server = ProxyServer(
-            self._handler(),
+            handler,
             header_timeout=clients.headers,
             keepalive_timeout=clients.idle,
             handler_cancellation=True,
             access_log=None,
         )
-        self._proxy_server.begin = self._begin()
+        self._proxy_server.begin = begin
         try:
             for name, runner, address in (
                 ("admin", web.AppRunner(self.admin_app, access_log=None), self.config.admin_listen),
@@ -150,15 +151,13 @@ class Sidecar:
             raise
         self.health.ready = True
 
-    def _handler(self) -> Handler:
-        """The proxy's handler, wrapped in the access log only when that is on (a
-        wrapper costs a coroutine a request)."""
-        return self._handle_logged if ACCESS.isEnabledFor(logging.INFO) else self.proxy.handle
-
-    def _begin(self) -> Callable[[SimpleRequest], bool] | None:
-        """The proxy's task-less path for simple requests, which the access log (when
-        on) does without: it wraps `handle`."""
-        return None if ACCESS.isEnabledFor(logging.INFO) else self.proxy.begin
+    def _handlers(self) -> tuple[Handler, Begin | None]:
+        """The proxy's handler and its task-less path for simple requests. With the
+        access log on, the handler is wrapped in it, and there is no task-less path;
+        with it off, no wrapper (which costs a coroutine a request)."""
+        if ACCESS.isEnabledFor(logging.INFO):
+            return self._handle_logged, None
+        return self.proxy.handle, self.proxy.begin
 
     async def _handle_logged(self, request: Request) -> Response:
         started = time.monotonic()
@@ -220,11 +219,11 @@ class Sidecar:
             changes = self.proxy.reconfigure(config.routes)
             clients = config.client_timeouts
             self.proxy.write_timeout = clients.write
-            configure_logs(config.log)  # before _handler(), which asks the access log
-            if self._proxy_server is not None:
-                self._proxy_server.set_client_timeouts(clients.headers, clients.idle)
-                self._proxy_server.proxy_handler = self._handler()
-                self._proxy_server.begin = self._begin()
+            configure_logs(config.log)  # before _handlers(), which asks the access log
+            server = self._proxy_server
+            if server is not None:
+                server.set_client_timeouts(clients.headers, clients.idle)
+                server.proxy_handler, server.begin = self._handlers()
             self.config = config
             self.metrics.reloads["success"] += 1
             self.metrics.last_reload_success = time.time()

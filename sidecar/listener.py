@@ -38,6 +38,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "COALESCE_BELOW",
+    "Begin",
     "FastResponse",
     "Forwarding",
     "Handler",
@@ -495,8 +496,7 @@ class _FastConnection(BaseProtocol):
         except ConnectionError:
             pass
         except Exception:
-            self._task = None
-            self.fail()
+            self.fail()  # which closes: the task in hand no longer matters
             return
         finally:
             self._task = None

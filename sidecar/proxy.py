@@ -21,7 +21,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.breaker import Breaker, Clock, Permit, Rejection, State, StateListener
-from sidecar.client import Answer, Connection, Disconnected, Pool, request_head
+from sidecar.client import Answer, Disconnected, Pool, request_head
 from sidecar.config import Route
 from sidecar.listener import COALESCE_BELOW, FastResponse, Request, Response, SimpleRequest
 from sidecar.metrics import Metrics, RouteMetrics
@@ -296,17 +296,16 @@ class Proxy:
         if sent is None:
             self._in_a_task(request, target, permit, raw_path, host)
             return True
-        connection, answer = sent
         target.metrics.in_flight += 1
-        forwarding = _Forwarding(self, request, target, permit, raw_path, host, connection, answer)
+        forwarding = _Forwarding(self, request, target, permit, raw_path, host, sent)
         request.hold(forwarding)
-        answer.add_done_callback(forwarding.answered)
+        sent.answer.add_done_callback(forwarding.answered)
         self._arming.add(forwarding)
         return True
 
     def _send_now(
         self, request: SimpleRequest, target: Target, raw_path: str, host: str | None
-    ) -> tuple[Connection, asyncio.Future[Answer]] | None:
+    ) -> Sent | None:
         """Send `request` at once on an idle pooled connection; None: none is idle, or
         the head cannot be written (`send` will say why, and the client get its 400)."""
         session = self._session
@@ -322,12 +321,13 @@ class Proxy:
         if connection is None:
             return None
         try:
-            return connection, connection.request(head, with_body=True)
+            answer = connection.request(head, with_body=True)
         except BaseException as e:
             connection.close()
             if isinstance(e, Disconnected):
                 return None
             raise
+        return Sent(connection, answer, self._clock(), asyncio.get_running_loop().time())
 
     def _in_a_task(
         self,
@@ -612,8 +612,7 @@ class _Forwarding:
         permit: Permit,
         raw_path: str,
         host: str | None,
-        connection: Connection,
-        answer: asyncio.Future[Answer],
+        sent: Sent,
     ) -> None:
         self.proxy = proxy
         self.request = request
@@ -621,8 +620,7 @@ class _Forwarding:
         self.permit = permit
         self.raw_path = raw_path
         self.host = host
-        loop_at = asyncio.get_running_loop().time()
-        self.sent = Sent(connection, answer, proxy._clock(), loop_at)
+        self.sent = sent
         self._over = False
 
     def answered(self, answer: asyncio.Future[Answer]) -> None:

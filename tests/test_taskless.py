@@ -48,6 +48,47 @@ async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: 
     return await read_one(reader)
 
 
+class Numbered:
+    """A raw upstream that numbers its connections and records each request line with the
+    number of the connection it came on (`seen`). `answer(number, line)` says what to
+    answer: bytes, or None to close the connection without answering."""
+
+    def __init__(self, answer: Callable[[int, bytes], Awaitable[bytes | None]]) -> None:
+        self.answer = answer
+        self.seen: list[tuple[int, bytes]] = []
+        self.connections = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        try:
+            while True:
+                line = (await read_request_head(reader)).split(b"\r\n")[0]
+                self.seen.append((number, line))
+                reply = await self.answer(number, line)
+                if reply is None:
+                    return
+                writer.write(reply)
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+
+def spy_on_escalations(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set each time a task-less request is handed to a task."""
+    escalated = asyncio.Event()
+    escalate = _Forwarding.escalate
+
+    def spied(self: _Forwarding) -> None:
+        escalate(self)
+        escalated.set()
+
+    monkeypatch.setattr(_Forwarding, "escalate", spied)
+    return escalated
+
+
 async def test_a_pooled_connection_dropped_unanswered_is_retried_on_a_new_one(
     raw_upstream: Callable[[RawHandler], Awaitable[str]],  # stopped after the sidecar
     start_sidecar: StartSidecar,
@@ -56,26 +97,13 @@ async def test_a_pooled_connection_dropped_unanswered_is_retried_on_a_new_one(
     """The answer the task-less path waits for fails: a task takes over at once, as `send`
     would have had it (a GET is sent again, once, on a new connection)."""
     monkeypatch.setattr(Arming, "INTERVAL", 30.0)  # not the tick's doing
-    seen: list[tuple[int, bytes]] = []
-    connections = 0
 
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        number = connections
-        try:
-            while True:
-                head = await read_request_head(reader)
-                seen.append((number, head.split(b"\r\n")[0]))
-                if len(seen) == 2:
-                    return  # the second request, on the pooled connection: never answered
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % number)
-                await writer.drain()
-        except asyncio.IncompleteReadError:
-            pass
-        finally:
-            writer.close()
+    async def answer(number: int, _line: bytes) -> bytes | None:
+        if len(upstream.seen) == 2:
+            return None  # the second request, on the pooled connection: never answered
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % number
 
+    upstream = Numbered(answer)
     sc = await start_sidecar(ROUTE.format(url=await raw_upstream(upstream)))
     reader, writer = await connect(sc.proxy)
     try:
@@ -85,7 +113,7 @@ async def test_a_pooled_connection_dropped_unanswered_is_retried_on_a_new_one(
         writer.close()
     assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"\r\n\r\n1")
     assert second.startswith(b"HTTP/1.1 200 ") and second.endswith(b"\r\n\r\n2")
-    assert seen == [
+    assert upstream.seen == [
         (1, b"GET /first HTTP/1.1"),
         (1, b"GET /second HTTP/1.1"),
         (2, b"GET /second HTTP/1.1"),
@@ -99,14 +127,7 @@ async def test_a_shutdown_waits_for_an_answer_awaited_without_a_task(
     start_sidecar: StartSidecar, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(Arming, "INTERVAL", 30.0)  # no tick hands it to a task first
-    escalated = asyncio.Event()
-    escalate = _Forwarding.escalate
-
-    def spied(self: _Forwarding) -> None:
-        escalate(self)
-        escalated.set()
-
-    monkeypatch.setattr(_Forwarding, "escalate", spied)
+    escalated = spy_on_escalations(monkeypatch)
     sc = await start_sidecar(ROUTE.format(url=upstream.url))
     reader, writer = await connect(sc.proxy)
     try:
@@ -235,13 +256,10 @@ async def test_a_pooled_connection_answering_an_unusable_status_is_a_502(
         b"HTTP/1.1 999 Odd\r\nContent-Length: 2\r\n\r\nok",
     ]
 
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for answer in answers:
-            await read_request_head(reader)
-            writer.write(answer)
-        await reader.read()
-        writer.close()
+    async def answer(_number: int, _line: bytes) -> bytes:
+        return answers[len(upstream.seen) - 1]
 
+    upstream = Numbered(answer)
     sc = await start_sidecar(ROUTE.format(url=await raw_upstream(upstream)))
     reader, writer = await connect(sc.proxy)
     try:
@@ -340,33 +358,14 @@ async def test_the_connection_of_a_request_handed_to_a_task_is_pooled_after(
 ) -> None:
     """The task takes the connection over: it goes back to the pool at the end, once."""
     monkeypatch.setattr(Arming, "INTERVAL", 0.02)
-    escalated = asyncio.Event()
-    escalate = _Forwarding.escalate
+    escalated = spy_on_escalations(monkeypatch)
 
-    def spied(self: _Forwarding) -> None:
-        escalate(self)
-        escalated.set()
+    async def answer(_number: int, line: bytes) -> bytes:
+        if line.startswith(b"GET /slow "):
+            await escalated.wait()  # answered once the tick handed it to a task
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
-    monkeypatch.setattr(_Forwarding, "escalate", spied)
-    seen: list[tuple[int, bytes]] = []
-    connections = 0
-
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        number = connections
-        try:
-            while True:
-                line = (await read_request_head(reader)).split(b"\r\n")[0]
-                seen.append((number, line))
-                if line.startswith(b"GET /slow "):
-                    await escalated.wait()  # answered once the tick handed it to a task
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        except asyncio.IncompleteReadError:
-            pass
-        finally:
-            writer.close()
-
+    upstream = Numbered(answer)
     sc = await start_sidecar(ROUTE.format(url=await raw_upstream(upstream)))
     reader, writer = await connect(sc.proxy)
     try:
@@ -374,7 +373,7 @@ async def test_the_connection_of_a_request_handed_to_a_task_is_pooled_after(
     finally:
         writer.close()
     assert all(a.startswith(b"HTTP/1.1 200 ") and a.endswith(b"ok") for a in answers)
-    assert seen == [
+    assert upstream.seen == [
         (1, b"GET /warm HTTP/1.1"),
         (1, b"GET /slow HTTP/1.1"),
         (1, b"GET /after HTTP/1.1"),
