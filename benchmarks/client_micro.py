@@ -16,8 +16,8 @@ request (time.process_time, so only this process's own work counts):
                       HttpResponseParser (chunked, Content-Length, limits): what a
                       leaner sidecar/upstream.py would be built on
     sidecar-send      (--sidecar) the sidecar's own upstream path: `sidecar.upstream.send()`
-                      through the session the app makes (`new_client_session()`),
-                      with its watchdog, reading the body with `Exchange.body()`
+                      through the pool the app makes, the answer's events relayed
+                      to a receiver that waits for its end
 
 The prototype is not a client (no pool, timeouts, errors or retries): it is the
 floor the real one would approach. Measured here: 264 against 120 us.
@@ -98,32 +98,41 @@ async def via_session(session: aiohttp.ClientSession, port: int, n: int) -> None
                 pass
 
 
-async def via_sidecar(session: Any, port: int, n: int) -> None:
-    """`sidecar.upstream.send` as the proxy calls it (either side of its signature change)."""
-    import inspect
+class _Whole:
+    """A `sidecar.upstream.Receiver` that waits for the whole answer."""
 
-    from multidict import CIMultiDict
+    def __init__(self) -> None:
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
+    def upstream_head(self, status: int, reason: bytes, headers: object) -> None:
+        pass
+
+    def upstream_body(self, chunk: bytes) -> None:
+        pass
+
+    def upstream_end(self) -> None:
+        self.done.set_result(None)
+
+    def upstream_failed(self, error: Exception) -> None:
+        self.done.set_exception(error)
+
+    def upstream_writable(self, writable: bool) -> None:
+        pass
+
+    def crashed(self, error: Exception) -> None:
+        self.done.set_exception(error)
+
+
+async def via_sidecar(pool: Any, port: int, n: int) -> None:
+    """`sidecar.upstream.send` as the proxy calls it: one request object, events back."""
     from sidecar import upstream
 
     origin = f"http://127.0.0.1:{port}"
-    if "url" in inspect.signature(upstream.send).parameters:  # aiohttp's ClientSession
-        from yarl import URL
-
-        where: tuple[Any, ...] = (URL(origin + PATH, encoded=True),)
-        connect: Any = aiohttp.ClientTimeout(total=None, sock_connect=5)
-    else:
-        where, connect = (origin, PATH), 5.0
     for _ in range(n):
-        headers = CIMultiDict({"X-A": "1"})
-        exchange = await upstream.send(
-            session, "GET", *where, headers, None, connect, 10.0, time.monotonic, None, 60.0
-        )
-        try:
-            async for _chunk in exchange.body():
-                pass
-        finally:
-            exchange.close()
+        receiver = _Whole()
+        request = upstream.UpstreamRequest(origin, b"GET", PATH.encode(), b"X-A: 1\r\n", None, 5.0)
+        upstream.send(pool, request, receiver)
+        await receiver.done
 
 
 async def compare(
@@ -134,9 +143,12 @@ async def compare(
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
     )
-    from sidecar.upstream import new_client_session
+    sidecar_pool: Any = None
+    if with_sidecar:
+        from sidecar.timers import LoopTimers
+        from sidecar.upstream_pool import Pool
 
-    sidecar_session = new_client_session()
+        sidecar_pool = Pool(LoopTimers(asyncio.get_running_loop()))
     per_request: dict[str, list[float]] = {"aiohttp-session": [], "lean-prototype": []}
     if with_sidecar:
         per_request["sidecar-send"] = []
@@ -144,7 +156,7 @@ async def compare(
         await via_session(session, port, 200)
         await lean(port, 200)
         if with_sidecar:
-            await via_sidecar(sidecar_session, port, 200)
+            await via_sidecar(sidecar_pool, port, 200)
         for _ in range(rounds):
             for name, times in per_request.items():
                 started = time.process_time()
@@ -153,11 +165,12 @@ async def compare(
                 elif name == "lean-prototype":
                     await lean(port, requests)
                 else:
-                    await via_sidecar(sidecar_session, port, requests)
+                    await via_sidecar(sidecar_pool, port, requests)
                 times.append((time.process_time() - started) / requests * 1e6)
     finally:
         await session.close()
-        await sidecar_session.close()
+        if sidecar_pool is not None:
+            await sidecar_pool.close()
     return per_request
 
 

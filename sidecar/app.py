@@ -18,16 +18,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
+from sidecar._aiohttp_compat import set_shutdown_timeout
 from sidecar.admin import Health, create_admin_app
 from sidecar.breaker import Breaker, Clock
-from sidecar.client import Pool
 from sidecar.config import Address, Config, ConfigError, load_config
-from sidecar.listener import Begin, Handler, ProxyServer, Request, Response
+from sidecar.listener import Listener, Request
 from sidecar.logs import ACCESS, event
 from sidecar.logs import configure as configure_logs
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy, RouteChanges
-from sidecar.upstream import new_client_session
+from sidecar.timers import LoopTimers, Timers
+from sidecar.upstream_pool import Pool
 
 __all__ = ["ReloadResult", "Sidecar", "StartupError", "admin_token_from_env", "freeze_heap"]
 
@@ -93,7 +94,10 @@ class Sidecar:
         rand: Callable[[], float] = random.random,
         registry: CollectorRegistry | None = None,
         admin_token: str | None = None,
+        timers: Timers | None = None,
     ) -> None:
+        """`clock` is the breakers'; `timers` the request path's deadlines and timeouts
+        (default: the running loop's). A test may hand in the same fake for both."""
         self.config = config
         self._bound = (config.listen, config.admin_listen)
         """What the listeners were started with: a reload cannot move them."""
@@ -103,85 +107,67 @@ class Sidecar:
         self.metrics = Metrics(registry or CollectorRegistry(auto_describe=True), __version__)
         self.metrics.last_reload_success = time.time()
         # Every route's breaker and series exist from here, before the first scrape.
-        self.proxy = Proxy(
-            config.routes, self.metrics, clock, rand, write_timeout=config.client_timeouts.write
-        )
+        self.proxy = Proxy(config.routes, self.metrics, clock, rand)
         self.admin_app = create_admin_app(self)
-        self._runners: list[web.BaseRunner] = []
-        self._proxy_server: ProxyServer | None = None
-        self._session: Pool | None = None
+        self._timers = timers
+        self._admin: web.AppRunner | None = None
+        self._listener: Listener | None = None
+        self._pool: Pool | None = None
         self._reloading = asyncio.Lock()
         self.addresses: dict[str, Address] = {}
 
     async def start(self) -> None:
         """Listen on both addresses, or raise `StartupError` having opened neither."""
-        # The client session needs a running loop, so it is made here; it is closed
-        # in stop(), after the proxy listener has stopped handing requests over.
-        self._session = session = new_client_session()
-        self.proxy.attach(session)
-        # The proxy listener is aiohttp's low-level server: every request goes to one
-        # handler, so the Application's router and middleware machinery would only
-        # cost time. handler_cancellation: a client that goes away cancels its handler,
-        # which releases its permit (and probe slot) and its upstream request.
-        clients = self.config.client_timeouts
-        handler, begin = self._handlers()
-        self._proxy_server = ProxyServer(
-            handler,
-            header_timeout=clients.headers,
-            keepalive_timeout=clients.idle,
-            handler_cancellation=True,
-            access_log=None,
-        )
-        self._proxy_server.begin = begin
+        timers = self._timers or LoopTimers(asyncio.get_running_loop())
+        # The pool needs a running loop, so it is made here; it is closed in stop(),
+        # after the proxy listener has let its requests finish.
+        self._pool = Pool(timers)
+        self.proxy.attach(self._pool, timers)
+        self._listener = Listener(self.proxy.handle, timers, self.config.client_timeouts)
+        self._listener.finished = self._access_log()
         try:
-            for name, runner, address in (
-                ("admin", web.AppRunner(self.admin_app, access_log=None), self.config.admin_listen),
-                ("proxy", web.ServerRunner(self._proxy_server), self.config.listen),
-            ):
-                await runner.setup()
-                self._runners.append(runner)
-                site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
-                try:
-                    await site.start()
-                except OSError as e:
-                    raise StartupError(_bind_error(name, address, e)) from None
-                self.addresses[name] = _bound_address(runner, address)
+            admin = self._admin = web.AppRunner(self.admin_app, access_log=None)
+            await admin.setup()
+            address = self.config.admin_listen
+            site = web.TCPSite(admin, address.host, address.port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as e:
+                raise StartupError(_bind_error("admin", address, e)) from None
+            self.addresses["admin"] = _bound_address(admin, address)
+            address = self.config.listen
+            try:
+                port = await self._listener.start(address.host, address.port)
+            except OSError as e:
+                raise StartupError(_bind_error("proxy", address, e)) from None
+            self.addresses["proxy"] = Address(address.host, port)
         except BaseException:
             await self.stop()
             raise
         self.health.ready = True
 
-    def _handlers(self) -> tuple[Handler, Begin | None]:
-        """The proxy's handler and its task-less path for simple requests. With the
-        access log on, the handler is wrapped in it, and there is no task-less path;
-        with it off, no wrapper (which costs a coroutine a request)."""
-        if ACCESS.isEnabledFor(logging.INFO):
-            return self._handle_logged, None
-        return self.proxy.handle, self.proxy.begin
+    def _access_log(self) -> Callable[[Request], None] | None:
+        """What the listener tells of each request that ends: the access log's line, or
+        nothing at all when it is off."""
+        return self._log_access if ACCESS.isEnabledFor(logging.INFO) else None
 
-    async def _handle_logged(self, request: Request) -> Response:
-        started = time.monotonic()
-        status = None
-        matched = self.proxy.match(request)
-        target = matched[0]
-        try:
-            response = await self.proxy.handle(request, matched)
-            status = response.status
-            return response
-        finally:
-            path = request.raw_path.partition("?")[0]
-            event(
-                ACCESS,
-                logging.INFO,
-                "access",
-                f"{request.remote} {request.method} {path} {status or '-'}",
-                client=request.remote,
-                method=request.method,
-                path=path,
-                route=None if target is None else target.route.name,
-                status=status,
-                duration_ms=round((time.monotonic() - started) * 1000, 3),
-            )
+    @staticmethod
+    def _log_access(request: Request) -> None:
+        status = request.status
+        method = request.method.decode("latin-1")
+        path = request.target.decode("latin-1").partition("?")[0]
+        event(
+            ACCESS,
+            logging.INFO,
+            "access",
+            f"{request.remote} {method} {path} {status or '-'}",
+            client=request.remote,
+            method=method,
+            path=path,
+            route=request.route,
+            status=status,
+            duration_ms=round((time.monotonic() - request.started) * 1000, 3),
+        )
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file: swap to it if valid, else keep serving the old one."""
@@ -217,13 +203,11 @@ class Sidecar:
             ]
             restart = [key for key, _, _ in moved]
             changes = self.proxy.reconfigure(config.routes)
-            clients = config.client_timeouts
-            self.proxy.write_timeout = clients.write
-            configure_logs(config.log)  # before _handlers(), which asks the access log
-            server = self._proxy_server
-            if server is not None:
-                server.set_client_timeouts(clients.headers, clients.idle)
-                server.proxy_handler, server.begin = self._handlers()
+            configure_logs(config.log)  # before _access_log(), which asks the access log
+            proxy_listener = self._listener
+            if proxy_listener is not None:
+                proxy_listener.timeouts = config.client_timeouts  # for connections from now on
+                proxy_listener.finished = self._access_log()
             self.config = config
             self.metrics.reloads["success"] += 1
             self.metrics.last_reload_success = time.time()
@@ -263,12 +247,17 @@ class Sidecar:
         deadline = loop.time() + self.config.shutdown_grace
         # The proxy first: the admin listener keeps answering /readyz (503) and
         # /metrics while the proxy drains.
-        for runner in reversed(self._runners):
-            await _drain(runner, deadline)
-        self._runners.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+            await listener.drain(deadline)
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await _drain(admin, deadline)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+            self.proxy.detach()
 
 
 async def _drain(runner: web.BaseRunner, deadline: float) -> None:
@@ -276,7 +265,7 @@ async def _drain(runner: web.BaseRunner, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     # Read by cleanup() for each connection's wait; set here, as reloads change the grace.
     # (Never 0, which aiohttp reads as "no limit".)
-    runner._shutdown_timeout = max(0.001, deadline - loop.time())
+    set_shutdown_timeout(runner, max(0.001, deadline - loop.time()))
     server = runner.server
     cleanup = asyncio.ensure_future(runner.cleanup())
     await asyncio.wait([cleanup], timeout=max(0.0, deadline - loop.time()))

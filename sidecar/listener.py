@@ -1,693 +1,940 @@
-"""The proxy listener: aiohttp's low-level server, plus the client checks it lacks.
+"""The proxy listener: one protocol object owns each client connection, first byte to close.
 
-aiohttp closes a connection that waits too long for its next request (its
-keep-alive timeout, which also runs from accept), but has no deadline for a
-request whose headers trickle in: a slowloris client sending a header byte now
-and then would hold its connection as long as the keep-alive timeout allows,
-and thousands of them hold thousands of sockets. Here the first byte of every
-request starts a header timer; the request reaching the handler stops it; if
-it fires first, the client gets a 408 and its connection is closed.
+`ClientConnection` parses requests (httptools, the parser uvicorn uses) and
+owns everything HTTP/1.1 asks of a server's side of a connection: keep-alive
+and its idle timeout, the header timeout (slowloris), pipelining (requests
+parsed ahead wait in line; answers keep their order), `Expect: 100-continue`,
+request bodies with back-pressure, the write timeout for a client that stops
+reading, and after an upgrade, a plain byte relay. Every request goes through
+it; no connection changes implementation half-way. It knows nothing of routes
+or breakers: each request head goes to one handler (`Listener.handler`), which
+answers through the `Request` it is given, at once or later.
 
-Two more gaps in what aiohttp's parser lets through are closed here, before any
-request reaches the proxy: request lines without HTTP/1.0 or HTTP/1.1 (no
-version, HTTP/0.9, HTTP/2.0 as text) are refused with 505, CONNECT and
-transfer codings other than chunked with 501; and a chunked body
-that turns out malformed after the request was forwarded fails the upload at
-once (a 400), instead of leaving the handler waiting for bytes that will never
-be valid.
+What the listener refuses itself, it answers as the sidecar answers anything:
+JSON, an `HTTP/1.1` status line, `Connection: close`, and never the client's
+bytes or a dependency's message echoed back (the reason goes to the log):
+malformed requests 400 `bad_request`, versions other than 1.0 and 1.1 505,
+CONNECT 501 (a tunnel is no reverse proxy's business yet), a head that does
+not arrive within the header timeout 408.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+import contextlib
+import email.utils
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
 
-from aiohttp import HttpVersion10, HttpVersion11, StreamReader, web
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
-from aiohttp.http import SERVER_SOFTWARE
-from aiohttp.http_exceptions import BadHttpMessage
-from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
-from aiohttp.http_writer import _serialize_headers
-from aiohttp.log import server_logger
-from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.tcp_helpers import tcp_keepalive
-from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDict, CIMultiDictProxy
+import httptools
+
+from sidecar.config import ClientTimeouts
+from sidecar.logs import event
+from sidecar.responses import error_answer
+from sidecar.timers import Timer, Timers
 
 __all__ = [
     "COALESCE_BELOW",
-    "Begin",
-    "FastResponse",
-    "Forwarding",
+    "BodySink",
+    "ClientConnection",
     "Handler",
-    "ProxyServer",
+    "Listener",
+    "Relay",
     "Request",
-    "Response",
-    "SimpleRequest",
+    "date_line",
 ]
 
+log = logging.getLogger("sidecar")
 
-def _closing_response(status: str, error: str) -> bytes:
-    """A whole response written straight to the socket, for clients aiohttp cannot answer."""
-    body = f'{{"error":"{error}"}}'.encode()
-    return (
-        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode() + body
+COALESCE_BELOW = 65536
+"""A response body of known length shorter than this goes out in one write with its head."""
+MAX_REQUEST_LINE = 8190
+"""Bytes in a request target (400 beyond)."""
+MAX_FIELD_SIZE = 8190
+"""Bytes in a header's name, and in its value (400 beyond)."""
+MAX_HEADERS = 128
+"""Headers in a request (400 beyond)."""
+MAX_HEAD_SIZE = 2**21
+"""Bytes a request head may take in all before it is refused: what the limits above allow."""
+BODY_BUFFER = 2**16
+"""Request body bytes kept while nobody reads them yet, before reading from the client pauses."""
+DISCARD_LIMIT = 2**16
+"""Bytes of an unread request body read and dropped after its answer to keep the connection;
+a longer rest closes it instead."""
+_SINGLETONS = frozenset(
+    {b"host", b"content-length", b"content-type", b"content-location", b"content-range",
+     b"etag", b"max-forwards", b"user-agent", b"server", b"transfer-encoding"}
+)  # fmt: skip
+"""Headers a request may carry once only (as aiohttp's parser had it): two Hosts, say, could
+route one way here and another way upstream."""
+_NO_BODY_STATUSES = frozenset({204, 304})
 
-
-_HEADER_TIMEOUT_RESPONSE = _closing_response("408 Request Timeout", "header_timeout")
-_VERSION_RESPONSE = _closing_response(
-    "505 HTTP Version Not Supported", "http_version_not_supported"
-)
-_NOT_IMPLEMENTED_RESPONSE = _closing_response("501 Not Implemented", "not_implemented")
-_HTTP_1 = (HttpVersion11, HttpVersion10)
-_HEAD_END = b"\r\n\r\n"
-_PENDING_LIMIT = 2**16
-"""Bytes kept from a client while its request is in hand, before reading pauses."""
-_NOT_SIMPLE = ("Connection", "Content-Length", "Expect", "Transfer-Encoding", "Upgrade")
-"""Headers that take a request off the fast path (any framing, or connection management)."""
-
-
-Handler = Callable[["Request"], Coroutine[Any, Any, "Response"]]
-Begin = Callable[["SimpleRequest"], bool]
-
-
-class Forwarding(Protocol):
-    """A simple request being answered without a task (see `SimpleRequest.hold`)."""
-
-    def abort(self) -> None:
-        """The client went away: stop, with no answer."""
-
-    def escalate(self) -> None:
-        """Go on in a task (`SimpleRequest.adopt`): the server waits for tasks."""
+# Why reading from the client is paused: any of these holds it.
+_PAUSE_PIPELINED = 1
+"""A request waits in line behind the one being answered."""
+_PAUSE_BUFFERED = 2
+"""Body bytes that nobody reads yet passed `BODY_BUFFER`."""
+_PAUSE_SINK = 4
+"""Whoever reads the body asked (the upstream cannot take more yet)."""
 
 
-class ProxyServer(web.Server):
-    """`web.Server` whose connections enforce `header_timeout` on every request.
-
-    A connection starts on the fast path (`_FastConnection`), and moves to
-    aiohttp's `RequestHandler` (`_Connection`) for good at its first request
-    that is not a simple one.
-    """
-
-    def __init__(self, handler: Handler, *, header_timeout: float, **kwargs: Any) -> None:
-        self.proxy_handler = handler
-        """The handler itself, without the checks `handle` adds (simple requests pass them).
-        May be replaced while serving: every request reads it afresh."""
-        self.begin: Begin | None = None
-        """Offered each simple request first: True if it took it (and answers it without
-        a task, or hands it to one itself), False to leave it to `proxy_handler`. None:
-        every request goes to `proxy_handler`. May be replaced while serving."""
-
-        async def handle(request: web.BaseRequest) -> web.StreamResponse:
-            connection = request.protocol
-            if not isinstance(connection, _Connection):  # never: handler() makes them
-                raise TypeError("not a proxy connection")
-            connection.headers_received(request)
-            try:
-                if request.version not in _HTTP_1:
-                    # aiohttp would answer in the client's "version" (`HTTP/0.9 200`),
-                    # and forward the request as HTTP/1.1: refuse it on the wire.
-                    return connection.refuse(_VERSION_RESPONSE)
-                if request.method == "CONNECT" or not _chunked_only(request):
-                    # A tunnel is no reverse proxy's business; and a body in a transfer
-                    # coding other than chunked would reach the upstream undecoded, as
-                    # if it were plain (the coding is hop-by-hop): RFC 9112 6.1's 501.
-                    return connection.refuse(_NOT_IMPLEMENTED_RESPONSE)
-                response = await self.proxy_handler(request)
-                assert isinstance(response, web.StreamResponse)  # for an aiohttp request
-                if connection.must_finish:
-                    # Send the answer now, before `request_done` may close the connection
-                    # (a malformed body, or a next request's head out of time).
-                    await response.prepare(request)
-                    await response.write_eof()
-                return response
-            finally:
-                connection.request_done()
-
-        super().__init__(handle, **kwargs)
-        self._header_timeout = header_timeout
-
-    def set_client_timeouts(self, header_timeout: float, keepalive_timeout: float) -> None:
-        """Apply to connections accepted from now on (a reload); open ones keep theirs."""
-        self._header_timeout = header_timeout
-        self._kwargs["keepalive_timeout"] = keepalive_timeout
-
-    def __call__(self) -> RequestHandler:
-        # The protocol factory of the listening socket. Not a RequestHandler: the fast
-        # path makes one (`handler()`) when the connection needs it.
-        return _FastConnection(self)  # type: ignore[return-value]
-
-    def handler(self) -> _Connection:
-        # `_kwargs` is what web.Server itself passes to each RequestHandler.
-        return _Connection(self, header_timeout=self._header_timeout, **self._kwargs)
-
-    @property
-    def keepalive_timeout(self) -> float:
-        return float(self._kwargs.get("keepalive_timeout", 3630.0))
+def date_line() -> bytes:
+    """`Date: <now>\\r\\n`, formatted once a second."""
+    global _date_second, _date_line
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_line = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
+    return _date_line
 
 
-class SimpleRequest:
-    """A request on the fast path: a GET of HTTP/1.1, no body, no connection headers.
-
-    It has what the proxy reads of an aiohttp `BaseRequest`, under the same names.
-    """
-
-    __slots__ = ("_message", "headers", "method", "protocol", "raw_path", "remote")
-
-    scheme = "http"
-    version = HttpVersion11
-    content = EMPTY_PAYLOAD
-    content_length = None
-    body_exists = False
-
-    def __init__(self, protocol: _FastConnection, message: RawRequestMessage) -> None:
-        self._message = message
-        self.protocol = protocol
-        self.method: str = message.method
-        self.raw_path: str = message.path
-        self.headers: CIMultiDictProxy[str] = message.headers
-        self.remote = protocol.remote
-
-    @property
-    def transport(self) -> asyncio.Transport | None:
-        return self.protocol.transport
-
-    def response(self, status: int, reason: str, headers: CIMultiDict[str]) -> FastResponse:
-        return FastResponse(self.protocol, status, reason, headers)
-
-    # For `ProxyServer.begin`, which answers without a task; each ends with one of
-    # `finish`, `answer_now` or `adopt`, and once `hold` is called, no later.
-
-    def hold(self, forwarding: Forwarding) -> None:
-        """The answer comes from `forwarding`'s callbacks; a client that goes away aborts
-        it, and a shutdown has it `escalate`."""
-        self.protocol._forwarding = forwarding
-
-    def adopt(self, handling: Coroutine[Any, Any, Response]) -> asyncio.Task[None]:
-        """Answer with what `handling` returns, in a task, as `proxy_handler`'s would be.
-
-        A client that goes away cancels the task, which may be before `handling` ever
-        ran: whatever it was to let go of, the task's done callbacks must then."""
-        return self.protocol.adopt(self, handling)
-
-    def finish(self, keep: bool) -> None:
-        """The response is whole on the wire; `keep`: the connection may take another."""
-        self.protocol.finish(keep)
-
-    def answer_now(self, response: web.Response) -> None:
-        """Write a response the handler made whole (a rejection), and finish."""
-        self.protocol.answer_now(response)
-
-    def fail(self) -> None:
-        """The handler raised (a bug): log it, answer 500 if nothing was sent, and close."""
-        self.protocol.fail()
+_date_second = 0
+_date_line = b""
 
 
-Request = web.BaseRequest | SimpleRequest
+class Refusal(Exception):
+    """A request the listener answers itself and closes after; the message is the reason,
+    for the log only."""
+
+    def __init__(self, status: int, error: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.error = error
+
+    def answer(self) -> bytes:
+        """The whole answer, on the wire."""
+        status, phrase, lines, body = error_answer(self.status, self.error)
+        return b"HTTP/1.1 %d %b\r\n%b%bConnection: close\r\n\r\n%b" % (
+            status,
+            phrase,
+            lines,
+            date_line(),
+            body,
+        )
 
 
-class FastResponse:
-    """A response to a `SimpleRequest`, written with `StreamResponse`'s interface.
+def _bad(reason: str) -> Refusal:
+    return Refusal(400, "bad_request", reason)
 
-    Its head is what aiohttp's would be (Date, Server, Content-Type defaults;
-    chunked when the length is unknown), serialized by aiohttp's C helper. A
-    short body of known length goes out in one write with its head.
+
+class BodySink(Protocol):
+    """Who reads a request's body (`Request.read_body`)."""
+
+    def request_body(self, chunk: bytes) -> None: ...
+
+    def request_body_end(self) -> None: ...
+
+    def request_body_failed(self, reason: str) -> None:
+        """The body broke (malformed chunked framing): the client's fault."""
+
+
+class RequestListener(Protocol):
+    """Who hears what the client does while its request is answered (`Request.listener`)."""
+
+    def client_gone(self) -> None:
+        """The client's connection closed before the answer ended."""
+
+    def client_writable(self, writable: bool) -> None:
+        """The client fell behind (False: its socket's buffer is full) or caught up."""
+
+
+class Relay(Protocol):
+    """Who takes a connection's bytes after an upgrade (`Request.upgrade`)."""
+
+    def relay_data(self, data: bytes) -> None: ...
+
+    def relay_closed(self) -> None:
+        """The client closed (or the listener stopped) the connection."""
+
+    def relay_writable(self, writable: bool) -> None: ...
+
+
+Handler = Callable[["Request"], None]
+"""Called with each request head; answers through the request, now or later."""
+
+
+class Request:
+    """One request on a client connection: its head, its body as it comes, its answer.
+
+    The handler answers with `answer` (a whole answer the sidecar made) or
+    `respond`, then `write` and `end` (an answer relayed as it arrives); or
+    `abort`s, when an answer cannot end whole.
     """
 
     __slots__ = (
-        "_chunked",
-        "_eof",
-        "_head",
-        "_headers",
-        "_protocol",
+        "_body",
+        "_body_size",
+        "_conn",
+        "_continued",
+        "_held",
+        "_out",
+        "_sink",
+        "body_complete",
+        "chunked",
+        "content_length",
+        "ended",
+        "expect",
+        "headers",
+        "host",
+        "http10",
         "keep_alive",
-        "reason",
+        "listener",
+        "method",
+        "refused",
+        "route",
+        "started",
         "status",
+        "target",
+        "upgrade_tail",
     )
 
-    def __init__(
-        self,
-        protocol: _FastConnection,
-        status: int,
-        reason: str,
-        headers: CIMultiDict[str],
-    ) -> None:
-        self._protocol = protocol
-        self.status = status
-        self.reason = reason
-        self._headers = headers
-        self._head: bytes | None = None
-        """The serialized head, until written."""
-        self._chunked = False
-        self._eof = False
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self.method = b""
+        self.target = b""
+        """The request target as sent (origin form, or absolute form)."""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        """The Host header's value, as sent."""
+        self.expect: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.http10 = False
         self.keep_alive = True
+        self.upgrade_tail: bytes | None = None
+        """For an upgrade the parser took (an `Upgrade` request, CONNECT): the bytes that
+        followed its head. None for any other request."""
+        self.listener: RequestListener | None = None
+        self.refused: Refusal | None = None
+        """Why the listener refuses it, when its turn comes (a check left to llhttp first)."""
+        self.route: str | None = None
+        """The route it was matched to, for the access log."""
+        self.status: int | None = None
+        """The status it was answered with, once its head went out."""
+        self.started = 0.0
+        self.ended = False
+        self.body_complete = False
+        self._body: list[bytes] = []
+        """Body bytes that came before anybody read them."""
+        self._body_size = 0
+        self._sink: BodySink | None = None
+        self._continued = False
+        self._held: bytes | None = None
+        """A response head waiting to share a write with its body."""
+        self._out = 0
+        """How the response body is framed: see `_OUT_*`."""
 
-    def force_close(self) -> None:
-        self.keep_alive = False
+    # -- what the handler reads -------------------------------------------------------
 
     @property
-    def prepared(self) -> bool:
-        return self._head is not None or self._eof
+    def remote(self) -> str | None:
+        return self._conn.remote
 
     @property
-    def needs_drain(self) -> bool:
-        """Whether the client is behind: `write` and `write_eof` would wait for it."""
-        return self._protocol._paused
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
 
-    async def drain(self) -> None:
-        if self._protocol._paused:
-            await self._protocol._drain_helper()
+    @property
+    def writing_paused(self) -> bool:
+        return self._conn.writing_paused
 
-    async def prepare(self, request: Request) -> None:
-        self.start()
+    def read_body(self, sink: BodySink) -> None:
+        """Hand the body to `sink` from now on (what came already first); a client waiting
+        on `Expect: 100-continue` is told to go on."""
+        self._sink = sink
+        conn = self._conn
+        if self.expect is not None and not self._continued and not self._body_size:
+            self._continued = True
+            if not self.http10 and conn.transport is not None:
+                conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body, self._body = self._body, []
+        conn.resume(_PAUSE_BUFFERED)
+        for chunk in body:
+            sink.request_body(chunk)
+            if self._sink is not sink:
+                return
+        if self.body_complete:
+            sink.request_body_end()
 
-    def start(self) -> None:
-        """`prepare`, which never waits."""
-        headers = self._headers
-        status = self.status
-        length: int | None = None
-        if must_be_empty_body("GET", status):
-            if should_remove_content_length("GET", status):
-                headers.popall("Content-Length", None)
-            headers.popall("Transfer-Encoding", None)
-        else:
-            value = headers.get("Content-Length")
-            if value is None:
-                self._chunked = True
-                headers["Transfer-Encoding"] = "chunked"
-            else:
-                length = int(value)
-            if length != 0:
-                headers.setdefault("Content-Type", "application/octet-stream")
-        _finish_head(headers, self.keep_alive)
-        head = _serialize_headers(f"HTTP/1.1 {status} {self.reason}", headers)
-        if length is not None and length < COALESCE_BELOW:
-            self._head = head  # sent with the first bytes of the body
-        else:
-            self._head = b""
-            self._send(head)
+    def pause_body(self) -> None:
+        """Stop reading the body from the client for now (its sink cannot take more)."""
+        self._conn.pause(_PAUSE_SINK)
 
-    def _send(self, data: bytes) -> None:
-        transport = self._protocol.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("Cannot write to closing transport")
-        transport.write(data)
+    def resume_body(self) -> None:
+        self._conn.resume(_PAUSE_SINK)
 
-    async def write(self, data: bytes) -> None:
-        self.write_now(data)
-        await self.drain()
+    def stop_body(self) -> None:
+        """Hand no more of the body to its sink: whatever follows is dropped."""
+        self._sink = None
+        self._body = []
+        self._conn.resume(_PAUSE_SINK | _PAUSE_BUFFERED)
 
-    def write_now(self, data: bytes) -> None:
-        """`write`, without waiting for a client that is behind."""
-        head = self._head
-        if head:
-            self._head = b""
-            data = head + data if not self._chunked else head + _chunk(data)
-        elif self._chunked:
-            data = _chunk(data)
-        self._send(data)
+    # -- answering --------------------------------------------------------------------
 
-    async def write_eof(self) -> None:
-        if self._eof:
+    def answer(
+        self, status: int, reason: bytes, lines: bytes, body: bytes, close: bool = False
+    ) -> None:
+        """A whole answer the sidecar made: `lines` are its header lines, framing included
+        (`Content-Length`); `Date` and `Connection` are added here."""
+        if self.status is not None or self.ended:
             return
-        self.end_now()
-        await self.drain()
+        self.status = status
+        keep = self._conn.keeps(self, close)
+        head = self._status_line(status, reason) + lines + date_line() + self._connection_line(keep)
+        self._conn.send(head + (b"" if self.method == b"HEAD" else body))
+        self._finish(keep)
 
-    def end_now(self) -> None:
-        """`write_eof`, without waiting for a client that is behind."""
-        if self._eof:
+    def respond(self, status: int, reason: bytes, lines: bytes, length: int | None) -> None:
+        """Start an answer relayed as it arrives: `lines` are its header lines (with its
+        `Content-Length` if `length` is known); framing and `Connection` are added here."""
+        if self.status is not None or self.ended:
             return
-        self._eof = True
-        data = self._head or b""
-        self._head = b""
-        if self._chunked:
+        self.status = status
+        http10 = self.http10
+        if self.method == b"HEAD" or status in _NO_BODY_STATUSES or status < 200:
+            self._out = _OUT_NONE
+            close = False
+        elif length is not None:
+            self._out = _OUT_LENGTH
+            close = False
+        elif http10:
+            self._out = _OUT_UNTIL_CLOSE  # no chunked framing for HTTP/1.0: the close ends it
+            close = True
+        else:
+            self._out = _OUT_CHUNKED
+            lines += b"Transfer-Encoding: chunked\r\n"
+            close = False
+        keep = self._conn.keeps(self, close)
+        self.keep_alive = keep
+        head = self._status_line(status, reason) + lines + self._connection_line(keep)
+        if self._out == _OUT_LENGTH and length is not None and length < COALESCE_BELOW:
+            self._held = head  # goes out with the body's first bytes
+        else:
+            self._conn.send(head)
+
+    def write(self, chunk: bytes) -> None:
+        """Part of the body of the answer `respond` began."""
+        out = self._out
+        if out == _OUT_NONE or not chunk or self.ended:
+            return
+        if out == _OUT_CHUNKED:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        held = self._held
+        if held is not None:
+            self._held = None
+            chunk = held + chunk
+        self._conn.send(chunk)
+
+    def end(self) -> None:
+        """The answer `respond` began is whole."""
+        if self.ended:
+            return
+        data = self._held or b""
+        self._held = None
+        if self._out == _OUT_CHUNKED:
             data += b"0\r\n\r\n"
         if data:
-            self._send(data)
+            self._conn.send(data)
+        self._finish(self.keep_alive)
+
+    def abort(self) -> None:
+        """The answer cannot end whole: cut the connection, so the client never takes a
+        broken answer for a whole one."""
+        if not self.ended:
+            self.ended = True
+            self._conn.abort()
+
+    def upgrade(self, head: bytes, relay: Relay) -> Channel:
+        """Answer an upgrade the parser took (`upgrade_tail` is not None) with `head`
+        (a whole response head: a 101, or a 2xx to a CONNECT), and hand the connection's
+        bytes, both ways, to `relay` for good."""
+        if self.upgrade_tail is None or self.status is not None:
+            raise RuntimeError("not an upgrade request, or answered already")
+        self.status = int(head[9:12])
+        self.ended = True
+        return self._conn.switch(self, head, relay)
+
+    def _status_line(self, status: int, reason: bytes) -> bytes:
+        return b"HTTP/1.%d %d %b\r\n" % (0 if self.http10 else 1, status, reason)
+
+    def _connection_line(self, keep: bool) -> bytes:
+        if self.http10:
+            return b"Connection: keep-alive\r\n\r\n" if keep else b"\r\n"
+        return b"\r\n" if keep else b"Connection: close\r\n\r\n"
+
+    def _finish(self, keep: bool) -> None:
+        self.ended = True
+        self._conn.finished(self, keep)
+
+    # -- from the connection ----------------------------------------------------------
+
+    def _body_chunk(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        sink = self._sink
+        if sink is not None:
+            sink.request_body(chunk)
+        elif not self.ended:
+            self._body.append(chunk)
+            if self._body_size > BODY_BUFFER:
+                self._conn.pause(_PAUSE_BUFFERED)
+
+    def _body_end(self) -> None:
+        self.body_complete = True
+        sink = self._sink
+        if sink is not None:
+            sink.request_body_end()
+
+    def _body_failed(self, reason: str) -> None:
+        sink = self._sink
+        self._sink = None
+        if sink is not None:
+            sink.request_body_failed(reason)
 
 
-COALESCE_BELOW = 65536
-"""A body of known length shorter than this goes out in one write with its head, on
-either path (`FastResponse`, and the proxy's `_CoalescedResponse` for aiohttp's)."""
-
-Response = web.StreamResponse | FastResponse
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+_OUT_NONE = 0
+_OUT_LENGTH = 1
+_OUT_CHUNKED = 2
+_OUT_UNTIL_CLOSE = 3
 
 
-def _finish_head(headers: CIMultiDict[str], keep_alive: bool) -> None:
-    """What aiohttp's `StreamResponse` adds to every head (the request is HTTP/1.1)."""
-    if "Date" not in headers:
-        headers["Date"] = rfc822_formatted_time()
-    headers.setdefault("Server", SERVER_SOFTWARE)
-    if not keep_alive and "Connection" not in headers:
-        headers["Connection"] = "close"
+class Channel:
+    """The client's side of a connection after an upgrade: bytes out, flow, close."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+
+    def write(self, data: bytes) -> None:
+        transport = self._conn.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def pause_reading(self) -> None:
+        self._conn.pause(_PAUSE_SINK)
+
+    def resume_reading(self) -> None:
+        self._conn.resume(_PAUSE_SINK)
+
+    def close(self) -> None:
+        transport = self._conn.transport
+        if transport is not None:
+            transport.close()
 
 
-class _FastConnection(BaseProtocol):
-    """A client connection on the fast path, until it sends something else.
+class Listener:
+    """The proxy listener: accepts connections and hands each request head to `handler`."""
 
-    It handles requests that come whole, one per read, with nothing after
-    them: GETs of HTTP/1.1 without a body or connection headers (as good as
-    every request of a keep-alive client), parsed by aiohttp's C parser, and
-    answered with `FastResponse`. At the first read that is anything else (a
-    head in pieces, pipelining, a body, another method or version, a malformed
-    request), it hands the connection, with those bytes, to aiohttp's
-    `RequestHandler` (`_Connection`) for good. Bytes that come while a request
-    is in hand wait for its end (they are decided on then: responses keep
-    their order). It has what `Sidecar.stop` and `web.Server.shutdown` use of a
-    RequestHandler: `transport`, `close()` and `shutdown()`.
-    """
-
-    def __init__(self, server: ProxyServer) -> None:
-        loop = asyncio.get_running_loop()
-        super().__init__(loop)
-        self._server = server
-        self._keepalive = server.keepalive_timeout
-        self._request_parser = HttpRequestParser(
-            self, loop, 2**16, max_line_size=8190, max_field_size=8190, max_headers=128
-        )
-        self._parser = self._request_parser  # what BaseProtocol's flow control reaches
-        self._task: asyncio.Task[None] | None = None
-        self._forwarding: Forwarding | None = None
-        """The request in hand when it is answered without a task (`ProxyServer.begin`)."""
-        self._pending = b""
-        self._held = False
+    def __init__(self, handler: Handler, timers: Timers, timeouts: ClientTimeouts) -> None:
+        self.handler = handler
+        """May be replaced while serving: every request reads it afresh."""
+        self.finished: Callable[[Request], None] | None = None
+        """Told of every request that ends, answered or not (the access log); None: nobody."""
+        self.timers = timers
+        self.timeouts = timeouts
+        """For connections accepted from now on; open ones keep theirs."""
+        self.connections: set[ClientConnection] = set()
+        self._server: asyncio.Server | None = None
         self._closing = False
-        self._idle_until = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._all_closed: asyncio.Event | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; the port it got (for port 0). Raises OSError when it cannot."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
+        )
+        sockets = self._server.sockets
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    def close(self) -> None:
+        """Stop accepting; close idle connections now and the others after their answer."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.shut()
+
+    async def drain(self, deadline: float) -> None:
+        """Wait until every connection is closed, or `deadline` (the loop's time) passes:
+        then cut off what is left."""
+        loop = asyncio.get_running_loop()
+        if self.connections:
+            self._all_closed = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), max(0.0, deadline - loop.time()))
+        for conn in list(self.connections):
+            conn.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def _gone(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection; see the module's docstring."""
+
+    __slots__ = (
+        "_active",
+        "_broken",
+        "_head_size",
+        "_header_timer",
+        "_idle_timer",
+        "_idle_until",
+        "_in_head",
+        "_listener",
+        "_owed",
+        "_parser",
+        "_parsing",
+        "_paused",
+        "_queue",
+        "_relay",
+        "_stall_timer",
+        "_timeouts",
+        "_timers",
+        "_upgraded",
+        "_url",
+        "remote",
+        "transport",
+        "writing_paused",
+    )
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+        self._timers = listener.timers
+        self._timeouts = listener.timeouts
+        self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._parsing: Request | None = None
+        """The request whose head or body the parser is in now."""
+        self._in_head = False
+        self._head_size = 0
+        self._url = b""
+        self._active: Request | None = None
+        """The request being answered: the first in line."""
+        self._queue: deque[Request] = deque()
+        """Requests parsed whole (heads) and waiting for their turn."""
+        self._owed: Refusal | None = None
+        """What the listener refused, answered once the request in hand is, then closed."""
+        self._broken = False
+        """The request in hand's body broke: no request can follow it on this connection."""
+        self._upgraded: Request | None = None
+        """The upgrade request the parser stopped after: what follows is its bytes."""
+        self._paused = 0
+        self._relay: Relay | None = None
+        self.writing_paused = False
+        self._idle_until = 0.0
+        self._idle_timer: Timer | None = None
+        self._header_timer: Timer | None = None
+        self._stall_timer: Timer | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        assert self.transport is not None
-        tcp_keepalive(self.transport)
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is no subclass)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, (list, tuple)):
             self.remote = str(peer[0])
         elif peer is not None:
             self.remote = str(peer)
-        self._server._connections[self] = self.transport  # type: ignore[index]
-        # As aiohttp's: the keep-alive timeout also runs from accept.
-        self._idle_until = self._loop.time() + self._keepalive
-        self._idle_timer = self._loop.call_at(self._idle_until, self._idle_check)
-
-    def data_received(self, data: bytes) -> None:
-        if self._task is not None or self._forwarding is not None or self._pending:
-            self._pending += data
-            if len(self._pending) > _PENDING_LIMIT and not self._held:
-                self._held = True  # until the request in hand is done
-                self._pause_transport_reading()
-            return
-        self._dispatch(data)
-
-    def _dispatch(self, data: bytes) -> None:
-        if not self._closing and data.find(_HEAD_END) == len(data) - 4:
-            try:
-                messages, upgraded, _tail = self._request_parser.feed_data(data)
-            except Exception:
-                messages, upgraded = [], True
-            if len(messages) == 1 and not upgraded:
-                message, payload = messages[0]
-                if (
-                    payload is EMPTY_PAYLOAD
-                    and message.method == "GET"
-                    and message.version == HttpVersion11
-                    and not message.should_close
-                    and message.path[:1] == "/"
-                ):
-                    headers = message.headers
-                    for name in _NOT_SIMPLE:
-                        if name in headers:
-                            break
-                    else:
-                        self._begin(SimpleRequest(self, message))
-                        return
-        self._switch(data)
-
-    def _switch(self, data: bytes) -> None:
-        """Hand the connection to aiohttp's RequestHandler, with `data`, for good."""
-        transport = self.transport
-        self._server._connections.pop(self, None)  # type: ignore[call-overload]
-        self._stop_timer()
-        if transport is None:
-            return
-        connection = self._server.handler()
-        connection._paused = self._paused
-        transport.set_protocol(connection)
-        connection.connection_made(transport)
-        # Whatever held reading here (too much pipelined, or the parser's buffer for a
-        # body it began) is the new handler's to decide now.
-        self._resume_transport_reading()
-        if self._closing:
-            connection.close()
-        if data:
-            connection.data_received(data)
-
-    def _begin(self, request: SimpleRequest) -> None:
-        begin = self._server.begin
-        try:
-            if begin is not None and begin(request):
-                return
-        except Exception:
-            self.fail()
-            return
-        self.adopt(request, self._server.proxy_handler(request))
-
-    def adopt(
-        self, request: SimpleRequest, handling: Coroutine[Any, Any, Response]
-    ) -> asyncio.Task[None]:
-        self._forwarding = None
-        task = self._task = self._loop.create_task(self._run(request, handling))
-        # Cancelled before its first step (its client gone at once), `_run` never awaits
-        # `handling`: closed here, or it would warn that it never was.
-        task.add_done_callback(lambda _: handling.close())
-        return task
-
-    def finish(self, keep: bool) -> None:
-        self._forwarding = None
-        self._done(keep)
-
-    def answer_now(self, response: web.Response) -> None:
-        keep = response.keep_alive is not False
-        self._send_whole(response, keep)
-        self._done(keep)
-
-    async def _run(self, request: SimpleRequest, handling: Coroutine[Any, Any, Response]) -> None:
-        keep = False
-        try:
-            response = await handling
-            if isinstance(response, FastResponse):
-                if not response.prepared:
-                    await response.prepare(request)
-                await response.write_eof()
-                keep = response.keep_alive
-            else:
-                keep = response.keep_alive is not False
-                self._send_whole(response, keep)
-        except asyncio.CancelledError:
-            raise
-        except ConnectionError:
-            pass
-        except Exception:
-            self.fail()  # which closes: the task in hand no longer matters
-            return
-        finally:
-            self._task = None
-        self._done(keep)
-
-    def fail(self) -> None:
-        """Called in the `except` block of a handler's bug."""
-        server_logger.exception("Error handling request")
-        if self.transport is not None and not self.transport.is_closing():
-            self._send_whole(web.Response(status=500, text="500 Internal Server Error"), False)
-        self._done(False)
-
-    def _done(self, keep: bool) -> None:
-        """The request in hand is answered: close, or wait for the next one."""
-        transport = self.transport
-        if transport is None:
-            return
-        if not keep or self._closing or transport.is_closing():
+        self._listener.connections.add(self)
+        if self._listener.closing:
             transport.close()
             return
-        self._idle_until = self._loop.time() + self._keepalive
-        if self._idle_timer is None:
-            self._idle_timer = self._loop.call_at(self._idle_until, self._idle_check)
-        if self._held:
-            self._held = False
-            self._resume_transport_reading()
-        if self._pending:
-            data, self._pending = self._pending, b""
-            self._dispatch(data)
+        # The keep-alive timeout also runs from accept.
+        self._idle_until = self._timers.time() + self._timeouts.idle
+        self._idle_timer = self._timers.call_at(self._idle_until, self._idle_check)
 
-    def _send_whole(self, response: web.StreamResponse, keep: bool) -> None:
-        """A response the handler made whole (`web.Response`): head and body in one write."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
+    def data_received(self, data: bytes) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay.relay_data(data)
             return
-        assert isinstance(response, web.Response)
-        body = response.body
-        assert body is None or isinstance(body, bytes)
-        body = body or b""
-        headers = CIMultiDict(response.headers)
-        headers["Content-Length"] = str(len(body))
-        _finish_head(headers, keep)
-        head = _serialize_headers(f"HTTP/1.1 {response.status} {response.reason}", headers)
-        transport.write(head + body)
+        if self._owed is not None or self._broken:
+            return  # refused already: nothing more is read
+        upgraded = self._upgraded
+        if upgraded is not None:
+            tail = upgraded.upgrade_tail = (upgraded.upgrade_tail or b"") + data
+            if len(tail) > BODY_BUFFER:
+                self.pause(_PAUSE_BUFFERED)
+            return
+        if self._in_head:
+            self._head_size += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgrade(data[e.args[0] :])
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            self._refuse(cause if isinstance(cause, Refusal) else _bad(str(e)), data)
+            return
+        except httptools.HttpParserError as e:
+            self._refuse(_bad(str(e) or type(e).__name__), data)
+            return
+        if self._in_head:
+            if self._head_size > MAX_HEAD_SIZE:
+                self._refuse(_bad("the request head is too large"), data)
+                return
+            if self._header_timer is None:
+                # Timed only if the head did not arrive whole in one read, as most do.
+                self._header_timer = self._timers.call_at(
+                    self._timers.time() + self._timeouts.headers, self._header_timed_out
+                )
+        if self._active is None and self._queue:
+            self._next()
+
+    def eof_received(self) -> bool | None:
+        # A client that closes its side is gone, as for aiohttp and nginx (499): the
+        # transport closes, and the request in hand is let go.
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_timers()
+        active, self._active = self._active, None
+        self._queue.clear()
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            relay.relay_closed()
+        if active is not None and not active.ended:
+            active.ended = True
+            listener = active.listener
+            if listener is not None:
+                listener.client_gone()
+            finished = self._listener.finished
+            if finished is not None:
+                finished(active)
+        self.transport = None
+        self._listener._gone(self)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self._stall_timer is None:
+            self._stall_timer = self._timers.call_at(
+                self._timers.time() + self._timeouts.write, self._stalled
+            )
+        self._tell_writable(False)
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self._tell_writable(True)
+        if self._active is None and self._relay is None:
+            self._after_answer()
+
+    # -- the parser's callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._parsing = Request(self)
+        self._in_head = True
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_REQUEST_LINE:
+            raise _bad(f"the request target is longer than {MAX_REQUEST_LINE} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self._parsing
+        assert request is not None
+        headers = request.headers
+        if len(name) > MAX_FIELD_SIZE or len(value) > MAX_FIELD_SIZE:
+            raise _bad(f"a header is longer than {MAX_FIELD_SIZE} bytes")
+        if len(headers) >= MAX_HEADERS:
+            raise _bad(f"more than {MAX_HEADERS} headers")
+        lower = name.lower()
+        if lower in _SINGLETONS:
+            if any(n.lower() == lower for n, _ in headers):
+                raise _bad(f"duplicate {name.decode('latin-1')} header")
+            if lower == b"host":
+                request.host = value
+            elif lower == b"content-length":
+                request.content_length = int(value)  # llhttp has checked it is digits
+            elif lower == b"transfer-encoding":
+                request.chunked = True
+                codings = [c for c in (c.strip() for c in value.lower().split(b",")) if c]
+                if codings != [b"chunked"]:
+                    # llhttp refuses codings after chunked; one before it (`gzip, chunked`)
+                    # would reach the upstream undecoded, as if plain (the coding is
+                    # hop-by-hop): RFC 9112 6.1's 501. Refused once llhttp had its say.
+                    request.refused = Refusal(501, "not_implemented", "a transfer coding")
+        elif lower == b"expect":
+            request.expect = value
+        headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        request = self._parsing
+        assert request is not None
+        parser = self._parser
+        self._in_head = False
+        self._head_size = 0
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        version = parser.get_http_version()
+        if version == "1.1":
+            if request.host is None:
+                raise _bad("no Host header")
+        elif version == "1.0":
+            request.http10 = True
+        else:
+            raise Refusal(505, "http_version_not_supported", f"HTTP/{version} request")
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise Refusal(501, "not_implemented", "CONNECT")
+        request.method = method
+        request.target = self._url
+        request.keep_alive = parser.should_keep_alive()
+        if self._listener.finished is not None:
+            request.started = time.monotonic()
+        self._queue.append(request)
+        if self._active is not None:
+            self.pause(_PAUSE_PIPELINED)
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        if request is not None:
+            request._body_chunk(body)
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        self._parsing = None
+        if request is None:
+            return
+        request._body_end()
+        if request.ended and self._active is None:
+            self._after_answer()  # its answer went out before its body was all in (dropped)
+
+    # -- requests in turn ----------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Answer the next request in line, if the one before is done with."""
+        while self._active is None and self._queue:
+            if self.writing_paused or self.transport is None:
+                return  # the client is behind: on with it once it caught up
+            parsing = self._parsing
+            if parsing is not None and parsing.ended:
+                return  # still reading (and dropping) the body of an answered request
+            request = self._queue.popleft()
+            if request.refused is not None:
+                self._refuse(request.refused)
+                return
+            if not self._queue:
+                self.resume(_PAUSE_PIPELINED)
+            self._active = request
+            try:
+                self._listener.handler(request)
+            except Exception:
+                self._crashed(request)
+
+    def _crashed(self, request: Request) -> None:
+        """The handler raised: a bug. Logged, answered 500 if nothing was sent, closed."""
+        log.exception("error handling a request")
+        if request.status is None and not request.ended:
+            request.answer(*error_answer(500, "internal_error"), close=True)
+        else:
+            request.abort()
+
+    def keeps(self, request: Request, close: bool) -> bool:
+        """Whether the connection can take another request after `request`'s answer."""
+        if close or self._broken or self._owed is not None:
+            return False
+        if not request.keep_alive or self._listener.closing or request.upgrade_tail is not None:
+            return False  # (after an upgrade request, what followed was never parsed as HTTP)
+        if not request.body_complete:
+            # Its body has yet to come, all or part: read and dropped after the answer if
+            # it is short, else the connection closes (and never after `Expect` unanswered).
+            if request.expect is not None and not request._continued:
+                return False
+            left = (request.content_length or 0) - request._body_size
+            if request.chunked or left > DISCARD_LIMIT:
+                return False
+        return True
+
+    def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def finished(self, request: Request, keep: bool) -> None:
+        """`request`'s answer is whole on the wire."""
+        if request is not self._active:
+            return
+        self._active = None
+        request.listener = None
+        finished = self._listener.finished
+        if finished is not None:
+            finished(request)
+        transport = self.transport
+        if transport is None:
+            return
+        owed = self._owed
+        if not keep or owed is not None or self._broken or self._listener.closing:
+            if owed is not None:
+                transport.write(owed.answer())
+            transport.close()
+            return
+        if not request.body_complete:
+            request.stop_body()  # the rest of it is read and dropped
+        self._after_answer()
+
+    def _after_answer(self) -> None:
+        """Idle: wait for the next request, or answer the one in line."""
+        if self._queue:
+            self._next()
+            return
+        self._idle_until = self._timers.time() + self._timeouts.idle
+        if self._idle_timer is None and self.transport is not None:
+            self._idle_timer = self._timers.call_at(self._idle_until, self._idle_check)
+
+    # -- flow ------------------------------------------------------------------------------
+
+    def pause(self, reason: int) -> None:
+        paused = self._paused
+        self._paused = paused | reason
+        if not paused and self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume(self, reason: int) -> None:
+        paused = self._paused
+        if not paused & reason:
+            return
+        self._paused = paused & ~reason
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _tell_writable(self, writable: bool) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay.relay_writable(writable)
+            return
+        active = self._active
+        if active is not None and active.listener is not None:
+            active.listener.client_writable(writable)
+
+    # -- refusals, upgrades, timers ----------------------------------------------------------
+
+    def _refuse(self, refusal: Refusal, data: bytes = b"") -> None:
+        """Answer what the listener cannot take, after the answer in hand if there is one,
+        and close. A body that breaks is the business of whoever reads it."""
+        parsing = self._parsing
+        active = self._active
+        # A TLS handshake on the plain-HTTP port is a client misconfigured, not an
+        # attack: told at debug level, as aiohttp did.
+        tls = data.startswith(b"\x16\x03")
+        event(
+            log,
+            logging.DEBUG if tls else logging.WARNING,
+            "bad_request",
+            f"bad request from {self.remote}: {refusal.status} {refusal}",
+            client=self.remote,
+            status=refusal.status,
+            reason="TLS on the plain-HTTP port" if tls else str(refusal),
+        )
+        self._queue.clear()
+        self.resume(_PAUSE_PIPELINED)
+        transport = self.transport
+        if parsing is not None and not self._in_head and parsing.ended:
+            # The body of a request answered already, being read and dropped: just close.
+            if active is None and transport is not None:
+                transport.close()
+            return
+        if parsing is not None and not self._in_head and parsing is active:
+            self._broken = True  # its handler answers (a 400 of its own, or an abort)
+            parsing._body_failed(str(refusal))
+            return
+        self._owed = refusal
+        if active is None and transport is not None:
+            transport.write(refusal.answer())
+            transport.close()
+
+    def _upgrade(self, tail: bytes) -> None:
+        """The parser stopped after an upgrade request's head: what follows is not HTTP."""
+        request = self._queue[-1] if self._queue else None
+        self._parsing = None
+        if request is None:
+            return
+        request.upgrade_tail = tail
+        self._upgraded = request
+        if len(tail) > BODY_BUFFER:
+            self.pause(_PAUSE_BUFFERED)
+
+    def switch(self, request: Request, head: bytes, relay: Relay) -> Channel:
+        """`Request.upgrade`: from now on the connection's bytes are `relay`'s."""
+        transport = self.transport
+        self._active = None
+        self._upgraded = None
+        self._stop_timers()
+        self._relay = relay
+        channel = Channel(self)
+        if transport is not None:
+            transport.write(head)
+        finished = self._listener.finished
+        if finished is not None:
+            finished(request)
+        tail, request.upgrade_tail = request.upgrade_tail or b"", b""
+        self.resume(_PAUSE_BUFFERED)
+        if tail:
+            relay.relay_data(tail)
+        return channel
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if not self._in_head:
+            return
+        self._in_head = False
+        self._parsing = None
+        self._refuse(Refusal(408, "header_timeout", "no whole request head in time"))
 
     def _idle_check(self) -> None:
         self._idle_timer = None
         transport = self.transport
-        if transport is None or self._task is not None or self._forwarding is not None:
-            return  # re-armed when the request in hand is done
-        now = self._loop.time()
-        if now < self._idle_until:
-            self._idle_timer = self._loop.call_at(self._idle_until, self._idle_check)
+        if transport is None or self._relay is not None:
+            return
+        if self._active is not None or self._queue or self._in_head:
+            return  # re-armed when the request in hand is done (or the header timer rules)
+        if self._timers.time() < self._idle_until:
+            self._idle_timer = self._timers.call_at(self._idle_until, self._idle_check)
             return
         transport.close()
 
-    def _stop_timer(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+    def _stalled(self) -> None:
+        """The client took nothing for the write timeout: cut it off."""
+        self._stall_timer = None
+        self.abort()
 
-    def close(self) -> None:
-        """Stop taking requests: close now if idle, else after the request in hand."""
-        self._closing = True
-        if self._task is None and self._forwarding is None and self.transport is not None:
+    def _stop_timers(self) -> None:
+        for timer in (self._idle_timer, self._header_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._idle_timer = self._header_timer = self._stall_timer = None
+
+    # -- the listener's orders -----------------------------------------------------------
+
+    def shut(self) -> None:
+        """Stop taking requests: close now if idle, else after the answer in hand."""
+        self._queue.clear()
+        if self._active is None and self._relay is None and self.transport is not None:
             self.transport.close()
 
-    async def shutdown(self, timeout: float | None = 15.0) -> None:
-        """Let the request in hand finish within `timeout`, then cancel it; and close."""
-        self._closing = True
-        self._stop_timer()
-        if self._forwarding is not None:
-            self._forwarding.escalate()  # into a task, to be waited for like any other
-        task = self._task
-        if task is not None:
-            done, _ = await asyncio.wait([task], timeout=timeout)
-            if not done:
-                task.cancel()
-                await asyncio.wait([task])
+    def abort(self) -> None:
         if self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
-        self._stop_timer()
-        forwarding = self._forwarding
-        if forwarding is not None:
-            self._forwarding = None
-            forwarding.abort()
-        task = self._task
-        connections = self._server._connections
-        if task is not None:
-            task.cancel()  # the client went away: its handler is cancelled, as aiohttp's
-            task.add_done_callback(lambda _: connections.pop(self, None))  # type: ignore[call-overload]
-        else:
-            connections.pop(self, None)  # type: ignore[call-overload]
-
-
-def _chunked_only(request: web.BaseRequest) -> bool:
-    """No Transfer-Encoding, or exactly `chunked` (any case, any spacing)."""
-    if "Transfer-Encoding" not in request.headers:
-        return True
-    codings = ",".join(request.headers.getall("Transfer-Encoding")).split(",")
-    return [c.strip().lower() for c in codings if c.strip()] == ["chunked"]
-
-
-class _Connection(RequestHandler):
-    """One client connection; times the arrival of each request's headers."""
-
-    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
-        super().__init__(manager, loop=asyncio.get_running_loop(), **kwargs)
-        self._header_timeout = header_timeout
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._body: StreamReader | None = None
-        """The body of the latest request: bytes are the next head once it is complete."""
-        self._handling = False
-        self._overdue = False
-        """The next request's head ran out of time while this one was being handled."""
-        self.body_failed = False
-        """The body being handled was found malformed: the connection must close."""
-
-    def data_received(self, data: bytes) -> None:
-        # Bytes after the whole of the latest request's body are the next request's
-        # head; until then they are body (the handler's, or what aiohttp reads and
-        # drops after a handler that did not want it).
-        body = self._body
-        head = body is None or body.is_eof()
-        super().data_received(data)
-        if head and data and self._header_timer is None and not self._queued():
-            # Timed only if the head did not arrive whole with these bytes, as most do.
-            self._header_timer = asyncio.get_running_loop().call_later(
-                self._header_timeout, self._header_timed_out
-            )
-        if self._handling and body is not None and not body.is_eof() and self._parse_failed():
-            # The parser gave up on this request's body (a broken chunk): aiohttp queues
-            # a 400 for after the handler, but the handler would wait for the rest of
-            # the body until its timeout. Fail the body now; the proxy answers 400.
-            body.set_exception(BadHttpMessage("the request body is malformed"))
-            self.body_failed = True
-
-    # aiohttp keeps the requests it parsed ahead in `_messages` (a parse error as an
-    # `_ErrInfo`), from 3.8 to 3.14 at least; tests/test_client_limits.py checks it.
-
-    def _queued(self) -> bool:
-        return bool(getattr(self, "_messages", ()))
-
-    def _parse_failed(self) -> bool:
-        queued = getattr(self, "_messages", ())
-        return any(type(message).__name__ == "_ErrInfo" for message, _ in queued)
-
-    def headers_received(self, request: web.BaseRequest) -> None:
-        self._body = request.content
-        self._handling = True
-        self._overdue = False
-        self.body_failed = False
-        self._stop_timer()
-
-    @property
-    def must_finish(self) -> bool:
-        """Whether `request_done` may close the connection, or a timer run out meanwhile."""
-        return self.body_failed or self._overdue or self._header_timer is not None
-
-    def request_done(self) -> None:
-        self._handling = False
-        if self.body_failed:
-            # aiohttp would go on to read the rest of a body that can no longer be read.
-            self.force_close()
-        elif self._overdue and not self._queued():
-            self.refuse(_HEADER_TIMEOUT_RESPONSE)
-
-    def refuse(self, response: bytes) -> web.StreamResponse:
-        """Answer with `response` on the wire and close (a request aiohttp cannot answer)."""
-        if self.transport is not None:
-            self.transport.write(response)
-        self.force_close()
-        return web.Response()  # never sent: the connection is closed
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_timer()
-        super().connection_lost(exc)
-
-    def _stop_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_timed_out(self) -> None:
-        self._header_timer = None
-        if self._queued():
-            return  # the head came whole meanwhile: its request waits for its turn
-        if self._handling:
-            self._overdue = True  # answered once the request in hand is
-        else:
-            self.refuse(_HEADER_TIMEOUT_RESPONSE)
+            self.transport.abort()

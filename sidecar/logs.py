@@ -20,6 +20,9 @@ and then the event's own fields. The events and their fields:
     stopped             -
     access              client, method, path (no query string), route (null: unrouted),
                         status (null: the connection broke before an answer), duration_ms
+    bad_request         client, status (400, 408, 501, 505), reason: a request the proxy
+                        listener refused before any route saw it (warning; a TLS handshake
+                        on the plain-HTTP port at debug level)
 
 A field is never renamed or removed within a major version; new ones may appear.
 """

@@ -58,6 +58,7 @@ class StartSidecar(Protocol):
         yaml_text: str,
         rand: Callable[[], float] = ...,
         admin_token: str | None = ...,
+        fake_timers: bool = ...,
     ) -> Awaitable[Running]: ...
 
 
@@ -66,7 +67,9 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
     """Start a sidecar from YAML (listeners on free loopback ports), stopped after the test.
 
     The YAML is written to a file first, which `Running.rewrite_config` replaces and
-    `Sidecar.reload` reads.
+    `Sidecar.reload` reads. The breakers run on a fake clock; with `fake_timers`, so
+    do the request path's timeouts (header, idle, write, connect, request, keep-alive):
+    the test moves time with `Running.clock.advance`, and never waits for it.
     """
     started: list[Sidecar] = []
 
@@ -74,11 +77,18 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
         yaml_text: str,
         rand: Callable[[], float] = random.random,
         admin_token: str | None = None,
+        fake_timers: bool = False,
     ) -> Running:
         path = tmp_path / f"sidecar-{len(started)}.yaml"
         path.write_text(_listening() + yaml_text)
         clock = FakeClock()
-        sidecar = Sidecar(load_config(str(path)), clock=clock, rand=rand, admin_token=admin_token)
+        sidecar = Sidecar(
+            load_config(str(path)),
+            clock=clock,
+            rand=rand,
+            admin_token=admin_token,
+            timers=clock if fake_timers else None,
+        )
         await sidecar.start()
         started.append(sidecar)
         return Running(

@@ -686,16 +686,17 @@ async def test_expect_100_continue_while_closed_forwards_the_body(
 def test_error_bodies_are_valid_json() -> None:
     import json
 
-    from sidecar.proxy import error_response
+    from sidecar.responses import error_answer
 
-    for response in (
-        error_response(404, "no_route"),
-        error_response(502, "upstream_unreachable", "r-1_x"),
-        error_response(503, "circuit_open", "r", 17),
+    for status, error, route, retry_after in (
+        (404, "no_route", None, None),
+        (502, "upstream_unreachable", "r-1_x", None),
+        (503, "circuit_open", "r", 17),
     ):
-        assert response.body is not None
-        assert isinstance(json.loads(response.body), dict)  # type: ignore[arg-type]
-    assert error_response(503, "circuit_open", "r", 17).headers["Retry-After"] == "17"
+        _, _, lines, body = error_answer(status, error, route, retry_after)
+        assert isinstance(json.loads(body), dict)
+        assert b"Content-Length: %d\r\n" % len(body) in lines
+    assert b"Retry-After: 17\r\n" in error_answer(503, "circuit_open", "r", 17)[2]
 
 
 async def test_a_stalled_response_body_times_out_and_aborts_the_client(

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from sidecar.breaker import State
-from sidecar.upstream import MAX_HEADER_SIZE, Arming, _Watchdog
+from sidecar.upstream_pool import MAX_HEADER_SIZE
 from tests.conftest import RawHandler, Running, StartSidecar, eventually, read_request_head
 
 ROUTE = "api"
@@ -723,38 +723,3 @@ async def test_a_flapping_upstream_cycles_the_breaker(
         ("transitions", "half_open", "closed"): 1,
     }
     await assert_settled(sc)
-
-
-# -- the watchdog's timer, set only for exchanges that last ----------------------------------
-
-
-async def test_a_watchdog_set_late_fires_when_one_set_at_once_would(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(Arming, "INTERVAL", 0.02)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    watchdog = _Watchdog(0.1)  # its check is 5 ticks away: no timer yet
-    assert watchdog._handle is None
-    try:
-        await asyncio.sleep(10)  # a hung exchange, cut off by the watchdog
-    except asyncio.CancelledError:
-        assert watchdog.expired()
-    fired = loop.time() - started
-    assert 0.1 <= fired < 0.16, fired
-
-
-async def test_an_exchange_that_ends_before_the_tick_never_sets_a_timer(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(Arming, "INTERVAL", 0.02)
-    loop = asyncio.get_running_loop()
-    watchdog = _Watchdog(0.1)
-    assert Arming.of(loop)._waiting == {watchdog}
-    watchdog.stop()
-    assert not Arming.of(loop)._waiting  # the tick has nothing to set
-    assert watchdog._handle is None
-    # A short deadline (under a tick) is set at once, as it always was.
-    quick = _Watchdog(0.01)
-    assert quick._handle is not None
-    quick.stop()

@@ -1,0 +1,424 @@
+"""One admitted request, from the breaker's permit to its outcome: `Exchange`.
+
+An exchange owns, from admission to the end, the breaker permit, the route's
+in-flight count, the upstream call (and its connection) and the deadline, and
+it ends in exactly one `close`: that returns the permit (with its outcome, if
+the breaker has not heard one yet), lowers the count and lets the connection
+go. No other code releases a permit or touches the count.
+
+It runs on events, not in a task: the client's connection hands it the request
+body as it comes and says when the client falls behind or goes away; the
+upstream call hands it the answer's head, body and end, or an error. Whole and
+streamed answers are relayed by the same code; back-pressure runs both ways
+(the upload waits for the upstream, the answer for the client). A task is
+started only where there is something to wait for: connecting to an upstream.
+
+Whose fault a failure is decides what the breaker hears (the contract's "What a
+client sees"): the upstream's failures are outcomes; a client that goes away,
+stops sending its body, sends one too large or malformed, or stops reading, is
+no outcome at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import logging
+import time
+from dataclasses import dataclass, field
+
+from sidecar.breaker import Breaker, Clock, Permit, State
+from sidecar.config import Route
+from sidecar.listener import Request, date_line
+from sidecar.metrics import RouteMetrics
+from sidecar.responses import Answer, error_answer
+from sidecar.timers import Ticker, Timer, Timers
+from sidecar.upstream import (
+    Call,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamTimeout,
+    send,
+)
+from sidecar.upstream_pool import Pool
+
+__all__ = ["HOP_BY_HOP", "Exchange", "Target", "client_lines", "retry_after_seconds"]
+
+log = logging.getLogger("sidecar")
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy",  # not hop-by-hop, but never meant for an upstream (httpoxy)
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+"""Never forwarded either way (RFC 9110 7.6.1); nor is the `Proxy-*` family."""
+
+_TIMER_RESOLUTION = 0.001
+"""uvloop's timers tick in whole milliseconds: re-arming for less would spin until the tick."""
+
+
+@dataclass(slots=True)
+class Target:
+    """Everything the request path needs for one route, built when the config loads."""
+
+    route: Route
+    breaker: Breaker
+    metrics: RouteMetrics
+    origin: str
+    """The upstream's "scheme://host:port"."""
+    slow_after: float
+    """The route's `BreakerSettings.slow_after`, kept at hand for the request path."""
+    retry_after_statuses: frozenset[int]
+    """Statuses whose `Retry-After` the breaker hears: none unless `respect_retry_after`."""
+    answers: dict[object, Answer] = field(default_factory=dict)
+    """Sidecar-made answers for this route, made once: rejections by their `Retry-After`
+    (so that rejecting formats nothing), errors by name."""
+
+    def error(self, status: int, error: str) -> Answer:
+        answer = self.answers.get(error)
+        if answer is None:
+            answer = self.answers[error] = error_answer(status, error, self.route.name)
+        return answer
+
+
+def client_lines(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, int | None, bool]:
+    """An upstream's response headers as they go to the client: the header lines
+    without hop-by-hop headers, its `Content-Length`, and whether it had a `Date`."""
+    out = []
+    length = None
+    dated = False
+    named: list[bytes] | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower[:6] == b"proxy-":
+            if lower == b"connection":
+                named = _named(value, named)
+            continue
+        if lower == b"content-length":
+            length = int(value)
+        elif lower == b"date":
+            dated = True
+        out.append(b"%b: %b\r\n" % (name, value))
+    if named:
+        out = [line for line in out if line.split(b":", 1)[0].lower() not in named]
+    return b"".join(out), length, dated
+
+
+def _named(value: bytes, named: list[bytes] | None) -> list[bytes] | None:
+    """The header names a `Connection` header's value lists (beyond keep-alive/close)."""
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token and token not in (b"keep-alive", b"close"):
+            named = (named or []) + [token]
+    return named
+
+
+class Exchange:
+    """One admitted request until its `close`: see the module's docstring."""
+
+    __slots__ = (
+        "_answered",
+        "_body_done_at",
+        "_body_left",
+        "_call",
+        "_client_behind",
+        "_clock",
+        "_closed",
+        "_deadline",
+        "_elapsed",
+        "_permit",
+        "_request",
+        "_started",
+        "_target",
+        "_ticker",
+        "_timeout",
+        "_timer",
+        "_timers",
+    )
+
+    def __init__(
+        self,
+        request: Request,
+        target: Target,
+        permit: Permit,
+        clock: Clock,
+        timers: Timers,
+        ticker: Ticker,
+    ) -> None:
+        self._request = request
+        self._target = target
+        self._permit = permit
+        self._clock = clock
+        self._timers = timers
+        self._ticker = ticker
+        self._call: Call | None = None
+        self._timeout = target.route.timeouts.request
+        self._deadline = 0.0
+        """When (the timers' time) the upstream's time is up, unless it makes progress."""
+        self._timer: Timer | None = None
+        self._started = 0.0
+        self._body_done_at: float | None = None
+        """`clock()` when the client's last body byte went upstream."""
+        self._elapsed = 0.0
+        """Seconds the upstream took to its response head."""
+        limit = target.route.max_body_size
+        self._body_left = -1 if limit is None else limit
+        """Body bytes the client may still send; -1: no limit."""
+        self._answered = False
+        self._client_behind = False
+        self._closed = False
+
+    def start(self, pool: Pool, upstream_request: UpstreamRequest) -> None:
+        request = self._request
+        self._target.metrics.in_flight += 1
+        self._started = self._clock()
+        request.listener = self
+        try:
+            self._call = send(pool, upstream_request, self)
+            if self._closed:
+                return  # failed at once
+            if request.has_body:
+                request.read_body(self)
+            if self._closed:
+                return
+            self._deadline = self._timers.time() + self._timeout
+            if self._timeout > Ticker.INTERVAL:
+                self._ticker.add(self)
+            else:
+                self._timer = self._timers.call_at(self._deadline, self._check)
+        except Exception as e:
+            self.crashed(e)
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _close(self, outcome: UpstreamError | bool | None) -> None:
+        """The one end: `outcome` True (success), an `UpstreamError` (a failure), or None
+        (none: the client's doing). The breaker hears it only if it has heard nothing yet."""
+        if self._closed:
+            return
+        self._closed = True
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+        else:
+            self._ticker.discard(self)
+        target = self._target
+        metrics = target.metrics
+        metrics.in_flight -= 1
+        permit = self._permit
+        if not permit.done:
+            if outcome is True:
+                permit.succeeded(self._elapsed)
+            elif isinstance(outcome, UpstreamError):
+                metrics.failures[outcome.kind] += 1
+                permit.failed(self._elapsed)
+            else:
+                permit.released()
+        call = self._call
+        if call is not None and not call.done:
+            call.abort()
+        self._request.listener = None
+
+    def crashed(self, error: Exception) -> None:
+        """A bug raised while handling an event: logged; the client gets a 500 if nothing
+        was sent, else its connection is cut; the breaker hears nothing."""
+        log.exception("error handling a request", exc_info=error)
+        self._close(None)
+        request = self._request
+        if request.status is None:
+            request.answer(*error_answer(500, "internal_error"), close=True)
+        else:
+            request.abort()
+
+    # -- the answer ----------------------------------------------------------------------
+
+    def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if self._closed:
+            return
+        self._answered = True
+        done = self._body_done_at
+        self._elapsed = elapsed = self._clock() - (self._started if done is None else done)
+        target = self._target
+        metrics = target.metrics
+        metrics.observe_duration(elapsed)
+        if elapsed > target.slow_after:
+            metrics.slow_calls += 1
+        permit = self._permit
+        asked = None
+        if status in target.retry_after_statuses:
+            value = next((v for n, v in headers if n.lower() == b"retry-after"), None)
+            asked = retry_after_seconds(value, time.time())
+        if asked is not None or status in target.route.breaker.failure_status:
+            permit.failed(elapsed, asked)
+            metrics.failures["status"] += 1
+        elif permit.state is State.HALF_OPEN:
+            # A probe is judged by its answer: its slot must not wait on a long body,
+            # nor on a client that reads slowly (or not at all).
+            permit.succeeded(elapsed)
+        lines, length, dated = client_lines(headers)
+        if not dated:
+            lines += date_line()
+        metrics.count_response(status)
+        self._request.respond(status, reason, lines, length)
+        self._deadline = self._timers.time() + self._timeout
+
+    def upstream_body(self, chunk: bytes) -> None:
+        request = self._request
+        request.write(chunk)
+        if request.writing_paused:
+            self._client_behind = True  # the upstream waits for the client now
+            if self._call is not None:
+                self._call.pause_reading()
+        else:
+            self._deadline = self._timers.time() + self._timeout
+
+    def upstream_end(self) -> None:
+        self._close(True)
+        self._request.end()
+
+    def upstream_failed(self, error: UpstreamError) -> None:
+        if self._closed:
+            return
+        request = self._request
+        if not self._answered:
+            done = self._body_done_at
+            self._elapsed = self._clock() - (self._started if done is None else done)
+            if self._elapsed > self._target.slow_after:
+                self._target.metrics.slow_calls += 1
+            self._close(error)
+            if isinstance(error, UpstreamTimeout):
+                self._answer(504, "upstream_timeout")
+            else:
+                self._answer(502, "upstream_unreachable")
+        else:
+            self._close(error)
+            request.abort()  # never end an answer as if it were whole
+
+    def upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self._request.resume_body()
+        else:
+            self._request.pause_body()
+
+    def client_writable(self, writable: bool) -> None:
+        if writable and self._client_behind:
+            self._client_behind = False
+            self._deadline = self._timers.time() + self._timeout
+            if self._call is not None:
+                self._call.resume_reading()
+
+    # -- the client's side ---------------------------------------------------------------
+
+    def request_body(self, chunk: bytes) -> None:
+        if self._closed:
+            return
+        left = self._body_left
+        if left >= 0:
+            left = self._body_left = left - len(chunk)
+            if left < 0:
+                # Stop here: the upstream sees the upload break off, never a body that
+                # looks whole. The client's fault: no outcome.
+                self._client_failed(413, "body_too_large")
+                return
+        call = self._call
+        assert call is not None
+        call.write(chunk)
+        if not self._answered:
+            # Every chunk that moves pushes the deadline out, so it runs for real once
+            # the body is whole, as Envoy's route timeout does: a slow uploader is not an
+            # upstream timeout.
+            self._deadline = self._timers.time() + self._timeout
+        if not call.writable:
+            self._request.pause_body()
+
+    def request_body_end(self) -> None:
+        if self._closed:
+            return
+        call = self._call
+        assert call is not None
+        call.end_body()
+        self._body_done_at = self._clock()
+        if not self._answered:
+            self._deadline = self._timers.time() + self._timeout
+
+    def request_body_failed(self, reason: str) -> None:
+        self._client_failed(400, "bad_request")
+
+    def client_gone(self) -> None:
+        self._close(None)
+
+    def _client_failed(self, status: int, error: str) -> None:
+        """The client broke its request (no outcome): answered if nothing was sent yet,
+        else cut off; the connection cannot take another request either way."""
+        self._close(None)
+        request = self._request
+        request.stop_body()
+        if request.status is None:
+            self._answer(status, error, close=True)
+        else:
+            request.abort()
+
+    def _answer(self, status: int, error: str, close: bool = False) -> None:
+        self._target.metrics.count_response(status)
+        self._request.answer(*self._target.error(status, error), close=close)
+
+    # -- the deadline --------------------------------------------------------------------
+
+    def arm(self) -> None:
+        """The ticker's call: the exchange outlived a tick, so its deadline gets a timer."""
+        self._timer = self._timers.call_at(self._deadline, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        now = self._timers.time()
+        if self._client_behind:
+            # The sidecar waits on its client (whose write timeout the listener keeps):
+            # the upstream's time does not run.
+            self._deadline = now + self._timeout
+        if self._deadline - now > _TIMER_RESOLUTION:
+            self._timer = self._timers.call_at(self._deadline, self._check)
+            return
+        request = self._request
+        call = self._call
+        if request.has_body and not request.body_complete and call is not None and call.writable:
+            # Waiting on the client's body, not on the upstream: the client's fault.
+            self._client_failed(408, "client_timeout")
+            return
+        if self._answered:
+            self.upstream_failed(UpstreamTimeout("the response body stalled"))
+        else:
+            self.upstream_failed(UpstreamTimeout("no response head in time"))
+
+
+def retry_after_seconds(value: bytes | str | None, now: float) -> float | None:
+    """Seconds a `Retry-After` header asks for (delta-seconds or an HTTP date), if > 0.
+
+    `now` is wall-clock time (`time.time()`), against which a date is read. A
+    value that is neither form, or that asks for no wait at all, is None.
+    """
+    if not value:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        # Beyond 10^12 s (31,000 years) the breaker's cap applies anyway.
+        seconds = float(value) if len(value) <= 12 else 1e12
+    else:
+        try:
+            date = email.utils.parsedate_to_datetime(value)
+            if date.tzinfo is None:  # "-0000": RFC 5322's "no zone given", read as UTC
+                date = date.replace(tzinfo=datetime.UTC)
+            seconds = date.timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            # The upstream wrote it: any oddity in it means "no usable Retry-After".
+            return None
+    return seconds if seconds > 0 else None

@@ -1,0 +1,496 @@
+"""The wire to upstreams: keep-alive HTTP/1.1 connections, pooled per origin.
+
+A `Connection` sends one request at a time and parses its response as it
+arrives (httptools, the parser uvicorn uses), handing each event to the
+`Events` of the request in hand: the head, each piece of body, the end, or the
+connection's loss. Nothing here knows of routes, breakers or error kinds: what
+an event means for the proxy is `sidecar.upstream`'s business, the one module
+that turns what happens here into the project's own errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httptools
+
+from sidecar.timers import Timer, Timers
+
+__all__ = [
+    "DNS_TTL",
+    "KEEPALIVE_TIMEOUT",
+    "MAX_HEADER_SIZE",
+    "BadResponse",
+    "Connection",
+    "Disconnected",
+    "Events",
+    "Origin",
+    "Pool",
+]
+
+MAX_HEADER_SIZE = 65536
+"""Bytes in an upstream's status line, and in one header value (the name not counted)."""
+MAX_HEAD_SIZE = 2**20
+"""Bytes of a response head in all: past this, the upstream is not speaking HTTP to us."""
+KEEPALIVE_TIMEOUT = 30.0
+"""Seconds an idle upstream connection is kept for reuse."""
+DNS_TTL = 10.0
+"""Seconds a host name's addresses are kept."""
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class Disconnected(ConnectionError):
+    """The connection closed or broke before the response was whole."""
+
+
+class BadResponse(Exception):
+    """What the upstream sent is not an HTTP/1.x response (or passes a limit)."""
+
+
+class Events(Protocol):
+    """What a `Connection` tells about the response to the request in hand."""
+
+    def wire_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """The response head (1xx interim answers skipped; a 101 is passed on)."""
+
+    def wire_body(self, chunk: bytes) -> None: ...
+
+    def wire_end(self) -> None:
+        """The response is whole."""
+
+    def wire_lost(self, error: BaseException) -> None:
+        """The connection broke (or the upstream spoke nonsense) before the response
+        was whole; `Disconnected` or `BadResponse`, or an `OSError` from the socket."""
+
+    def wire_writable(self, writable: bool) -> None:
+        """The socket's send buffer passed its high-water mark (False), or drained (True)."""
+
+
+class Origin:
+    """Where requests go: parsed once, with its idle connections."""
+
+    __slots__ = ("addresses", "host", "host_header", "idle", "port", "ssl")
+
+    def __init__(self, text: str, ssl_context: ssl.SSLContext | None) -> None:
+        parts = urlsplit(text)
+        host = parts.hostname
+        if not host or parts.scheme not in ("http", "https"):
+            raise ValueError(f"not an upstream origin: {text!r}")
+        secure = parts.scheme == "https"
+        default = 443 if secure else 80
+        self.host = host
+        self.port = parts.port or default
+        self.ssl = ssl_context if secure else None
+        name = f"[{host}]" if ":" in host else host
+        self.host_header = (name if self.port == default else f"{name}:{self.port}").encode()
+        """The port only when it is not the scheme's default."""
+        self.idle: list[Connection] = []
+        self.addresses: tuple[float, list[tuple[Any, ...]]] | None = None
+        """A host name's resolved addresses and until when; None also for an IP address."""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            self.addresses = (float("inf"), [(socket.AF_UNSPEC, 0, 0, "", (host, self.port))])
+
+
+class Connection(asyncio.Protocol):
+    """One upstream connection: one request at a time, its response parsed as it comes."""
+
+    __slots__ = (
+        "_chunked",
+        "_head_only",
+        "_head_size",
+        "_headers",
+        "_in_body",
+        "_in_head",
+        "_interim",
+        "_length",
+        "_parser",
+        "_pool",
+        "_reason",
+        "_stale",
+        "closed",
+        "events",
+        "idle_since",
+        "keep",
+        "origin",
+        "reading_paused",
+        "transport",
+        "writing_paused",
+    )
+
+    def __init__(self, pool: Pool, origin: Origin) -> None:
+        self._pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self.events: Events | None = None
+        """Who hears of the response to the request in hand; None while idle."""
+        self.keep = True
+        """False once anything says this connection must not carry another request."""
+        self.closed = False
+        self.idle_since = 0.0
+        self.reading_paused = False
+        self.writing_paused = False
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._head_only = False
+        self._in_head = False
+        self._in_body = False
+        self._interim = False
+        self._stale = False
+        self._head_size = 0
+        self._length: int | None = None
+        self._chunked = False
+
+    # -- the request side ----------------------------------------------------------------
+
+    def request(self, head: bytes, events: Events, head_only: bool) -> None:
+        """Send a request head; `events` hears of its response. `head_only`: the
+        response has no body whatever its head says (a HEAD request)."""
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            raise Disconnected("the upstream closed the connection")
+        if self._parser is None or self._stale:
+            self._parser = httptools.HttpResponseParser(self)
+            self._stale = False
+        self.events = events
+        self._head_only = head_only
+        self._in_head = self._in_body = False
+        transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def reusable(self) -> bool:
+        """Whether the response was read whole and nothing forbids another request."""
+        return (
+            self.keep
+            and not self.closed
+            and not self._in_head
+            and not self._in_body
+            and not self.reading_paused
+        )
+
+    def close(self) -> None:
+        """Close now, telling nobody: whoever had the request in hand let it go."""
+        self.keep = False
+        self.events = None
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is no subclass)
+
+    def data_received(self, data: bytes) -> None:
+        if self.events is None:
+            if data:  # idle: an upstream may not speak unasked
+                self.close()
+            return
+        if self._in_head:
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD_SIZE:
+                self._fail(BadResponse("the response head is too large"))
+                return
+        parser = self._parser
+        assert parser is not None
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # A 101: its head went to `events` already, which refused it. No HTTP follows.
+            self.close()
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            self._fail(cause if isinstance(cause, BadResponse) else BadResponse(str(e)))
+        except httptools.HttpParserError as e:
+            self._fail(BadResponse(str(e) or type(e).__name__))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.keep = False
+        self._pool.lost(self)
+        events = self.events
+        if events is None:
+            return
+        self.events = None
+        if exc is None and self._in_body and self._length is None and not self._chunked:
+            # A body that ends with the connection (no length, not chunked): this is its end.
+            self._in_body = False
+            events.wire_end()
+        elif exc is not None:
+            events.wire_lost(Disconnected(f"the upstream broke the connection: {exc}"))
+        else:
+            events.wire_lost(Disconnected("the upstream closed the connection"))
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.events is not None:
+            self.events.wire_writable(False)
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.events is not None:
+            self.events.wire_writable(True)
+
+    # -- the parser's callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.events is None:  # a second answer, behind the first: nobody asked for it
+            self.close()
+            raise BadResponse("an answer nobody asked for")
+        self._headers = []
+        self._reason = b""
+        self._length = None
+        self._chunked = False
+        self._in_head = True
+        self._head_size = 0
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        if len(self._reason) > MAX_HEADER_SIZE:
+            raise BadResponse("the status line is too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(value) > MAX_HEADER_SIZE:
+            raise BadResponse("a header is too long")
+        self._headers.append((name, value))
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
+            self._length = int(value)  # llhttp has checked it is digits
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            self._chunked = value.rstrip().lower().endswith(b"chunked")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        self._in_head = False
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # 100 Continue, 103 Early Hints: not the answer
+            return
+        if not parser.should_keep_alive():
+            self.keep = False
+        events = self.events
+        if events is None:
+            return
+        if self._head_only or status in _NO_BODY_STATUSES:
+            # No body follows, whatever the head says (llhttp knows this of 204 and 304,
+            # not of a HEAD's answer): the response is whole, and this parser is done.
+            self._stale = True
+            events.wire_head(status, self._reason, self._headers)
+            if self.events is events:
+                events.wire_end()
+            return
+        self._in_body = True
+        events.wire_head(status, self._reason, self._headers)
+
+    def on_body(self, body: bytes) -> None:
+        events = self.events
+        if events is None or not self._in_body:
+            self.keep = False  # bytes where none belong (after a HEAD's answer, say)
+            return
+        events.wire_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if not self._in_body:
+            return  # ended at its head already
+        self._in_body = False
+        events = self.events
+        if events is not None:
+            events.wire_end()
+
+    def _fail(self, error: BaseException) -> None:
+        events = self.events
+        self.close()
+        if events is not None:
+            events.wire_lost(error)
+
+
+class Pool:
+    """Keep-alive connections per origin, for every route."""
+
+    def __init__(
+        self,
+        timers: Timers,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._timers = timers
+        self._keepalive = keepalive_timeout
+        self._origins: dict[str, Origin] = {}
+        self._connections: set[Connection] = set()
+        self._ssl = ssl_context
+        """For https upstreams; by default (made on first use) the system's trusted CAs."""
+        self._sweeper: Timer | None = None
+        self._closed = False
+
+    def origin(self, text: str) -> Origin:
+        """The `Origin` of "scheme://host:port", parsed the first time only."""
+        origin = self._origins.get(text)
+        if origin is None:
+            secure = text.startswith("https:")
+            if secure and self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            origin = self._origins[text] = Origin(text, self._ssl if secure else None)
+        return origin
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    def idle(self, origin: Origin) -> Connection | None:
+        """A pooled connection to `origin`, the most recently used first."""
+        idle = origin.idle
+        if not idle:
+            return None
+        stale_before = self._timers.time() - self._keepalive
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and connection.idle_since > stale_before:
+                return connection
+            connection.close()
+        return None
+
+    async def connect(self, origin: Origin, timeout: float | None) -> Connection:
+        """A new connection, within `timeout` seconds (resolving the name not counted).
+
+        Raises `TimeoutError` when the time runs out, `OSError` (and `ssl.SSLError`)
+        when the connection cannot be made.
+        """
+        if self._closed:
+            raise Disconnected("the pool is closed")
+        addresses = await self._resolve(origin)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = (
+            None if timeout is None else self._timers.call_at(self._timers.time() + timeout, expire)
+        )
+        error: OSError | None = None
+        try:
+            for family, _type, proto, _name, address in addresses:
+                try:
+                    _transport, connection = await loop.create_connection(
+                        lambda: Connection(self, origin),
+                        address[0],
+                        address[1],
+                        ssl=origin.ssl,
+                        family=family,
+                        proto=proto,
+                        server_hostname=origin.host if origin.ssl is not None else None,
+                    )
+                except OSError as e:
+                    error = e
+                    continue
+                if self._closed:
+                    connection.close()
+                    raise Disconnected("the pool is closed")
+                self._connections.add(connection)
+                return connection
+        except asyncio.CancelledError:
+            if expired and task.uncancel() == 0:
+                raise TimeoutError("connect timed out") from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        assert error is not None
+        raise error
+
+    async def _resolve(self, origin: Origin) -> list[tuple[Any, ...]]:
+        cached = origin.addresses
+        now = self._timers.time()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = await asyncio.get_running_loop().getaddrinfo(
+            origin.host, origin.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        if not found:
+            raise OSError(f"no address for {origin.host}")
+        origin.addresses = (now + DNS_TTL, list(found))
+        return origin.addresses[1]
+
+    def release(self, connection: Connection) -> None:
+        """Back to the pool if its response was read whole, else closed."""
+        if self._closed or not connection.reusable():
+            connection.close()
+            return
+        connection.events = None
+        connection.idle_since = self._timers.time()
+        connection.origin.idle.append(connection)
+        if self._sweeper is None:
+            self._sweeper = self._timers.call_at(
+                connection.idle_since + self._keepalive, self._sweep
+            )
+
+    def lost(self, connection: Connection) -> None:
+        """The connection is gone (either side closed it): forget it."""
+        self._connections.discard(connection)
+        idle = connection.origin.idle
+        if connection in idle:
+            idle.remove(connection)
+
+    def _sweep(self) -> None:
+        """Close connections idle for the keep-alive timeout."""
+        self._sweeper = None
+        now = self._timers.time()
+        oldest: float | None = None
+        for origin in self._origins.values():
+            for connection in list(origin.idle):
+                if connection.idle_since + self._keepalive <= now:
+                    origin.idle.remove(connection)
+                    connection.close()
+                elif oldest is None or connection.idle_since < oldest:
+                    oldest = connection.idle_since
+        if oldest is not None:
+            self._sweeper = self._timers.call_at(oldest + self._keepalive, self._sweep)
+
+    async def close(self) -> None:
+        """Close every connection, idle or in use."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for origin in self._origins.values():
+            origin.idle.clear()
+        for connection in list(self._connections):
+            events = connection.events
+            connection.close()
+            if events is not None:
+                events.wire_lost(Disconnected("the sidecar is stopping"))
+        self._connections.clear()
+        await asyncio.sleep(0)  # let the transports finish closing
