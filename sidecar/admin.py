@@ -5,6 +5,13 @@ POST /breakers/{route}/reset.
 The operator's endpoints change what the proxy does, so they need
 `Authorization: Bearer <SIDECAR_ADMIN_TOKEN>` when that variable is set; without
 it they are accepted only from loopback clients (a pod's own containers).
+
+A browser on the operator's machine is a loopback client too (`kubectl
+port-forward`), and any web page it shows can make it POST here. So before the
+token or the client's address is looked at, a POST that a browser sent for a page
+of another origin is refused (`_cross_site`), and a body must be
+`application/json`, which a page of another origin cannot send without asking
+first (a CORS preflight, which this listener never grants).
 """
 
 from __future__ import annotations
@@ -14,10 +21,13 @@ import ipaddress
 import json
 import logging
 import math
+import re
+from collections.abc import Collection
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from multidict import MultiMapping
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
@@ -117,6 +127,112 @@ def _is_loopback(address: str | None) -> bool:
     return ip.is_loopback
 
 
+_AUTHORITY = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::([0-9]{0,5}))?")
+"""`host`, `host:port`, `[v6]` or `[v6]:port`, as in a Host header or an Origin."""
+
+
+def _authority(text: str) -> tuple[str, int | None] | None:
+    """(lower-case host without brackets or final dot, port or None), or None if malformed."""
+    m = _AUTHORITY.fullmatch(text.strip())
+    if m is None:
+        return None
+    host, port_text = m.group(1).lower(), m.group(2)
+    port = int(port_text) if port_text else None
+    if port is not None and port > 65535:
+        return None
+    if host.startswith("["):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    # `localhost.` is `localhost`, as for a route's match.host.
+    return host.removesuffix("."), port
+
+
+def _host_allowed(host: str, allowed_hosts: Collection[str]) -> bool:
+    """An IP address or localhost cannot be rebound to this machine by someone's DNS."""
+    if host == "localhost" or host in allowed_hosts:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _cross_site(
+    headers: MultiMapping[str], own_port: int, allowed_hosts: Collection[str]
+) -> str | None:
+    """Why a browser may have sent this POST for a web page of another origin, or None.
+
+    `headers` is the request's (a multidict: a header sent twice is suspect); `own_port`
+    the port the admin listener is bound to. Own origin is `http://` + this request's
+    Host, which must pass the Host rule, + `own_port`. Comparing the Origin with the
+    Host the request names, not with any host that passes the rule, matters: otherwise
+    a page served from some IP address at the admin's port would pass as own.
+    """
+
+    def values(name: str) -> list[str]:
+        return headers.getall(name, [])
+
+    if any(v.strip().lower() == "cross-site" for v in values("Sec-Fetch-Site")):
+        return "Sec-Fetch-Site: cross-site: a web page of another site sent this request"
+    hosts = values("Host")
+    if len(hosts) > 1:
+        return "more than one Host header"
+    host: str | None = None
+    if hosts:
+        found = _authority(hosts[0])
+        if found is None or not _host_allowed(found[0], allowed_hosts):
+            return (
+                f"Host {_shown(hosts[0])} is not an IP address, localhost or one of "
+                "admin.allowed_hosts (a DNS name pointed at this machine: DNS rebinding?)"
+            )
+        host = found[0]
+    origins = values("Origin")
+    if not origins:
+        return None
+    if len(origins) > 1:
+        return "more than one Origin header"
+    if host is None:
+        return f"Origin {_shown(origins[0])} with no Host header to compare it with"
+    own = f"http://{f'[{host}]' if ':' in host else host}:{own_port}"
+    scheme, sep, rest = origins[0].strip().partition("://")
+    origin = _authority(rest) if sep else None
+    if (
+        origin is None
+        or scheme != "http"
+        or origin[0] != host
+        or (80 if origin[1] is None else origin[1]) != own_port
+    ):
+        return f"Origin {_shown(origins[0])} is not this listener's own ({own})"
+    return None
+
+
+def _shown(value: str, limit: int = 100) -> str:
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+
+
+def _not_json(request: web.Request) -> web.Response | None:
+    """415 for a body not declared JSON, or None (JSON, or no body at all).
+
+    A form can send text/plain, urlencoded and multipart bodies anywhere; a page that
+    wants to send JSON elsewhere must ask first (a CORS preflight), and is never let.
+    """
+    if not request.body_exists:
+        return None
+    given = request.headers.getall("Content-Type", [])
+    if len(given) == 1 and given[0].partition(";")[0].strip().lower() == "application/json":
+        return None
+    sent = ", ".join(map(_shown, given)) if given else "none"
+    return _error(
+        415,
+        "unsupported_media_type",
+        f"a body must be sent with Content-Type: application/json (sent: {sent})",
+    )
+
+
 def _refusal(request: web.Request, token: str | None) -> web.Response | None:
     """Why a mutating request may not go ahead, or None if it may."""
     if token is not None:
@@ -167,8 +283,17 @@ def create_admin_app(sidecar: Sidecar) -> web.Application:
         return web.json_response({"routes": [breaker_report(b) for b in metrics.breakers()]})
 
     def gate(request: web.Request) -> web.Response | None:
-        """Why an operator's request may not go ahead now, or None if it may."""
-        refused = _refusal(request, sidecar.admin_token)
+        """Why an operator's request may not go ahead now, or None if it may.
+
+        In this order: a web page's request (403), the same with or without
+        SIDECAR_ADMIN_TOKEN; then the token or the client's address (401, 403); then
+        a body that is not JSON (415); then shutting down (503).
+        """
+        own_port = sidecar.addresses["admin"].port
+        cross_site = _cross_site(request.headers, own_port, sidecar.config.admin_allowed_hosts)
+        if cross_site is not None:
+            return _error(403, "cross_site_request", cross_site)
+        refused = _refusal(request, sidecar.admin_token) or _not_json(request)
         if refused is None and not health.ready:
             refused = _error(503, "stopping", "the sidecar is shutting down: no changes now")
         return refused

@@ -101,6 +101,12 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     print(f"{config.path}: valid, {len(config.routes)} route{'s' * (len(config.routes) != 1)}")
     print(f"listen {config.listen}, admin {config.admin_listen}")
+    allowed = ", ".join(config.admin_allowed_hosts)
+    print(
+        f"admin.allowed_hosts: {allowed} (besides IP addresses and localhost)"
+        if allowed
+        else "admin.allowed_hosts: none (an admin POST's Host must be an IP address or localhost)"
+    )
     log_settings = config.log
     print(
         f"shutdown_grace {format_duration(config.shutdown_grace)}, log {log_settings.format} "

@@ -43,6 +43,9 @@ __all__ = [
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
+DEFAULT_ADMIN_ALLOWED_HOSTS: tuple[str, ...] = ()
+"""Host names, besides IP addresses and localhost, that the admin's POSTs may name in
+their Host header: none, so a DNS name rebound to this machine changes nothing."""
 DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_CLIENT_HEADER_TIMEOUT = 10.0
@@ -180,6 +183,8 @@ class Config:
     )
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     log: LogSettings = LogSettings()
+    admin_allowed_hosts: tuple[str, ...] = DEFAULT_ADMIN_ALLOWED_HOSTS
+    """Lower-case host names, port-less, that an admin POST's Host header may name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,10 +443,11 @@ class _Reader:
         if top is None:
             return None
         listen = self.field(top, "listen", (), parse_address, parse_address(DEFAULT_LISTEN))
-        admin = self.mapping(top.get("admin"), ("admin",), ["listen"]) or {}
+        admin = self.mapping(top.get("admin"), ("admin",), ["listen", "allowed_hosts"]) or {}
         admin_listen = self.field(
             admin, "listen", ("admin",), parse_address, parse_address(DEFAULT_ADMIN_LISTEN)
         )
+        admin_allowed_hosts = self.allowed_hosts(admin, ("admin",))
         if listen == admin_listen and listen.port != 0:
             self.error(("admin", "listen"), f"is the same address as listen ({listen})")
 
@@ -544,7 +550,31 @@ class _Reader:
             client_timeouts,
             shutdown_grace,
             log,
+            admin_allowed_hosts=admin_allowed_hosts,
         )
+
+    def allowed_hosts(self, table: dict[str, Any], path: Path) -> tuple[str, ...]:
+        """`admin.allowed_hosts`, each wrong item reported at its own line."""
+        if "allowed_hosts" not in table:
+            return DEFAULT_ADMIN_ALLOWED_HOSTS
+        path = (*path, "allowed_hosts")
+        value = table["allowed_hosts"]
+        if not isinstance(value, list):
+            self.error(
+                path,
+                f"must be a list of host names such as ['sidecar.internal'], not {_kind(value)}",
+            )
+            return DEFAULT_ADMIN_ALLOWED_HOSTS
+        hosts: list[str] = []
+        for i, item in enumerate(value):
+            try:
+                host = _allowed_host(item)
+            except _Invalid as e:
+                self.error((*path, i), str(e))
+                continue
+            if host not in hosts:
+                hosts.append(host)
+        return tuple(hosts)
 
     def timeouts(self, value: Any, path: Path, base: Timeouts) -> Timeouts:
         table = self.mapping(value, path, ["connect", "request"]) or {}
@@ -1087,6 +1117,31 @@ def _match_host(value: Any) -> str:
             raise _Invalid(f"{value!r}: match the host without a port (the port is ignored)")
         raise _Invalid(f"{value!r} is not a host name")
     return host.strip("[]").rstrip(".")
+
+
+def _allowed_host(value: Any) -> str:
+    """One name of `admin.allowed_hosts`: a DNS name, lower-case, without port or final dot."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"must be a host name such as 'sidecar.internal', not {_kind(value)}")
+    shown = _short_repr(value)
+    host = value.strip().lower()
+    if _is_ip(host.strip("[]")):
+        raise _Invalid(f"{shown}: IP addresses are always allowed; list host names only")
+    if not host.isascii():
+        raise _Invalid(
+            f"{shown} is not a host name: write it in its xn-- form, as browsers send it"
+        )
+    if "*" in host:
+        raise _Invalid(f"{shown}: no wildcards; list each host name")
+    if not _HOSTNAME.fullmatch(host):
+        name, colon, port = host.rpartition(":")
+        if colon and port.isdigit() and _HOSTNAME.fullmatch(name):
+            raise _Invalid(f"{shown}: name the host without a port (any port is allowed)")
+        raise _Invalid(f"{shown} is not a host name")
+    host = host.rstrip(".")
+    if host == "localhost":
+        raise _Invalid(f"{shown}: localhost is always allowed; list other host names only")
+    return host
 
 
 def _path_prefix(value: Any) -> str:

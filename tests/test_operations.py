@@ -195,6 +195,8 @@ async def post(
 ) -> tuple[int, dict[str, object]]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))
+    if data is not None:
+        headers["Content-Type"] = "application/json"
     async with http.post(url, data=data, headers=headers) as response:
         found = await json_body(response)
         assert isinstance(found, dict)
@@ -594,8 +596,8 @@ async def test_an_override_posted_across_a_reload_lands_on_the_live_route(
     body = json.dumps({"state": "forced_open"}).encode()
     reader, writer = await connect(s.admin)
     writer.write(
-        b"POST /breakers/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body)
+        b"POST /breakers/a HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
     )
     await writer.drain()
     for _ in range(50):  # let the admin handler start and wait for the body
@@ -621,11 +623,11 @@ async def test_hostile_admin_requests_get_4xx_never_500(
     # Undecodable bytes in the token: compared as sent, refused.
     reply = await raw_exchange(
         s.admin,
-        b"POST /breakers/a/reset HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+        b"POST /breakers/a/reset HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\r\n"
         b"Content-Length: 0\r\nConnection: close\r\n\r\n",
     )
     assert reply.startswith(b"HTTP/1.1 401 ")
-    auth = {"Authorization": "Bearer s3cret"}
+    auth = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
     async with http.post(s.admin + "/breakers/a", data=b"[" * 60_000, headers=auth) as response:
         assert response.status == 400  # nested too deep for the JSON parser: no traceback
     async with http.post(s.admin + "/breakers/a", data=b" " * 70_000, headers=auth) as response:
