@@ -1,7 +1,8 @@
-"""Issues 2 and 5: the sidecar against nginx, HAProxy and minimal aiohttp baselines.
+"""Issues 2, 5 and 13: the sidecar against nginx, HAProxy, minimal aiohttp baselines, a floor
+proxy, and itself at an earlier commit.
 
     python benchmarks/compare.py [--rounds 5] [--duration 5] [--quick] [--only SETUP,...]
-                                 [--write-results]
+                                 [--base COMMIT] [--floor PATH] [--write-results]
 
 Every server (the proxy or app under test, and the upstream) is pinned to CPU 0
 with `taskset -c 0`; the load runs on CPU 1. Each round starts every setup afresh
@@ -17,7 +18,11 @@ and measures it three ways before stopping it:
 
 The order of the setups rotates from round to round so no setup always goes
 first; the report gives medians over the rounds and ratios of medians, with
-PASS/FAIL against the bars of issues 2 and 5. After the rounds it measures the
+PASS/FAIL against the bars of issues 2, 5 and 13. `sidecar-base` is the sidecar
+at --base (default 7c06b95), extracted with `git archive` into the temporary
+directory and run from there with the same config as `sidecar-forward`; `floor`
+is shared/perf/floor_proxy.py, run from where it lies (skipped, in one line, when
+it is missing). After the rounds it measures the
 sidecar's resident memory with 1, 1,000 and 10,000 routes. `--write-results`
 also writes benchmarks/RESULTS.md and benchmarks/results.png (matplotlib, from
 the `bench` extra). Missing wrk, nginx or HAProxy are apt-installed (root), with
@@ -36,6 +41,7 @@ import argparse
 import contextlib
 import datetime
 import http.client
+import importlib.util
 import json
 import math
 import os
@@ -64,6 +70,16 @@ PASS_RATIO = 0.90
 """Issue 2's bar for both ratios against the minimal aiohttp baselines."""
 KEEP_UP = 0.98
 """A setup kept up with an offered rate when it answered at least this share of it."""
+BASE_RATIO = 0.95
+"""Issue 13: forwarding at this checkout against the sidecar at --base, in the same run."""
+NGINX_AIM = 0.85
+"""Issue 13's aim (reported, not a bar): forwarding against nginx."""
+DEFAULT_BASE = "7c06b95"
+"""The commit `sidecar-base` runs by default: the sidecar before issue 13's change."""
+DEFAULT_FLOOR = REPO.parent / "shared" / "perf" / "floor_proxy.py"
+"""The floor proxy (uvloop + httptools), run from where it lies, never copied here."""
+ADDED_COST = ("floor", "nginx", "sidecar-forward", "sidecar-base")
+"""Issue 13: the setups whose added microseconds per request over upstream-direct are reported."""
 ISSUE_RATE = 2000
 """Issue 5's fixed offered load (req/s) for the added-latency target."""
 STEAL_WARNING = 5.0
@@ -97,11 +113,18 @@ class Processes:
     def __init__(self) -> None:
         self._children: list[subprocess.Popen[bytes]] = []
 
-    def start(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        argv: list[str],
+        log: Path,
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
             child = subprocess.Popen(
                 argv,
-                cwd=REPO,
+                cwd=cwd,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -233,6 +256,10 @@ class Context:
     tmp: Path
     processes: Processes
     upstream_port: int
+    base_tree: Path | None = None
+    """The tree of --base, extracted into tmp, when `sidecar-base` runs."""
+    floor: Path | None = None
+    """floor_proxy.py, when `floor` runs."""
 
 
 @dataclass
@@ -249,6 +276,8 @@ class Setup:
     """Whether requests reach the upstream (its CPU per request is reported then)."""
     tool: str | None = None
     """A binary the setup needs besides Python (apt-installed when missing)."""
+    where: Callable[[Context], tuple[Path, dict[str, str] | None]] | None = None
+    """The server's working directory and environment (default: this checkout, os.environ)."""
 
 
 def _python(script: str, *args: str) -> list[str]:
@@ -296,6 +325,30 @@ def _sidecar(
         return [sys.executable, "-m", "sidecar", "run", "-c", str(config)]
 
     return command
+
+
+def base_environment(tree: Path) -> dict[str, str]:
+    """os.environ with the base tree first on PYTHONPATH, so `import sidecar` finds its own."""
+    rest = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(tree) + (os.pathsep + rest if rest else "")}
+
+
+def _in_base_tree(ctx: Context) -> tuple[Path, dict[str, str] | None]:
+    if ctx.base_tree is None:
+        raise BenchError("sidecar-base: the base tree was not prepared")
+    return ctx.base_tree, base_environment(ctx.base_tree)
+
+
+def floor_command(ctx: Context, port: int) -> list[str]:
+    if ctx.floor is None:
+        raise BenchError("floor: no floor_proxy.py")
+    return [sys.executable, str(ctx.floor), str(port), f"{HOST}:{ctx.upstream_port}"]
+
+
+def _beside_floor(ctx: Context) -> tuple[Path, dict[str, str] | None]:
+    if ctx.floor is None:
+        raise BenchError("floor: no floor_proxy.py")
+    return ctx.floor.parent, None
 
 
 def _tool_path(name: str) -> str:
@@ -410,6 +463,14 @@ SETUPS = [
         tool="haproxy",
     ),
     Setup(
+        "floor",
+        "floor_proxy.py (shared/perf; uvloop + httptools, both heads parsed and rebuilt, "
+        "one kept-alive upstream connection per client connection) -> upstream",
+        floor_command,
+        expect_forwarded,
+        where=_beside_floor,
+    ),
+    Setup(
         "minimal-proxy",
         "baseline: benchmarks/minimal_proxy.py -> upstream",
         lambda ctx, port: _python(
@@ -426,6 +487,14 @@ SETUPS = [
         "sidecar run, one route path_prefix / -> upstream (CLOSED), breaker and metrics on",
         _sidecar("sidecar-forward"),
         expect_forwarded,
+    ),
+    Setup(
+        "sidecar-base",
+        "the same config and command, the sidecar at --base (git archive into the temp dir, "
+        "first on PYTHONPATH and the working directory)",
+        _sidecar("sidecar-base"),
+        expect_forwarded,
+        where=_in_base_tree,
     ),
     Setup(
         "sidecar-1000-routes",
@@ -717,6 +786,88 @@ def tool_version(argv: list[str]) -> str:
     return ((done.stdout or done.stderr).strip().split("\n") or ["?"])[0]
 
 
+# -- the floor and the base -----------------------------------------------------
+
+
+def floor_problem(path: Path) -> str:
+    """Why the floor proxy cannot run here; "" when it can."""
+    if not path.is_file():
+        return f"{path} not found"
+    missing = [name for name in ("httptools", "uvloop") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"{path} needs {' and '.join(missing)} (pip install {' '.join(missing)})"
+    return ""
+
+
+def _git(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True)
+
+
+def resolve_base(commit: str) -> tuple[str, str]:
+    """(the full hash of --base, "") or ("", why `sidecar-base` cannot run here).
+
+    A --base that names no commit of this repository is a mistake in the command, not
+    something to skip: BenchError.
+    """
+    try:
+        if _git("rev-parse", "--git-dir").returncode != 0:
+            return "", f"{REPO} is not a git checkout"
+        found = _git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    except OSError as e:
+        return "", f"git cannot run ({e})"
+    if found.returncode != 0:
+        raise BenchError(f"--base {commit}: no such commit in {REPO}")
+    return found.stdout.strip(), ""
+
+
+def extract_base(commit: str, tmp: Path) -> Path:
+    """The tree at `commit` (`git archive`, then `tar -x`) in the temp dir, removed with it.
+
+    An archive rather than `git worktree add`: it only reads the repository, and leaves no
+    worktree entry behind in the shared .git when the run is killed.
+    """
+    tree = tmp / f"base-{commit[:12]}"
+    tree.mkdir()
+    archive = tmp / "base.tar"
+    steps = [
+        ["git", "-C", str(REPO), "archive", "--format=tar", "-o", str(archive), commit],
+        ["tar", "-x", "-f", str(archive), "-C", str(tree)],
+    ]
+    for argv in steps:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True)
+        except OSError as e:
+            raise BenchError(f"sidecar-base: {argv[0]} cannot run ({e})") from None
+        if done.returncode != 0:
+            raise BenchError(f"sidecar-base: {shlex.join(argv)} failed:\n{done.stderr.strip()}")
+    archive.unlink()
+    return tree
+
+
+def check_import(who: str, cwd: Path, env: dict[str, str] | None, tree: Path) -> str:
+    """Check that a server started in `cwd` with `env` imports `tree`'s sidecar; a line saying so.
+
+    Runs `python -c "import sidecar"` the way the server is started (same interpreter,
+    working directory and environment): the installed sidecar may be an editable install
+    of another checkout, and the comparison means nothing if both rows run the same code.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", "import sidecar; print(sidecar.__file__)"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"{who}: `import sidecar` fails in {cwd}:\n{done.stderr.strip()[-2000:]}")
+    imported = Path(done.stdout.strip().splitlines()[-1]).resolve()
+    expected = (tree / "sidecar" / "__init__.py").resolve()
+    if imported != expected:
+        raise BenchError(f"{who} would import {imported}, not {expected}")
+    return f"{who:<15} imports {imported}"
+
+
 # -- the run --------------------------------------------------------------------
 
 
@@ -761,7 +912,10 @@ def measure(
         port = ctx.upstream_port
     else:
         port = free_port()
-        server = ctx.processes.start(pinned(SERVER_CPU, setup.command(ctx, port)), log)
+        cwd, env = setup.where(ctx) if setup.where is not None else (REPO, None)
+        server = ctx.processes.start(
+            pinned(SERVER_CPU, setup.command(ctx, port)), log, cwd=cwd, env=env
+        )
         measured = server.pid
     try:
         if server is not None:
@@ -850,7 +1004,7 @@ def measure_memory(ctx: Context, args: argparse.Namespace) -> list[MemoryResult]
     return found
 
 
-def describe_machine() -> list[str]:
+def describe_machine(extra: list[str]) -> list[str]:
     try:
         import aiohttp
 
@@ -885,6 +1039,7 @@ def describe_machine() -> list[str]:
         f"nginx     {tool_version([nginx, '-v']) if nginx else 'not installed'}",
         f"haproxy   {tool_version([haproxy, '-v']) if haproxy else 'not installed'}",
         f"sidecar   {sidecar_revision()}",
+        *extra,
     ]
 
 
@@ -925,8 +1080,21 @@ def check_cpus() -> None:
 def run(args: argparse.Namespace, setups: list[Setup]) -> Results:
     results = Results({setup.name: [] for setup in setups})
     processes = Processes()
+    names = {setup.name for setup in setups}
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        base_tree = None
+        if "sidecar-base" in names:
+            base_tree = extract_base(args.base_commit, tmp)
+            print(
+                check_import("sidecar-base", base_tree, base_environment(base_tree), base_tree),
+                f"(git archive {args.base_commit[:7]})",
+                flush=True,
+            )
+        if args.memory_routes or any(
+            n.startswith("sidecar-") and n != "sidecar-base" for n in names
+        ):
+            print(check_import("sidecar-forward", REPO, None, REPO), "(this checkout)", flush=True)
         try:
             upstream_port = free_port()
             upstream_log = tmp / "upstream.log"
@@ -935,7 +1103,13 @@ def run(args: argparse.Namespace, setups: list[Setup]) -> Results:
                 upstream_log,
             )
             wait_for_port(upstream_port, upstream, upstream_log)
-            ctx = Context(tmp, processes, upstream_port)
+            ctx = Context(
+                tmp,
+                processes,
+                upstream_port,
+                base_tree=base_tree,
+                floor=args.floor if "floor" in names else None,
+            )
             for round_no in range(1, args.rounds + 1):
                 shift = (round_no - 1) % len(setups)
                 for setup in setups[shift:] + setups[:shift]:
@@ -1091,24 +1265,38 @@ class Summary:
 
 @dataclass
 class Target:
-    issue: int
+    issue: str
     claim: str
     value: float
-    bar: float
-    at_least: bool
+    bar: float = float("nan")
+    at_least: bool = True
     unit: str = ""
     detail: str = ""
+    kind: str = "bar"
+    """"bar" (PASS/FAIL), "aim" (reported against a figure, not a bar) or "info" (a figure)."""
+    digits: int = 3
 
     @property
     def verdict(self) -> str:
+        if self.kind == "info":
+            return "-"
         if math.isnan(self.value):
             return "n/a"
         ok = self.value >= self.bar if self.at_least else self.value <= self.bar
+        if self.kind == "aim":
+            return "met" if ok else "not met"
         return "PASS" if ok else "FAIL"
 
     @property
     def bar_text(self) -> str:
-        return f"{'>=' if self.at_least else '<='} {self.bar:g}{self.unit}"
+        if self.kind == "info":
+            return "-"
+        aim = "aim " if self.kind == "aim" else ""
+        return f"{aim}{'>=' if self.at_least else '<='} {self.bar:g}{self.unit}"
+
+    @property
+    def value_text(self) -> str:
+        return f"{self.value:.{self.digits}f}{self.unit}"
 
 
 def summarize(results: Results) -> dict[str, Summary]:
@@ -1171,6 +1359,54 @@ def _paired(results: Results, ours: str, base: str, key: Callable[[Measurement],
     )
 
 
+def _per_round_us(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return ""
+    return (
+        f"per round {statistics.median(values):+.1f} (median), "
+        f"{min(values):+.1f}..{max(values):+.1f}"
+    )
+
+
+def _own_and_upstream_us(m: Measurement) -> float:
+    """CPU per request of a setup and of the upstream behind it, wrk run (the upstream's alone,
+    direct)."""
+    upstream = m.throughput.upstream_cpu_us
+    return m.throughput.server_cpu_us + (0.0 if math.isnan(upstream) else upstream)
+
+
+def added_cost(results: Results, s: dict[str, Summary], name: str) -> Target:
+    """Issue 13: the microseconds a request costs with `name` in front of the upstream, over the
+    upstream alone. The value from 1/throughput (CPU 0, shared by the setup and the upstream, is
+    saturated under wrk's closed loop, so 1/req/s is its time per request); in the detail, the
+    same from the CPU per request read from /proc (setup + upstream, minus upstream-direct's),
+    which does not count time CPU 0 sat idle or was stolen."""
+    direct_name = "upstream-direct"
+    direct = s[direct_name]
+    x = s[name]
+    value = 1e6 / x.rps - 1e6 / direct.rps
+    pairs = list(zip(results.by_setup[name], results.by_setup[direct_name], strict=True))
+    by_rps = [1e6 / a.throughput.rps - 1e6 / b.throughput.rps for a, b in pairs]
+    by_cpu = [_own_and_upstream_us(a) - b.throughput.server_cpu_us for a, b in pairs]
+    upstream = 0.0 if math.isnan(x.upstream_cpu_us) else x.upstream_cpu_us
+    cpu = x.cpu_us + upstream - direct.cpu_us
+    detail = (
+        f"{1e6 / x.rps:.1f} - {1e6 / direct.rps:.1f} us; {_per_round_us(by_rps)}; "
+        f"from CPU per request {cpu:+.1f} us ({_us(x.cpu_us)} + upstream {_us(upstream)} "
+        f"- {_us(direct.cpu_us)}), {_per_round_us(by_cpu)}"
+    )
+    return Target(
+        "13",
+        f"added us/req of {name} over {direct_name}, from 1/throughput",
+        value,
+        unit=" us",
+        detail=detail,
+        kind="info",
+        digits=1,
+    )
+
+
 def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
     found: list[Target] = []
 
@@ -1180,8 +1416,14 @@ def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
     def cpu(m: Measurement) -> float:
         return m.throughput.server_cpu_us
 
-    def ratio(issue: int, ours: str, base: str, bar: float, label: str) -> None:
+    def ratio(issue: str, ours: str, base: str, bar: float, label: str, kind: str = "bar") -> None:
         if ours in s and base in s:
+            detail = _paired(results, ours, base, rps)
+            if base == "sidecar-base":
+                detail += (
+                    f"; CPU {_us(s[ours].cpu_us)} vs {_us(s[base].cpu_us)} us/req: "
+                    f"{s[ours].cpu_us / s[base].cpu_us:.3f}, " + _paired(results, ours, base, cpu)
+                )
             found.append(
                 Target(
                     issue,
@@ -1189,14 +1431,15 @@ def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
                     s[ours].rps / s[base].rps,
                     bar,
                     True,
-                    detail=_paired(results, ours, base, rps),
+                    detail=detail,
+                    kind=kind,
                 )
             )
 
-    ratio(2, "sidecar-forward", "minimal-proxy", PASS_RATIO, "forwarding")
-    ratio(2, "sidecar-open", "bare-503", PASS_RATIO, "rejecting from OPEN")
-    ratio(5, "sidecar-forward", "nginx", 0.50, "forwarding")
-    ratio(5, "sidecar-open", "bare-503", 0.95, "rejecting from OPEN")
+    ratio("2", "sidecar-forward", "minimal-proxy", PASS_RATIO, "forwarding")
+    ratio("2", "sidecar-open", "bare-503", PASS_RATIO, "rejecting from OPEN")
+    ratio("5", "sidecar-forward", "nginx", 0.50, "forwarding")
+    ratio("5, 13", "sidecar-open", "bare-503", 0.95, "rejecting from OPEN")
     forward = s.get("sidecar-forward")
     if forward and ISSUE_RATE in forward.latency and "upstream-direct" in s:
         lat = forward.latency[ISSUE_RATE]
@@ -1218,7 +1461,7 @@ def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
             )
         found.append(
             Target(
-                5,
+                "5",
                 f"added p99 latency of sidecar-forward at {ISSUE_RATE} req/s",
                 lat.added_p99_ms,
                 1.0,
@@ -1231,7 +1474,7 @@ def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
     if many in s and forward:
         found.append(
             Target(
-                5,
+                "5",
                 f"{many} / sidecar-forward CPU per request",
                 s[many].cpu_us / forward.cpu_us,
                 1.05,
@@ -1241,6 +1484,11 @@ def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
                 + f"; req/s ratio {s[many].rps / forward.rps:.3f}",
             )
         )
+    ratio("13", "sidecar-forward", "sidecar-base", BASE_RATIO, "forwarding, now vs --base")
+    ratio("13", "sidecar-forward", "nginx", NGINX_AIM, "forwarding", kind="aim")
+    ratio("13", "floor", "nginx", float("nan"), "the floor", kind="info")
+    if "upstream-direct" in s:
+        found += [added_cost(results, s, name) for name in ADDED_COST if name in s]
     return found
 
 
@@ -1384,11 +1632,15 @@ def tables(
         )
     verdicts = Table(["issue", "claim", "value", "bar", "verdict", "detail"], left=2, left_tail=2)
     for t in targets(results, s):
-        verdicts.rows.append(
-            [f"{t.issue}", t.claim, f"{t.value:.3f}{t.unit}", t.bar_text, t.verdict, t.detail]
-        )
+        verdicts.rows.append([t.issue, t.claim, t.value_text, t.bar_text, t.verdict, t.detail])
     if verdicts.rows:
-        found.append(("Targets (ratios of medians unless stated)", verdicts))
+        found.append(
+            (
+                "Targets (ratios of medians unless stated; an `aim` and the rows without a bar "
+                "are reported, not judged)",
+                verdicts,
+            )
+        )
     return found
 
 
@@ -1421,12 +1673,15 @@ LEGEND = [
     "              arrives during a stall waits behind it, and the higher p99 climbs",
     f"kept up       achieved >= {KEEP_UP:.0%} of the offered rate in every round; when not, "
     "its latencies are those of a queue that kept growing",
+    "added us/req  (issue 13) 1e6 / req/s of the setup minus the same of upstream-direct, wrk at",
+    "              c50: CPU 0 (proxy + upstream) time per request, saturated; `from CPU per",
+    "              request`: the setup's + the upstream's CPU us/req minus upstream-direct's",
 ]
 
 
 def report(results: Results, args: argparse.Namespace, machine: list[str]) -> str:
     s = summarize(results)
-    lines = ["", "=" * 100, "sidecar comparison (issues 2 and 5)", *machine]
+    lines = ["", "=" * 100, "sidecar comparison (issues 2, 5 and 13)", *machine]
     lines += load_description(args)
     for title, table in tables(results, s, args):
         lines += ["", title, *("  " + row for row in table.text())]
@@ -1530,7 +1785,7 @@ def write_results(
             RESULTS_PNG.unlink()  # a chart from another run would not match these results
     s = summarize(results)
     lines = [
-        "# Benchmark results (issues 2 and 5)",
+        "# Benchmark results (issues 2, 5 and 13)",
         "",
         "Written by `python benchmarks/compare.py --write-results`; see `README.md` beside this",
         "file for what each setup is and how the figures are taken. Absolute figures depend on",
@@ -1609,7 +1864,8 @@ def estimate_minutes(args: argparse.Namespace, setups: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Compare the sidecar with nginx, HAProxy and minimal aiohttp baselines."
+        description="Compare the sidecar with nginx, HAProxy, minimal aiohttp baselines, a "
+        "floor proxy and itself at an earlier commit."
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; --quick 1)")
     parser.add_argument(
@@ -1662,6 +1918,19 @@ def main(argv: list[str] | None = None) -> int:
         help=f"only these of: {', '.join(SETUP_NAMES)}",
     )
     parser.add_argument(
+        "--base",
+        default=DEFAULT_BASE,
+        metavar="COMMIT",
+        help=f"the commit `sidecar-base` runs (default {DEFAULT_BASE})",
+    )
+    parser.add_argument(
+        "--floor",
+        type=Path,
+        default=DEFAULT_FLOOR,
+        metavar="PATH",
+        help=f"floor_proxy.py for the `floor` setup (default {DEFAULT_FLOOR})",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 1 round of 2 s runs (about 2 minutes)"
     )
     parser.add_argument(
@@ -1694,9 +1963,11 @@ def main(argv: list[str] | None = None) -> int:
     setups = SETUPS
     if args.only:
         wanted = set(args.only)
-        if args.latency_rates:
-            wanted.add("upstream-direct")  # added latency is measured against it
+        if args.latency_rates or wanted & set(ADDED_COST):
+            wanted.add("upstream-direct")  # added latency and cost are measured against it
         setups = [s for s in SETUPS if s.name in wanted]
+    args.floor = args.floor.expanduser().resolve()
+    args.base_commit = ""
 
     # Ctrl-C, even when started from a shell that ignores SIGINT in background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1704,6 +1975,23 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _raise_interrupt)
     started = time.monotonic()
     try:
+        extra = []
+        if any(s.name == "sidecar-base" for s in setups):
+            args.base_commit, why = resolve_base(args.base)
+            if why:
+                setups = [s for s in setups if s.name != "sidecar-base"]
+                extra.append(f"base      the sidecar-base row is skipped: {why}")
+            else:
+                extra.append(f"base      git {args.base_commit[:7]} (--base {args.base})")
+        if any(s.name == "floor" for s in setups):
+            why = floor_problem(args.floor)
+            if why:
+                setups = [s for s in setups if s.name != "floor"]
+                extra.append(f"floor     the floor row is skipped: {why}")
+            else:
+                extra.append(f"floor     {args.floor}")
+        if not setups:
+            raise BenchError("no setup left to run")
         check_cpus()
         ensure_tools(setups)
         open_files = raise_open_files()
@@ -1713,7 +2001,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.many_connections} connections may fail",
                 flush=True,
             )
-        machine = describe_machine()
+        machine = describe_machine(extra)
         print("\n".join(machine), flush=True)
         print(
             f"{len(setups)} setups x {args.rounds} rounds: about "
