@@ -10,14 +10,33 @@
 # from Debian's packages with debootstrap and tagged under that name, so the real
 # Dockerfile is built unchanged (--pull=never). Settings, all optional:
 #   IMAGE=localhost/sidecar:smoke   PROXY_PORT=18080   ADMIN_PORT=19901
-#   DEBIAN_MIRROR=http://deb.debian.org/debian   REBUILD_BASE=1 (remake the stand-in)
+#   DEBIAN_MIRROR=<a Debian archive URL>   REBUILD_BASE=1 (remake the stand-in)
+# DEBIAN_MIRROR defaults to the Debian archive this machine's own apt sources name.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-localhost/sidecar:smoke}
 PROXY_PORT=${PROXY_PORT:-18080}
 ADMIN_PORT=${ADMIN_PORT:-19901}
-DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+
+# The Debian archive this machine's apt already uses: the first URI of a `deb` source
+# (one-line or deb822 format) that carries the main suite, not -security or -updates.
+machine_debian_archive() {
+    {
+        grep -hsE '^[[:space:]]*deb[[:space:]]' /etc/apt/sources.list /etc/apt/sources.list.d/*.list |
+            awk '{ for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i, $(i + 1); break } }'
+        awk 'BEGIN { RS = ""; FS = "\n" }
+             /(^|\n)Types:[^\n]*deb([[:space:]]|$)/ {
+                 uri = ""; suites = ""
+                 for (i = 1; i <= NF; i++) {
+                     if ($i ~ /^URIs:/) { split($i, f, /[[:space:]]+/); uri = f[2] }
+                     if ($i ~ /^Suites:/) { sub(/^Suites:[[:space:]]*/, "", $i); suites = $i }
+                 }
+                 if (uri != "") print uri, suites
+             }' /etc/apt/sources.list.d/*.sources 2>/dev/null
+    } | awk '$2 !~ /-(security|updates|backports)/ { print $1; exit }'
+}
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-$(machine_debian_archive)}
 BASE=$(awk 'toupper($1) == "FROM" { print $2; exit }' Dockerfile)
 # A bare name is Docker Hub's library: import the stand-in under that full name, or
 # podman files it under localhost/, where FROM finds it but docker.io/library/... does not.
@@ -69,6 +88,8 @@ fi
 # -- 2. the base image ---------------------------------------------------------------
 if [[ -n ${REBUILD_BASE:-} ]] || ! podman image exists "$BASE"; then
     say "making a stand-in for $BASE: debootstrap bookworm with python3, python3-venv, python3-pip and python-is-python3 (the real image has a python command)"
+    [[ -n $DEBIAN_MIRROR ]] ||
+        fail "no Debian archive among this machine's apt sources: set DEBIAN_MIRROR"
     rootfs=$work/rootfs
     debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,python-is-python3 \
         bookworm "$rootfs" "$DEBIAN_MIRROR" >"$work/debootstrap.log" 2>&1 ||
