@@ -42,7 +42,15 @@ from sidecar.upstream import (
 )
 from sidecar.upstream_pool import Pool
 
-__all__ = ["HOP_BY_HOP", "Exchange", "Target", "client_lines", "retry_after_seconds"]
+__all__ = [
+    "HOP_BY_HOP",
+    "Env",
+    "Exchange",
+    "Target",
+    "client_lines",
+    "header_value",
+    "retry_after_seconds",
+]
 
 log = logging.getLogger("sidecar")
 
@@ -76,6 +84,15 @@ class Target:
     """The route's `BreakerSettings.slow_after`, kept at hand for the request path."""
     retry_after_statuses: frozenset[int]
     """Statuses whose `Retry-After` the breaker hears: none unless `respect_retry_after`."""
+    verbatim: bool
+    """The upstream's path is the client's, as sent (no prefix stripped, no base path)."""
+    judged: frozenset[int] = frozenset()
+    """Statuses that tell the breaker more than success: `failure_status` and
+    `retry_after_statuses` (set in `__post_init__`)."""
+
+    def __post_init__(self) -> None:
+        self.judged = self.route.breaker.failure_status | self.retry_after_statuses
+
     answers: dict[object, Answer] = field(default_factory=dict)
     """Sidecar-made answers for this route, made once: rejections by their `Retry-After`
     (so that rejecting formats nothing), errors by name."""
@@ -87,111 +104,121 @@ class Target:
         return answer
 
 
-def client_lines(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, int | None, bool]:
-    """An upstream's response headers as they go to the client: the header lines
-    without hop-by-hop headers, its `Content-Length`, and whether it had a `Date`."""
-    out = []
+class Env:
+    """What every exchange of a proxy shares: the pool, the clocks, the deadline ticker."""
+
+    __slots__ = ("clock", "pool", "ticker", "timers")
+
+    def __init__(self, pool: Pool, clock: Clock, timers: Timers) -> None:
+        self.pool = pool
+        self.clock = clock
+        """The breakers' clock, which times the upstream for them (and the metrics)."""
+        self.timers = timers
+        """The deadlines'."""
+        self.ticker = Ticker(timers)
+
+
+def client_lines(block: bytes) -> tuple[bytes, int | None, bool]:
+    """An upstream's header lines as they go to the client: without hop-by-hop headers;
+    and its `Content-Length`, and whether it has a `Date`.
+
+    Written for the common case, where nothing is to be dropped: a few scans of the
+    bytes in C, and the lines go on as they came.
+    """
+    low = b"\r\n" + block.lower()
+    if (
+        b"\r\nconnection" in low
+        or b"\r\ntransfer-encoding" in low
+        or b"\r\nkeep-alive" in low
+        or b"\r\nproxy" in low
+        or b"\r\nupgrade" in low
+        or b"\r\ntrailer" in low
+        or b"\r\nte" in low
+    ):
+        block = _without_hop_by_hop(block)
+        low = b"\r\n" + block.lower()
     length = None
-    dated = False
-    named: list[bytes] | None = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower[:6] == b"proxy-":
-            if lower == b"connection":
-                named = _named(value, named)
-            continue
-        if lower == b"content-length":
-            length = int(value)
-        elif lower == b"date":
-            dated = True
-        out.append(b"%b: %b\r\n" % (name, value))
-    if named:
-        out = [line for line in out if line.split(b":", 1)[0].lower() not in named]
-    return b"".join(out), length, dated
+    at = low.find(b"\r\ncontent-length:")
+    if at >= 0:
+        length = int(low[at + 17 : low.index(b"\r\n", at + 2)])  # llhttp checked: digits
+    return block, length, b"\r\ndate:" in low
 
 
-def _named(value: bytes, named: list[bytes] | None) -> list[bytes] | None:
-    """The header names a `Connection` header's value lists (beyond keep-alive/close)."""
-    for token in value.split(b","):
-        token = token.strip().lower()
-        if token and token not in (b"keep-alive", b"close"):
-            named = (named or []) + [token]
-    return named
+def _without_hop_by_hop(block: bytes) -> bytes:
+    """`block`'s lines without the hop-by-hop headers, the `Proxy-*` family, and those a
+    `Connection` header names."""
+    lines = block.split(b"\r\n")[:-1]
+    names = [line.partition(b":")[0].strip().lower() for line in lines]
+    named: set[bytes] = set()
+    for name, line in zip(names, lines, strict=True):
+        if name == b"connection":
+            named.update(t.strip().lower() for t in line.partition(b":")[2].split(b","))
+    named -= {b"keep-alive", b"close", b""}
+    kept = [
+        line + b"\r\n"
+        for name, line in zip(names, lines, strict=True)
+        if name not in HOP_BY_HOP and name[:6] != b"proxy-" and name not in named
+    ]
+    return b"".join(kept)
+
+
+def header_value(block: bytes, name: bytes) -> bytes | None:
+    """The value of header `name` (lower case) in `block`'s lines, if it has one."""
+    low = b"\r\n" + block.lower()
+    at = low.find(b"\r\n" + name + b":")
+    if at < 0:
+        return None
+    start = at + len(name) + 3
+    return (b"\r\n" + block)[start : low.index(b"\r\n", start)].strip()
 
 
 class Exchange:
     """One admitted request until its `close`: see the module's docstring."""
 
-    __slots__ = (
-        "_answered",
-        "_body_done_at",
-        "_body_left",
-        "_call",
-        "_client_behind",
-        "_clock",
-        "_closed",
-        "_deadline",
-        "_elapsed",
-        "_permit",
-        "_request",
-        "_started",
-        "_target",
-        "_ticker",
-        "_timeout",
-        "_timer",
-        "_timers",
-    )
+    # (No `__slots__`: the state below keeps its class-level default for most
+    # exchanges, so an exchange sets only what changes.)
+    _call: Call | None = None
+    _deadline = 0.0
+    """When (the timers' time) the upstream's time is up, unless it makes progress."""
+    _timer: Timer | None = None
+    _started = 0.0
+    _body_done_at: float | None = None
+    """`clock()` when the client's last body byte went upstream."""
+    _body_left: int | None = None
+    """Body bytes the client may still send, once it has sent some; None: not counted."""
+    _elapsed = 0.0
+    """Seconds the upstream took to its response head."""
+    _answered = False
+    _client_behind = False
+    _closed = False
 
-    def __init__(
-        self,
-        request: Request,
-        target: Target,
-        permit: Permit,
-        clock: Clock,
-        timers: Timers,
-        ticker: Ticker,
-    ) -> None:
+    def __init__(self, request: Request, target: Target, permit: Permit, env: Env) -> None:
         self._request = request
         self._target = target
         self._permit = permit
-        self._clock = clock
-        self._timers = timers
-        self._ticker = ticker
-        self._call: Call | None = None
+        self._env = env
         self._timeout = target.route.timeouts.request
-        self._deadline = 0.0
-        """When (the timers' time) the upstream's time is up, unless it makes progress."""
-        self._timer: Timer | None = None
-        self._started = 0.0
-        self._body_done_at: float | None = None
-        """`clock()` when the client's last body byte went upstream."""
-        self._elapsed = 0.0
-        """Seconds the upstream took to its response head."""
-        limit = target.route.max_body_size
-        self._body_left = -1 if limit is None else limit
-        """Body bytes the client may still send; -1: no limit."""
-        self._answered = False
-        self._client_behind = False
-        self._closed = False
 
-    def start(self, pool: Pool, upstream_request: UpstreamRequest) -> None:
+    def start(self, upstream_request: UpstreamRequest) -> None:
         request = self._request
+        env = self._env
         self._target.metrics.in_flight += 1
-        self._started = self._clock()
+        self._started = env.clock()
         request.listener = self
         try:
-            self._call = send(pool, upstream_request, self)
+            call = send(env.pool, upstream_request, self)
             if self._closed:
                 return  # failed at once
+            self._call = call
             if request.has_body:
                 request.read_body(self)
-            if self._closed:
-                return
-            self._deadline = self._timers.time() + self._timeout
+                if self._closed:
+                    return
+            self._deadline = env.timers.time() + self._timeout
             if self._timeout > Ticker.INTERVAL:
-                self._ticker.add(self)
+                env.ticker.add(self)
             else:
-                self._timer = self._timers.call_at(self._deadline, self._check)
+                self._timer = env.timers.call_at(self._deadline, self._check)
         except Exception as e:
             self.crashed(e)
 
@@ -207,7 +234,7 @@ class Exchange:
         if timer is not None:
             timer.cancel()
         else:
-            self._ticker.discard(self)
+            self._env.ticker.discard(self)
         target = self._target
         metrics = target.metrics
         metrics.in_flight -= 1
@@ -221,8 +248,10 @@ class Exchange:
             else:
                 permit.released()
         call = self._call
-        if call is not None and not call.done:
-            call.abort()
+        if call is not None:
+            self._call = None  # (the call holds this exchange too: no cycle left behind)
+            if not call.done:
+                call.abort()
         self._request.listener = None
 
     def crashed(self, error: Exception) -> None:
@@ -238,45 +267,49 @@ class Exchange:
 
     # -- the answer ----------------------------------------------------------------------
 
-    def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def upstream_head(self, status: int, reason: bytes, block: bytes) -> None:
         if self._closed:
             return
         self._answered = True
         done = self._body_done_at
-        self._elapsed = elapsed = self._clock() - (self._started if done is None else done)
+        self._elapsed = elapsed = self._env.clock() - (self._started if done is None else done)
         target = self._target
         metrics = target.metrics
         metrics.observe_duration(elapsed)
         if elapsed > target.slow_after:
             metrics.slow_calls += 1
         permit = self._permit
-        asked = None
-        if status in target.retry_after_statuses:
-            value = next((v for n, v in headers if n.lower() == b"retry-after"), None)
-            asked = retry_after_seconds(value, time.time())
-        if asked is not None or status in target.route.breaker.failure_status:
-            permit.failed(elapsed, asked)
-            metrics.failures["status"] += 1
-        elif permit.state is State.HALF_OPEN:
+        judged = status in target.judged and self._judge(status, block)
+        if not judged and permit.state is State.HALF_OPEN:
             # A probe is judged by its answer: its slot must not wait on a long body,
             # nor on a client that reads slowly (or not at all).
             permit.succeeded(elapsed)
-        lines, length, dated = client_lines(headers)
+        lines, length, dated = client_lines(block)
         if not dated:
             lines += date_line()
         metrics.count_response(status)
         self._request.respond(status, reason, lines, length)
-        self._deadline = self._timers.time() + self._timeout
+        self._deadline = self._env.timers.time() + self._timeout
+
+    def _judge(self, status: int, block: bytes) -> bool:
+        """Tell the breaker of a failure status, or of a `Retry-After` it heeds; True if so."""
+        target = self._target
+        asked = None
+        if status in target.retry_after_statuses:
+            asked = retry_after_seconds(header_value(block, b"retry-after"), time.time())
+        if asked is None and status not in target.route.breaker.failure_status:
+            return False
+        self._permit.failed(self._elapsed, asked)
+        target.metrics.failures["status"] += 1
+        return True
 
     def upstream_body(self, chunk: bytes) -> None:
-        request = self._request
-        request.write(chunk)
-        if request.writing_paused:
+        if self._request.write(chunk):
             self._client_behind = True  # the upstream waits for the client now
             if self._call is not None:
                 self._call.pause_reading()
         else:
-            self._deadline = self._timers.time() + self._timeout
+            self._deadline = self._env.timers.time() + self._timeout
 
     def upstream_end(self) -> None:
         self._close(True)
@@ -288,7 +321,7 @@ class Exchange:
         request = self._request
         if not self._answered:
             done = self._body_done_at
-            self._elapsed = self._clock() - (self._started if done is None else done)
+            self._elapsed = self._env.clock() - (self._started if done is None else done)
             if self._elapsed > self._target.slow_after:
                 self._target.metrics.slow_calls += 1
             self._close(error)
@@ -309,7 +342,7 @@ class Exchange:
     def client_writable(self, writable: bool) -> None:
         if writable and self._client_behind:
             self._client_behind = False
-            self._deadline = self._timers.time() + self._timeout
+            self._deadline = self._env.timers.time() + self._timeout
             if self._call is not None:
                 self._call.resume_reading()
 
@@ -319,7 +352,9 @@ class Exchange:
         if self._closed:
             return
         left = self._body_left
-        if left >= 0:
+        if left is None:
+            left = self._target.route.max_body_size
+        if left is not None:
             left = self._body_left = left - len(chunk)
             if left < 0:
                 # Stop here: the upstream sees the upload break off, never a body that
@@ -333,7 +368,7 @@ class Exchange:
             # Every chunk that moves pushes the deadline out, so it runs for real once
             # the body is whole, as Envoy's route timeout does: a slow uploader is not an
             # upstream timeout.
-            self._deadline = self._timers.time() + self._timeout
+            self._deadline = self._env.timers.time() + self._timeout
         if not call.writable:
             self._request.pause_body()
 
@@ -343,9 +378,9 @@ class Exchange:
         call = self._call
         assert call is not None
         call.end_body()
-        self._body_done_at = self._clock()
+        self._body_done_at = self._env.clock()
         if not self._answered:
-            self._deadline = self._timers.time() + self._timeout
+            self._deadline = self._env.timers.time() + self._timeout
 
     def request_body_failed(self, reason: str) -> None:
         self._client_failed(400, "bad_request")
@@ -372,19 +407,19 @@ class Exchange:
 
     def arm(self) -> None:
         """The ticker's call: the exchange outlived a tick, so its deadline gets a timer."""
-        self._timer = self._timers.call_at(self._deadline, self._check)
+        self._timer = self._env.timers.call_at(self._deadline, self._check)
 
     def _check(self) -> None:
         self._timer = None
         if self._closed:
             return
-        now = self._timers.time()
+        now = self._env.timers.time()
         if self._client_behind:
             # The sidecar waits on its client (whose write timeout the listener keeps):
             # the upstream's time does not run.
             self._deadline = now + self._timeout
         if self._deadline - now > _TIMER_RESOLUTION:
-            self._timer = self._timers.call_at(self._deadline, self._check)
+            self._timer = self._env.timers.call_at(self._deadline, self._check)
             return
         request = self._request
         call = self._call

@@ -65,12 +65,22 @@ BODY_BUFFER = 2**16
 DISCARD_LIMIT = 2**16
 """Bytes of an unread request body read and dropped after its answer to keep the connection;
 a longer rest closes it instead."""
-_SINGLETONS = frozenset(
-    {b"host", b"content-length", b"content-type", b"content-location", b"content-range",
-     b"etag", b"max-forwards", b"user-agent", b"server", b"transfer-encoding"}
-)  # fmt: skip
-"""Headers a request may carry once only (as aiohttp's parser had it): two Hosts, say, could
-route one way here and another way upstream."""
+HOST, CONTENT_LENGTH, TRANSFER_ENCODING, EXPECT, CONNECTION, X_FORWARDED_FOR = (
+    1 << bit for bit in range(6)
+)
+"""Bits of `Request.noted`: the headers the request path asks about."""
+_NOTABLE = {
+    name: 1 << bit
+    for bit, name in enumerate(
+        (b"host", b"content-length", b"transfer-encoding", b"expect", b"connection",
+         b"x-forwarded-for", b"content-type", b"content-location", b"content-range", b"etag",
+         b"max-forwards", b"user-agent", b"server")
+    )
+}  # fmt: skip
+"""Each header `Request.noted` records, by its bit."""
+_ONCE_ONLY = sum(_NOTABLE.values()) & ~(EXPECT | CONNECTION | X_FORWARDED_FOR)
+"""The headers a request may carry once only (as aiohttp's parser had it): two Hosts, say,
+could route one way here and another way upstream."""
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 # Why reading from the client is paused: any of these holds it.
@@ -163,84 +173,60 @@ class Request:
     The handler answers with `answer` (a whole answer the sidecar made) or
     `respond`, then `write` and `end` (an answer relayed as it arrives); or
     `abort`s, when an answer cannot end whole.
+
+    (No `__slots__`: most attributes keep their class-level default for most
+    requests, so a request sets only what it has.)
     """
 
-    __slots__ = (
-        "_body",
-        "_body_size",
-        "_conn",
-        "_continued",
-        "_held",
-        "_out",
-        "_sink",
-        "body_complete",
-        "chunked",
-        "content_length",
-        "ended",
-        "expect",
-        "headers",
-        "host",
-        "http10",
-        "keep_alive",
-        "listener",
-        "method",
-        "refused",
-        "route",
-        "started",
-        "status",
-        "target",
-        "upgrade_tail",
-    )
+    method: bytes = b""
+    target: bytes = b""
+    """The request target as sent (origin form, or absolute form)."""
+    headers: list[tuple[bytes, bytes, bytes]]
+    """(lower-case name, name as sent, value) of each header, in order."""
+    noted: int = 0
+    """Which of the headers the request path asks about it has: the bits `HOST`,
+    `CONTENT_LENGTH`, `TRANSFER_ENCODING`, `EXPECT`, `CONNECTION`, `X_FORWARDED_FOR`."""
+    host: bytes | None = None
+    """The Host header's value, as sent."""
+    expect: bytes | None = None
+    content_length: int | None = None
+    chunked: bool = False
+    has_body: bool = False
+    """A body follows the head (chunked, or a Content-Length above 0)."""
+    http10: bool = False
+    keep_alive: bool = True
+    upgrade_tail: bytes | None = None
+    """For an upgrade the parser took (an `Upgrade` request, CONNECT): the bytes that
+    followed its head. None for any other request."""
+    listener: RequestListener | None = None
+    refused: Refusal | None = None
+    """Why the listener refuses it, when its turn comes (a check left to llhttp first)."""
+    route: str | None = None
+    """The route it was matched to, for the access log."""
+    status: int | None = None
+    """The status it was answered with, once its head went out."""
+    started: float = 0.0
+    ended: bool = False
+    body_complete: bool = False
+    _body: list[bytes] | None = None
+    """Body bytes that came before anybody read them."""
+    _body_size: int = 0
+    _sink: BodySink | None = None
+    _continued: bool = False
+    _held: bytes | None = None
+    """A response head waiting to share a write with its body."""
+    _out: int = 0
+    """How the response body is framed: see `_OUT_*`."""
 
     def __init__(self, conn: ClientConnection) -> None:
         self._conn = conn
-        self.method = b""
-        self.target = b""
-        """The request target as sent (origin form, or absolute form)."""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.host: bytes | None = None
-        """The Host header's value, as sent."""
-        self.expect: bytes | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.http10 = False
-        self.keep_alive = True
-        self.upgrade_tail: bytes | None = None
-        """For an upgrade the parser took (an `Upgrade` request, CONNECT): the bytes that
-        followed its head. None for any other request."""
-        self.listener: RequestListener | None = None
-        self.refused: Refusal | None = None
-        """Why the listener refuses it, when its turn comes (a check left to llhttp first)."""
-        self.route: str | None = None
-        """The route it was matched to, for the access log."""
-        self.status: int | None = None
-        """The status it was answered with, once its head went out."""
-        self.started = 0.0
-        self.ended = False
-        self.body_complete = False
-        self._body: list[bytes] = []
-        """Body bytes that came before anybody read them."""
-        self._body_size = 0
-        self._sink: BodySink | None = None
-        self._continued = False
-        self._held: bytes | None = None
-        """A response head waiting to share a write with its body."""
-        self._out = 0
-        """How the response body is framed: see `_OUT_*`."""
+        self.headers = []
 
     # -- what the handler reads -------------------------------------------------------
 
     @property
     def remote(self) -> str | None:
         return self._conn.remote
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
-
-    @property
-    def writing_paused(self) -> bool:
-        return self._conn.writing_paused
 
     def read_body(self, sink: BodySink) -> None:
         """Hand the body to `sink` from now on (what came already first); a client waiting
@@ -251,9 +237,9 @@ class Request:
             self._continued = True
             if not self.http10 and conn.transport is not None:
                 conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body, self._body = self._body, []
+        body, self._body = self._body, None
         conn.resume(_PAUSE_BUFFERED)
-        for chunk in body:
+        for chunk in body or ():
             sink.request_body(chunk)
             if self._sink is not sink:
                 return
@@ -270,7 +256,7 @@ class Request:
     def stop_body(self) -> None:
         """Hand no more of the body to its sink: whatever follows is dropped."""
         self._sink = None
-        self._body = []
+        self._body = None
         self._conn.resume(_PAUSE_SINK | _PAUSE_BUFFERED)
 
     # -- answering --------------------------------------------------------------------
@@ -283,10 +269,13 @@ class Request:
         if self.status is not None or self.ended:
             return
         self.status = status
-        keep = self._conn.keeps(self, close)
-        head = self._status_line(status, reason) + lines + date_line() + self._connection_line(keep)
-        self._conn.send(head + (b"" if self.method == b"HEAD" else body))
-        self._finish(keep)
+        conn = self._conn
+        keep = conn.keeps(self, close)
+        head = _status_line(self.http10, status, reason) + lines + date_line()
+        head += _CONNECTION_LINES[self.http10, keep]
+        conn.send(head if self.method == b"HEAD" else head + body)
+        self.ended = True
+        conn.finished(self, keep)
 
     def respond(self, status: int, reason: bytes, lines: bytes, length: int | None) -> None:
         """Start an answer relayed as it arrives: `lines` are its header lines (with its
@@ -294,52 +283,57 @@ class Request:
         if self.status is not None or self.ended:
             return
         self.status = status
-        http10 = self.http10
+        close = False
         if self.method == b"HEAD" or status in _NO_BODY_STATUSES or status < 200:
-            self._out = _OUT_NONE
-            close = False
+            out = _OUT_NONE
         elif length is not None:
-            self._out = _OUT_LENGTH
-            close = False
-        elif http10:
-            self._out = _OUT_UNTIL_CLOSE  # no chunked framing for HTTP/1.0: the close ends it
+            out = _OUT_LENGTH
+        elif self.http10:
+            out = _OUT_UNTIL_CLOSE  # no chunked framing for HTTP/1.0: the close ends it
             close = True
         else:
-            self._out = _OUT_CHUNKED
+            out = _OUT_CHUNKED
             lines += b"Transfer-Encoding: chunked\r\n"
-            close = False
-        keep = self._conn.keeps(self, close)
-        self.keep_alive = keep
-        head = self._status_line(status, reason) + lines + self._connection_line(keep)
-        if self._out == _OUT_LENGTH and length is not None and length < COALESCE_BELOW:
+        self._out = out
+        conn = self._conn
+        keep = self.keep_alive = conn.keeps(self, close)
+        head = _status_line(self.http10, status, reason) + lines
+        head += _CONNECTION_LINES[self.http10, keep]
+        if out == _OUT_LENGTH and length < COALESCE_BELOW:  # type: ignore[operator]
             self._held = head  # goes out with the body's first bytes
         else:
-            self._conn.send(head)
+            conn.send(head)
 
-    def write(self, chunk: bytes) -> None:
-        """Part of the body of the answer `respond` began."""
+    def write(self, chunk: bytes) -> bool:
+        """Part of the body of the answer `respond` began; True if the client is behind
+        (its socket's buffer is full: wait for `client_writable`)."""
         out = self._out
+        conn = self._conn
         if out == _OUT_NONE or not chunk or self.ended:
-            return
+            return conn.writing_paused
         if out == _OUT_CHUNKED:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         held = self._held
         if held is not None:
             self._held = None
             chunk = held + chunk
-        self._conn.send(chunk)
+        conn.send(chunk)
+        return conn.writing_paused
 
     def end(self) -> None:
         """The answer `respond` began is whole."""
         if self.ended:
             return
-        data = self._held or b""
-        self._held = None
+        data = self._held
+        if data is not None:
+            self._held = None
         if self._out == _OUT_CHUNKED:
-            data += b"0\r\n\r\n"
+            data = (data or b"") + b"0\r\n\r\n"
+        conn = self._conn
         if data:
-            self._conn.send(data)
-        self._finish(self.keep_alive)
+            conn.send(data)
+        self.ended = True
+        conn.finished(self, self.keep_alive)
 
     def abort(self) -> None:
         """The answer cannot end whole: cut the connection, so the client never takes a
@@ -358,18 +352,6 @@ class Request:
         self.ended = True
         return self._conn.switch(self, head, relay)
 
-    def _status_line(self, status: int, reason: bytes) -> bytes:
-        return b"HTTP/1.%d %d %b\r\n" % (0 if self.http10 else 1, status, reason)
-
-    def _connection_line(self, keep: bool) -> bytes:
-        if self.http10:
-            return b"Connection: keep-alive\r\n\r\n" if keep else b"\r\n"
-        return b"\r\n" if keep else b"Connection: close\r\n\r\n"
-
-    def _finish(self, keep: bool) -> None:
-        self.ended = True
-        self._conn.finished(self, keep)
-
     # -- from the connection ----------------------------------------------------------
 
     def _body_chunk(self, chunk: bytes) -> None:
@@ -378,6 +360,8 @@ class Request:
         if sink is not None:
             sink.request_body(chunk)
         elif not self.ended:
+            if self._body is None:
+                self._body = []
             self._body.append(chunk)
             if self._body_size > BODY_BUFFER:
                 self._conn.pause(_PAUSE_BUFFERED)
@@ -394,6 +378,26 @@ class Request:
         if sink is not None:
             sink.request_body_failed(reason)
 
+
+def _status_line(http10: bool, status: int, reason: bytes) -> bytes:
+    key = (http10, status, reason)
+    line = _status_lines.get(key)
+    if line is None:
+        line = b"HTTP/1.%d %d %b\r\n" % (0 if http10 else 1, status, reason)
+        if len(_status_lines) < 1024:  # whatever reasons upstreams make up
+            _status_lines[key] = line
+    return line
+
+
+_CONNECTION_LINES = {
+    (False, True): b"\r\n",
+    (False, False): b"Connection: close\r\n\r\n",
+    (True, True): b"Connection: keep-alive\r\n\r\n",
+    (True, False): b"\r\n",
+}
+"""The end of a response head, by (HTTP/1.0, keep-alive): what each version needs said."""
+
+_status_lines: dict[tuple[bool, int, bytes], bytes] = {}
 
 _OUT_NONE = 0
 _OUT_LENGTH = 1
@@ -489,6 +493,8 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_active",
         "_broken",
+        "_chunk",
+        "_ending",
         "_head_size",
         "_header_timer",
         "_idle_timer",
@@ -522,6 +528,9 @@ class ClientConnection(asyncio.Protocol):
         """The request whose head or body the parser is in now."""
         self._in_head = False
         self._head_size = 0
+        """Bytes the head in progress may have taken: those of the reads since it began."""
+        self._chunk = 0
+        """Bytes in the read being parsed."""
         self._url = b""
         self._active: Request | None = None
         """The request being answered: the first in line."""
@@ -531,6 +540,8 @@ class ClientConnection(asyncio.Protocol):
         """What the listener refused, answered once the request in hand is, then closed."""
         self._broken = False
         """The request in hand's body broke: no request can follow it on this connection."""
+        self._ending = False
+        """No request follows the one in hand: refused, broken, or the listener stopping."""
         self._upgraded: Request | None = None
         """The upgrade request the parser stopped after: what follows is its bytes."""
         self._paused = 0
@@ -575,8 +586,9 @@ class ClientConnection(asyncio.Protocol):
             if len(tail) > BODY_BUFFER:
                 self.pause(_PAUSE_BUFFERED)
             return
+        self._chunk = size = len(data)
         if self._in_head:
-            self._head_size += len(data)
+            self._head_size += size
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -645,6 +657,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._parsing = Request(self)
         self._in_head = True
+        self._head_size = self._chunk  # at most: the head may have begun inside this read
         self._url = b""
 
     def on_url(self, url: bytes) -> None:
@@ -653,54 +666,69 @@ class ClientConnection(asyncio.Protocol):
             raise _bad(f"the request target is longer than {MAX_REQUEST_LINE} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # (The limit on each header's size is checked once the head is in, and only for a
+        # head large enough to break it: `_check_limits`.)
         request = self._parsing
         assert request is not None
         headers = request.headers
-        if len(name) > MAX_FIELD_SIZE or len(value) > MAX_FIELD_SIZE:
-            raise _bad(f"a header is longer than {MAX_FIELD_SIZE} bytes")
         if len(headers) >= MAX_HEADERS:
             raise _bad(f"more than {MAX_HEADERS} headers")
         lower = name.lower()
-        if lower in _SINGLETONS:
-            if any(n.lower() == lower for n, _ in headers):
+        headers.append((lower, name, value))
+        bit = _NOTABLE.get(lower)
+        if bit is not None:
+            if request.noted & bit & _ONCE_ONLY:
                 raise _bad(f"duplicate {name.decode('latin-1')} header")
-            if lower == b"host":
+            request.noted |= bit
+            if bit == HOST:
                 request.host = value
-            elif lower == b"content-length":
-                request.content_length = int(value)  # llhttp has checked it is digits
-            elif lower == b"transfer-encoding":
-                request.chunked = True
-                codings = [c for c in (c.strip() for c in value.lower().split(b",")) if c]
-                if codings != [b"chunked"]:
-                    # llhttp refuses codings after chunked; one before it (`gzip, chunked`)
-                    # would reach the upstream undecoded, as if plain (the coding is
-                    # hop-by-hop): RFC 9112 6.1's 501. Refused once llhttp had its say.
-                    request.refused = Refusal(501, "not_implemented", "a transfer coding")
-        elif lower == b"expect":
+            elif bit <= EXPECT:
+                self._framing(request, bit, value)
+
+    @staticmethod
+    def _check_limits(request: Request) -> None:
+        for _, name, value in request.headers:
+            if len(value) > MAX_FIELD_SIZE or len(name) > MAX_FIELD_SIZE:
+                raise _bad(f"a header is longer than {MAX_FIELD_SIZE} bytes")
+
+    @staticmethod
+    def _framing(request: Request, bit: int, value: bytes) -> None:
+        """`Content-Length`, `Transfer-Encoding` (which llhttp frames the body by), `Expect`."""
+        if bit == CONTENT_LENGTH:
+            request.content_length = int(value)  # llhttp has checked it is digits
+            request.has_body = request.content_length > 0
+            return
+        if bit == EXPECT:
             request.expect = value
-        headers.append((name, value))
+            return
+        request.chunked = request.has_body = True
+        codings = [c for c in (c.strip() for c in value.lower().split(b",")) if c]
+        if codings != [b"chunked"]:
+            # llhttp refuses codings after chunked; one before it (`gzip, chunked`) would
+            # reach the upstream undecoded, as if plain (the coding is hop-by-hop): RFC
+            # 9112 6.1's 501. Refused once llhttp had its say (`_next`).
+            request.refused = Refusal(501, "not_implemented", "a transfer coding")
 
     def on_headers_complete(self) -> None:
         request = self._parsing
         assert request is not None
         parser = self._parser
         self._in_head = False
-        self._head_size = 0
+        if self._head_size > MAX_FIELD_SIZE:
+            self._check_limits(request)
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
         version = parser.get_http_version()
-        if version == "1.1":
-            if request.host is None:
-                raise _bad("no Host header")
-        elif version == "1.0":
+        if version != "1.1":
+            if version != "1.0":
+                raise Refusal(505, "http_version_not_supported", f"HTTP/{version} request")
             request.http10 = True
-        else:
-            raise Refusal(505, "http_version_not_supported", f"HTTP/{version} request")
-        method = parser.get_method()
+        elif request.host is None:
+            raise _bad("no Host header")
+        method = request.method = parser.get_method()
         if method == b"CONNECT":
             raise Refusal(501, "not_implemented", "CONNECT")
-        request.method = method
         request.target = self._url
         request.keep_alive = parser.should_keep_alive()
         if self._listener.finished is not None:
@@ -755,10 +783,10 @@ class ClientConnection(asyncio.Protocol):
 
     def keeps(self, request: Request, close: bool) -> bool:
         """Whether the connection can take another request after `request`'s answer."""
-        if close or self._broken or self._owed is not None:
+        if close or not request.keep_alive or self._ending:
             return False
-        if not request.keep_alive or self._listener.closing or request.upgrade_tail is not None:
-            return False  # (after an upgrade request, what followed was never parsed as HTTP)
+        if request.upgrade_tail is not None:
+            return False  # what followed its head was never parsed as HTTP
         if not request.body_complete:
             # Its body has yet to come, all or part: read and dropped after the answer if
             # it is short, else the connection closes (and never after `Expect` unanswered).
@@ -775,7 +803,7 @@ class ClientConnection(asyncio.Protocol):
             transport.write(data)
 
     def finished(self, request: Request, keep: bool) -> None:
-        """`request`'s answer is whole on the wire."""
+        """`request`'s answer is whole on the wire: on to the next, or close."""
         if request is not self._active:
             return
         self._active = None
@@ -786,8 +814,8 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        owed = self._owed
-        if not keep or owed is not None or self._broken or self._listener.closing:
+        if not keep or self._ending:
+            owed = self._owed
             if owed is not None:
                 transport.write(owed.answer())
             transport.close()
@@ -858,10 +886,11 @@ class ClientConnection(asyncio.Protocol):
                 transport.close()
             return
         if parsing is not None and not self._in_head and parsing is active:
-            self._broken = True  # its handler answers (a 400 of its own, or an abort)
+            self._broken = self._ending = True  # its handler answers (its own 400, or abort)
             parsing._body_failed(str(refusal))
             return
         self._owed = refusal
+        self._ending = True
         if active is None and transport is not None:
             transport.write(refusal.answer())
             transport.close()
@@ -931,6 +960,7 @@ class ClientConnection(asyncio.Protocol):
 
     def shut(self) -> None:
         """Stop taking requests: close now if idle, else after the answer in hand."""
+        self._ending = True
         self._queue.clear()
         if self._active is None and self._relay is None and self.transport is not None:
             self.transport.close()

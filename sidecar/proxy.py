@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 from sidecar.breaker import Breaker, Clock, Rejection, State, StateListener
 from sidecar.config import Route
-from sidecar.exchange import HOP_BY_HOP, Exchange, Target, retry_after_seconds
-from sidecar.listener import Request
+from sidecar.exchange import HOP_BY_HOP, Env, Exchange, Target, retry_after_seconds
+from sidecar.listener import CONNECTION, CONTENT_LENGTH, EXPECT, X_FORWARDED_FOR, Request
 from sidecar.metrics import Metrics
 from sidecar.responses import Answer, error_answer
 from sidecar.routing import Router, upstream_target
@@ -54,6 +54,8 @@ _NOT_FORWARDED_UP = HOP_BY_HOP | {
 }
 
 _NO_ROUTE = error_answer(404, "no_route")
+_UNUSUAL = CONTENT_LENGTH | EXPECT
+"""Headers that call for `Proxy._refusal`'s checks."""
 
 
 @dataclass(slots=True)
@@ -77,33 +79,33 @@ def upstream_lines(request: Request, routed_host: bytes | None) -> bytes:
     `routed_host`: the host the request was routed by (its Host header, or what an
     absolute-form target names).
     """
-    out = []
-    forwarded_for: bytes | None = None
-    named: list[bytes] | None = None
-    for name, value in request.headers:
-        lower = name.lower()
-        if lower in _NOT_FORWARDED_UP or lower[:6] == b"proxy-":
-            if lower == b"x-forwarded-for":
-                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-            elif lower == b"connection":
-                for token in value.split(b","):
-                    token = token.strip().lower()
-                    if token and token not in (b"keep-alive", b"close"):
-                        named = (named or []) + [token]
-            continue
-        out.append(b"%b: %b\r\n" % (name, value))
-    if named:
-        out = [line for line in out if line.split(b":", 1)[0].lower() not in named]
+    headers = request.headers
+    lines = [
+        b"%b: %b\r\n" % (name, value)
+        for lower, name, value in headers
+        if lower not in _NOT_FORWARDED_UP and lower[:6] != b"proxy-"
+    ]
+    noted = request.noted
+    if noted & CONNECTION:
+        named = {
+            token.strip()
+            for lower, _, value in headers
+            if lower == b"connection"
+            for token in value.lower().split(b",")
+        } - {b"keep-alive", b"close", b""}
+        if named:
+            lines = [line for line in lines if line.split(b":", 1)[0].lower() not in named]
     client = request.remote
-    if client:
-        address = client.encode()
-        forwarded_for = address if forwarded_for is None else forwarded_for + b", " + address
+    forwarded_for = client.encode() if client else None
+    if noted & X_FORWARDED_FOR:
+        prior = b", ".join(value for lower, _, value in headers if lower == b"x-forwarded-for")
+        forwarded_for = prior + b", " + forwarded_for if forwarded_for else prior
     if forwarded_for is not None:
-        out.append(b"X-Forwarded-For: %b\r\n" % forwarded_for)
-    out.append(b"X-Forwarded-Proto: http\r\n")
+        lines.append(b"X-Forwarded-For: %b\r\n" % forwarded_for)
+    lines.append(b"X-Forwarded-Proto: http\r\n")
     if routed_host:
-        out.append(b"X-Forwarded-Host: %b\r\n" % routed_host)
-    return b"".join(out)
+        lines.append(b"X-Forwarded-Host: %b\r\n" % routed_host)
+    return b"".join(lines)
 
 
 class Proxy:
@@ -116,9 +118,7 @@ class Proxy:
         clock: Clock = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self._pool: Pool  # given by `attach` once a loop runs
-        self._timers: Timers  # the same
-        self._ticker: Ticker  # the same
+        self._env: Env  # given by `attach` once a loop runs
         self._metrics = metrics
         self._clock = clock
         self._rand = rand
@@ -160,6 +160,8 @@ class Proxy:
                     retry_after_statuses=(
                         RETRY_AFTER_STATUSES if settings.respect_retry_after else frozenset()
                     ),
+                    verbatim=not route.upstream.base_path
+                    and (not route.strip_prefix or route.path_prefix in (None, "/")),
                 )
             )
         changes.removed = list(previous)
@@ -178,13 +180,15 @@ class Proxy:
 
     def attach(self, pool: Pool, timers: Timers) -> None:
         """Forward through `pool`, with deadlines on `timers`, from now on."""
-        self._pool = pool
-        self._timers = timers
-        self._ticker = Ticker(timers)
+        self._env = Env(pool, self._clock, timers)
+
+    @property
+    def ticker(self) -> Ticker:
+        return self._env.ticker
 
     def detach(self) -> None:
         """Stop the deadline ticker (the sidecar is stopping)."""
-        self._ticker.close()
+        self._env.ticker.close()
 
     @property
     def breakers(self) -> list[Breaker]:
@@ -193,72 +197,69 @@ class Proxy:
     def match(self, request: Request) -> tuple[Target | None, str, bytes | None]:
         """The request's route (None: none matches), its path and query, and the host
         it is routed by."""
-        raw_path = request.target.decode("latin-1")
+        path = request.target.decode("latin-1")
         host = request.host
-        if raw_path[:1] != "/" and raw_path != "*":
+        if path[:1] != "/" and path != "*":
             # Absolute form (`GET http://host/x`): matched, as RFC 9112 3.2.2 says, by
             # the host it names rather than the Host header, and by its path; then
             # sent to the route's upstream like any other request, never to that host.
-            raw_path, host = _absolute_form(raw_path)
-        return (
-            self._router.match(
-                None if host is None else host.decode("latin-1"), raw_path.partition("?")[0]
-            ),
-            raw_path,
-            host,
-        )
+            path, host = _absolute_form(path)
+        return self._router.match(host, path.partition("?")[0]), path, host
 
     def handle(self, request: Request) -> None:
         """Answer `request` (the listener's handler): at once, or through an `Exchange`."""
-        target, raw_path, host = self.match(request)
+        target, path, host = self.match(request)
         if target is None:
             self._metrics.unrouted += 1
             request.answer(*_NO_ROUTE)
             return
         request.route = target.route.name
-        metrics = target.metrics
-        limit = target.route.max_body_size
-        if limit is not None and (request.content_length or 0) > limit:
-            # Said up front: refused before the breaker or the upstream hear of it (and,
-            # with `Expect: 100-continue`, before the client sends a byte of it).
-            metrics.count_response(413)
-            request.answer(*target.error(413, "body_too_large"), close=True)
-            return
-        expect = request.expect
-        if expect is not None and expect.lower() != b"100-continue":
-            metrics.count_response(417)
-            request.answer(*target.error(417, "expectation_failed"), close=True)
-            return
-        path = upstream_target(target.route, raw_path)
-        if path[:1] != "/":
-            # `OPTIONS *`: no origin-form target to send (the upstream has its own `*`).
-            metrics.count_response(400)
-            request.answer(*target.error(400, "bad_request"), close=True)
-            return
+        if request.noted & _UNUSUAL:  # a body, `Expect`: checks most requests need not make
+            refused = self._refusal(request, target)
+            if refused is not None:
+                target.metrics.count_response(refused[0])
+                request.answer(*refused, close=True)
+                return
+        if target.verbatim and path[:1] == "/" and request.target[:1] == b"/":
+            upstream_path = request.target
+        else:
+            upstream_path = upstream_target(target.route, path).encode("latin-1")
+            if upstream_path[:1] != b"/":
+                # `OPTIONS *`: no origin-form target to send (the upstream has its own `*`).
+                target.metrics.count_response(400)
+                request.answer(*target.error(400, "bad_request"), close=True)
+                return
         permit = target.breaker.acquire()
         if isinstance(permit, Rejection):
             request.answer(*self._rejection(target, permit))
             return
-        if request.chunked:
-            body: int | None = CHUNKED
-        elif request.content_length is not None:
-            body = request.content_length
-        else:
-            body = None
-        exchange = Exchange(request, target, permit, self._clock, self._timers, self._ticker)
+        exchange = Exchange(request, target, permit, self._env)
         try:
             upstream = UpstreamRequest(
                 target.origin,
                 request.method,
-                path.encode("latin-1"),
+                upstream_path,
                 upstream_lines(request, host),
-                body,
+                CHUNKED if request.chunked else request.content_length,
                 target.route.timeouts.connect,
             )
         except BaseException:
             permit.released()  # a bug: nothing else holds the permit yet
             raise
-        exchange.start(self._pool, upstream)
+        exchange.start(upstream)
+
+    @staticmethod
+    def _refusal(request: Request, target: Target) -> Answer | None:
+        """What refuses a request before the breaker or the upstream hear of it."""
+        limit = target.route.max_body_size
+        if limit is not None and (request.content_length or 0) > limit:
+            # Said up front (and, with `Expect: 100-continue`, before the client sends a
+            # byte of it).
+            return target.error(413, "body_too_large")
+        expect = request.expect
+        if expect is not None and expect.lower() != b"100-continue":
+            return target.error(417, "expectation_failed")
+        return None
 
     @staticmethod
     def _rejection(target: Target, rejection: Rejection) -> Answer:

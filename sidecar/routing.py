@@ -54,12 +54,13 @@ class Router(Generic[T]):
             if prefix is not None:
                 self._depth = max(self._depth, prefix.count("/"))
         self._hosts = frozenset(route.host for route, _ in entries if route.host is not None)
-        self._normalized: dict[str, str | None] = {}
+        self._normalized: dict[str | bytes, str | None] = {}
         """Host headers seen: their host if a route names it, else None (no route could
         match on it). Clients send the same few, so this spares normalizing each."""
 
-    def match(self, host_header: str | None, path: str) -> T | None:
-        """The target of the first route matching `host_header` and `path` (no query)."""
+    def match(self, host_header: str | bytes | None, path: str) -> T | None:
+        """The target of the first route matching `host_header` (as sent: bytes are read
+        as Latin-1) and `path` (no query)."""
         host = None
         if self._hosts and host_header:
             cache = self._normalized
@@ -68,7 +69,10 @@ class Router(Generic[T]):
             except KeyError:
                 if len(cache) >= HOST_CACHE_SIZE:
                     cache.clear()  # bounded whatever Host headers clients make up
-                name = normalize_host(host_header)
+                text = (
+                    host_header if isinstance(host_header, str) else host_header.decode("latin-1")
+                )
+                name = normalize_host(text)
                 host = cache[host_header] = name if name in self._hosts else None
         return self.lookup(host, path)
 

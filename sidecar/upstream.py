@@ -97,8 +97,9 @@ class UpstreamRequest:
 class Receiver(Protocol):
     """Who hears what becomes of a request `send` sent."""
 
-    def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """The response head: a status in 200-599."""
+    def upstream_head(self, status: int, reason: bytes, block: bytes) -> None:
+        """The response head: a status in 200-599, its reason phrase, and its header lines
+        as the upstream sent them, each ending in CRLF."""
 
     def upstream_body(self, chunk: bytes) -> None: ...
 
@@ -131,48 +132,39 @@ class Call:
     the upstream was closing, say), as RFC 9112 9.3.1.1 allows.
     """
 
-    __slots__ = (
-        "_body_done",
-        "_chunked",
-        "_connection",
-        "_head",
-        "_pending",
-        "_pool",
-        "_receiver",
-        "_request",
-        "_resend",
-        "_task",
-        "answered",
-        "done",
-        "writable",
-    )
+    # (No `__slots__`: most calls keep the class-level defaults below.)
+    _connection: Connection | None = None
+    _task: asyncio.Task[None] | None = None
+    _pending: list[bytes] | None = None
+    """Request body bytes written before there was a connection to take them."""
+    _chunked = False
+    _body_done = True
+    _resend = False
+    answered = False
+    """The response head is in: no byte of any other answer can come now."""
+    done = False
+    """The answer ended, failed, or was let go: no more events."""
+    writable = True
 
     def __init__(self, pool: Pool, request: UpstreamRequest, receiver: Receiver) -> None:
         self._pool = pool
         self._request = request
         self._receiver = receiver
-        self._connection: Connection | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._pending: list[bytes] = []
-        """Request body bytes written before there was a connection to take them."""
+        origin = self._origin = pool.origin(request.origin)
         body = request.body
-        self._chunked = body == CHUNKED
-        self._body_done = body is None
-        self._resend = body is None and request.method in IDEMPOTENT_METHODS
-        self.answered = False
-        """The response head is in: no byte of any other answer can come now."""
-        self.done = False
-        """The answer ended, failed, or was let go: no more events."""
-        self.writable = True
-        origin = pool.origin(request.origin)
+        method = request.method
         if body is None:
-            framing = b"" if request.method in _NO_BODY_METHODS else b"Content-Length: 0\r\n"
-        elif body == CHUNKED:
-            framing = b"Transfer-Encoding: chunked\r\n"
+            self._resend = method in IDEMPOTENT_METHODS
+            framing = b"" if method in _NO_BODY_METHODS else b"Content-Length: 0\r\n"
         else:
-            framing = b"Content-Length: %d\r\n" % body
+            self._body_done = False
+            if body == CHUNKED:
+                self._chunked = True
+                framing = b"Transfer-Encoding: chunked\r\n"
+            else:
+                framing = b"Content-Length: %d\r\n" % body
         self._head = b"%b %b HTTP/1.1\r\nHost: %b\r\n%b%b\r\n" % (
-            request.method,
+            method,
             request.target,
             origin.host_header,
             request.header_lines,
@@ -180,8 +172,7 @@ class Call:
         )
 
     def start(self) -> None:
-        pool = self._pool
-        connection = pool.idle(pool.origin(self._request.origin))
+        connection = self._pool.idle(self._origin)
         if connection is None or not self._send_on(connection):
             self._connect()
 
@@ -194,10 +185,12 @@ class Call:
         if self._chunked:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         connection = self._connection
-        if connection is None:
-            self._pending.append(chunk)
-        else:
+        if connection is not None:
             connection.write(chunk)
+        elif self._pending is None:
+            self._pending = [chunk]
+        else:
+            self._pending.append(chunk)
 
     def end_body(self) -> None:
         """The request body is whole."""
@@ -234,9 +227,11 @@ class Call:
             connection.close()
             return False
         self._connection = connection
-        pending, self._pending = self._pending, []
-        for chunk in pending:
-            connection.write(chunk)
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            for chunk in pending:
+                connection.write(chunk)
         return True
 
     def _connect(self) -> None:
@@ -244,10 +239,8 @@ class Call:
         self._task = asyncio.get_running_loop().create_task(self._connecting())
 
     async def _connecting(self) -> None:
-        request = self._request
-        pool = self._pool
         try:
-            connection = await pool.connect(pool.origin(request.origin), request.connect_timeout)
+            connection = await self._pool.connect(self._origin, self._request.connect_timeout)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # OSError, TLS, TimeoutError, a closed pool
@@ -283,7 +276,7 @@ class Call:
 
     # -- the wire's events ---------------------------------------------------------------
 
-    def wire_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def wire_head(self, status: int, reason: bytes, block: bytes) -> None:
         if self.done:
             return
         if not 200 <= status <= 599:
@@ -293,7 +286,7 @@ class Call:
             return
         self.answered = True
         try:
-            self._receiver.upstream_head(status, reason, headers)
+            self._receiver.upstream_head(status, reason, block)
         except Exception as e:
             self.abort()
             self._receiver.crashed(e)

@@ -55,8 +55,9 @@ class BadResponse(Exception):
 class Events(Protocol):
     """What a `Connection` tells about the response to the request in hand."""
 
-    def wire_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """The response head (1xx interim answers skipped; a 101 is passed on)."""
+    def wire_head(self, status: int, reason: bytes, block: bytes) -> None:
+        """The response head (1xx interim answers skipped; a 101 is passed on): its
+        reason phrase, and its header lines as they came, each ending in CRLF."""
 
     def wire_body(self, chunk: bytes) -> None: ...
 
@@ -69,6 +70,17 @@ class Events(Protocol):
 
     def wire_writable(self, writable: bool) -> None:
         """The socket's send buffer passed its high-water mark (False), or drained (True)."""
+
+
+def _ends_with_the_connection(block: bytes) -> bool:
+    """Whether a body is framed by the connection's end: no length, not chunked."""
+    low = b"\r\n" + block.lower()
+    if b"\r\ncontent-length:" in low:
+        return False
+    at = low.find(b"\r\ntransfer-encoding:")
+    if at < 0:
+        return True
+    return not low[at : low.index(b"\r\n", at + 2)].rstrip().endswith(b"chunked")
 
 
 class Origin:
@@ -104,17 +116,14 @@ class Connection(asyncio.Protocol):
     """One upstream connection: one request at a time, its response parsed as it comes."""
 
     __slots__ = (
-        "_chunked",
+        "_awaiting",
+        "_block",
         "_head_only",
-        "_head_size",
-        "_headers",
         "_in_body",
-        "_in_head",
         "_interim",
-        "_length",
         "_parser",
         "_pool",
-        "_reason",
+        "_raw",
         "_stale",
         "closed",
         "events",
@@ -139,16 +148,17 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reading_paused = False
         self.writing_paused = False
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
         self._head_only = False
-        self._in_head = False
+        self._awaiting = False
+        """A request went out and its answer's head is not whole yet."""
+        self._raw = b""
+        """What came since the request went out, while `_awaiting`: the head's bytes."""
+        self._block = b""
+        """The answer's header lines, while its body comes."""
         self._in_body = False
-        self._interim = False
+        self._interim = 0
+        """Interim heads (1xx) before the answer's."""
         self._stale = False
-        self._head_size = 0
-        self._length: int | None = None
-        self._chunked = False
 
     # -- the request side ----------------------------------------------------------------
 
@@ -163,7 +173,9 @@ class Connection(asyncio.Protocol):
             self._stale = False
         self.events = events
         self._head_only = head_only
-        self._in_head = self._in_body = False
+        self._awaiting = True
+        self._in_body = False
+        self._interim = 0
         transport.write(head)
 
     def write(self, data: bytes) -> None:
@@ -186,7 +198,7 @@ class Connection(asyncio.Protocol):
         return (
             self.keep
             and not self.closed
-            and not self._in_head
+            and not self._awaiting
             and not self._in_body
             and not self.reading_paused
         )
@@ -208,9 +220,9 @@ class Connection(asyncio.Protocol):
             if data:  # idle: an upstream may not speak unasked
                 self.close()
             return
-        if self._in_head:
-            self._head_size += len(data)
-            if self._head_size > MAX_HEAD_SIZE:
+        if self._awaiting:
+            self._raw = self._raw + data if self._raw else data
+            if len(self._raw) > MAX_HEAD_SIZE:
                 self._fail(BadResponse("the response head is too large"))
                 return
         parser = self._parser
@@ -237,7 +249,7 @@ class Connection(asyncio.Protocol):
         if events is None:
             return
         self.events = None
-        if exc is None and self._in_body and self._length is None and not self._chunked:
+        if exc is None and self._in_body and _ends_with_the_connection(self._block):
             # A body that ends with the connection (no length, not chunked): this is its end.
             self._in_body = False
             events.wire_end()
@@ -257,56 +269,58 @@ class Connection(asyncio.Protocol):
             self.events.wire_writable(True)
 
     # -- the parser's callbacks ----------------------------------------------------------
+    # (No `on_header`: llhttp checks the head, and the head's header lines are taken
+    # whole from the bytes that carried them, so no header costs a Python call.)
 
     def on_message_begin(self) -> None:
         if self.events is None:  # a second answer, behind the first: nobody asked for it
             self.close()
             raise BadResponse("an answer nobody asked for")
-        self._headers = []
-        self._reason = b""
-        self._length = None
-        self._chunked = False
-        self._in_head = True
-        self._head_size = 0
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-        if len(self._reason) > MAX_HEADER_SIZE:
-            raise BadResponse("the status line is too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(value) > MAX_HEADER_SIZE:
-            raise BadResponse("a header is too long")
-        self._headers.append((name, value))
-        size = len(name)
-        if size == 14 and name.lower() == b"content-length":
-            self._length = int(value)  # llhttp has checked it is digits
-        elif size == 17 and name.lower() == b"transfer-encoding":
-            self._chunked = value.rstrip().lower().endswith(b"chunked")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         assert parser is not None
-        self._in_head = False
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
-            self._interim = True  # 100 Continue, 103 Early Hints: not the answer
+            self._interim += 1  # 100 Continue, 103 Early Hints: not the answer
             return
         if not parser.should_keep_alive():
             self.keep = False
+        reason, block = self._final_head()
         events = self.events
         if events is None:
             return
+        self._block = block
         if self._head_only or status in _NO_BODY_STATUSES:
             # No body follows, whatever the head says (llhttp knows this of 204 and 304,
             # not of a HEAD's answer): the response is whole, and this parser is done.
             self._stale = True
-            events.wire_head(status, self._reason, self._headers)
+            events.wire_head(status, reason, block)
             if self.events is events:
                 events.wire_end()
             return
         self._in_body = True
-        events.wire_head(status, self._reason, self._headers)
+        events.wire_head(status, reason, block)
+
+    def _final_head(self) -> tuple[bytes, bytes]:
+        """The answer's reason phrase and header lines (each ending in CRLF), from the
+        bytes received since the request went out: past the interim heads, if any."""
+        raw = self._raw
+        self._raw = b""
+        self._awaiting = False
+        start = 0
+        for _ in range(self._interim):
+            start = raw.index(b"\r\n\r\n", start) + 4
+        line_end = raw.index(b"\r\n", start)
+        end = raw.index(b"\r\n\r\n", start)
+        if line_end - start > MAX_HEADER_SIZE:
+            raise BadResponse("the status line is too long")
+        block = raw[line_end + 2 : end + 2]
+        if len(block) > MAX_HEADER_SIZE:
+            for line in block.split(b"\r\n"):
+                if len(line.partition(b":")[2].strip()) > MAX_HEADER_SIZE:
+                    raise BadResponse("a header is too long")
+        return raw[start + 13 : line_end], block  # after "HTTP/1.1 200 "
 
     def on_body(self, body: bytes) -> None:
         events = self.events
@@ -316,9 +330,8 @@ class Connection(asyncio.Protocol):
         events.wire_body(body)
 
     def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-            return
+        if self._awaiting:
+            return  # an interim answer's end
         if not self._in_body:
             return  # ended at its head already
         self._in_body = False

@@ -427,7 +427,7 @@ async def test_an_exchange_that_ends_before_the_tick_never_sets_a_timer(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
     sc = await start_sidecar(ROUTE.format(url=upstream.url), fake_timers=True)
-    ticker = sc.sidecar.proxy._ticker
+    ticker = sc.sidecar.proxy.ticker
     before = len(sc.clock.pending)
     reader, writer = await connect(sc.proxy)
     try:
@@ -455,7 +455,7 @@ async def test_a_deadline_shorter_than_a_tick_is_set_at_once(
     try:
         writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
         await asyncio.wait_for(upstream.entered.wait(), 5)
-        assert not sc.sidecar.proxy._ticker._waiting
+        assert not sc.sidecar.proxy.ticker._waiting
         sc.clock.advance(0.1)
         assert (await read_one(reader)).startswith(b"HTTP/1.1 504 ")
     finally:

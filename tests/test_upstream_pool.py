@@ -97,12 +97,12 @@ class Collected:
 
     def __init__(self) -> None:
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers = b""
         self.body = b""
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status, self.headers = status, headers
+    def upstream_head(self, status: int, reason: bytes, block: bytes) -> None:
+        self.status, self.headers = status, block
 
     def upstream_body(self, chunk: bytes) -> None:
         self.body += chunk
