@@ -69,18 +69,37 @@ HOST, CONTENT_LENGTH, TRANSFER_ENCODING, EXPECT, CONNECTION, X_FORWARDED_FOR = (
     1 << bit for bit in range(6)
 )
 """Bits of `Request.noted`: the headers the request path asks about."""
+_FORWARD = 1 << 30
+"""A header whose line goes on in `Request.lines`."""
+_DROPPED = 0
+"""A header that neither goes on nor is asked about."""
 _NOTABLE = {
-    name: 1 << bit
-    for bit, name in enumerate(
-        (b"host", b"content-length", b"transfer-encoding", b"expect", b"connection",
-         b"x-forwarded-for", b"content-type", b"content-location", b"content-range", b"etag",
-         b"max-forwards", b"user-agent", b"server")
-    )
+    b"host": HOST,
+    b"content-length": CONTENT_LENGTH,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"expect": EXPECT,
+    b"connection": CONNECTION,
+    b"x-forwarded-for": X_FORWARDED_FOR,
+    # Hop-by-hop (RFC 9110 7.6.1; `Proxy-*` too, below), or an intermediary's own to set:
+    **dict.fromkeys(
+        (b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy", b"x-forwarded-proto",
+         b"x-forwarded-host"),
+        _DROPPED,
+    ),
+    # Once only (as aiohttp's parser had it), and passed on:
+    **{
+        name: 1 << bit | _FORWARD
+        for bit, name in enumerate(
+            (b"content-type", b"content-location", b"content-range", b"etag", b"max-forwards",
+             b"user-agent", b"server"),
+            start=6,
+        )
+    },
 }  # fmt: skip
-"""Each header `Request.noted` records, by its bit."""
-_ONCE_ONLY = sum(_NOTABLE.values()) & ~(EXPECT | CONNECTION | X_FORWARDED_FOR)
-"""The headers a request may carry once only (as aiohttp's parser had it): two Hosts, say,
-could route one way here and another way upstream."""
+"""Every header that is not simply passed on, by its `Request.noted` bits."""
+_ONCE_ONLY = (sum(_NOTABLE.values()) & ~_FORWARD) & ~(EXPECT | CONNECTION | X_FORWARDED_FOR)
+"""The headers a request may carry once only: two Hosts, say, could route one way here
+and another way upstream."""
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 # Why reading from the client is paused: any of these holds it.
@@ -155,6 +174,10 @@ class RequestListener(Protocol):
 class Relay(Protocol):
     """Who takes a connection's bytes after an upgrade (`Request.upgrade`)."""
 
+    def relay_open(self, channel: Channel) -> None:
+        """The upgrade's answer is out: bytes go to the client through `channel` from now
+        on, and come from it through `relay_data`."""
+
     def relay_data(self, data: bytes) -> None: ...
 
     def relay_closed(self) -> None:
@@ -181,8 +204,15 @@ class Request:
     method: bytes = b""
     target: bytes = b""
     """The request target as sent (origin form, or absolute form)."""
-    headers: list[tuple[bytes, bytes, bytes]]
-    """(lower-case name, name as sent, value) of each header, in order."""
+    lines: list[bytes]
+    """The header lines an intermediary passes on as they came (`Name: value\\r\\n`, in
+    order): every header but hop-by-hop ones (RFC 9110 7.6.1) and the `Proxy-*` family,
+    `Host`, `Expect`, the framing headers, and `X-Forwarded-*` (an intermediary's own)."""
+    header_count: int = 0
+    connection: bytes | None = None
+    """The `Connection` headers' values, comma-joined: the headers they name are hop-by-hop."""
+    forwarded_for: bytes | None = None
+    """The `X-Forwarded-For` headers' values, comma-joined."""
     noted: int = 0
     """Which of the headers the request path asks about it has: the bits `HOST`,
     `CONTENT_LENGTH`, `TRANSFER_ENCODING`, `EXPECT`, `CONNECTION`, `X_FORWARDED_FOR`."""
@@ -220,7 +250,7 @@ class Request:
 
     def __init__(self, conn: ClientConnection) -> None:
         self._conn = conn
-        self.headers = []
+        self.lines = []
 
     # -- what the handler reads -------------------------------------------------------
 
@@ -345,7 +375,8 @@ class Request:
     def upgrade(self, head: bytes, relay: Relay) -> Channel:
         """Answer an upgrade the parser took (`upgrade_tail` is not None) with `head`
         (a whole response head: a 101, or a 2xx to a CONNECT), and hand the connection's
-        bytes, both ways, to `relay` for good."""
+        bytes, both ways, to `relay` for good: `relay_open` first, with the channel to the
+        client, then what the client sent after its head."""
         if self.upgrade_tail is None or self.status is not None:
             raise RuntimeError("not an upgrade request, or answered already")
         self.status = int(head[9:12])
@@ -666,56 +697,60 @@ class ClientConnection(asyncio.Protocol):
             raise _bad(f"the request target is longer than {MAX_REQUEST_LINE} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # (The limit on each header's size is checked once the head is in, and only for a
-        # head large enough to break it: `_check_limits`.)
         request = self._parsing
         assert request is not None
-        headers = request.headers
-        if len(headers) >= MAX_HEADERS:
+        count = request.header_count = request.header_count + 1
+        if count > MAX_HEADERS:
             raise _bad(f"more than {MAX_HEADERS} headers")
+        if self._head_size > MAX_FIELD_SIZE and max(len(name), len(value)) > MAX_FIELD_SIZE:
+            # (Only a head that large can hold a header that large.)
+            raise _bad(f"a header is longer than {MAX_FIELD_SIZE} bytes")
         lower = name.lower()
-        headers.append((lower, name, value))
-        bit = _NOTABLE.get(lower)
-        if bit is not None:
-            if request.noted & bit & _ONCE_ONLY:
-                raise _bad(f"duplicate {name.decode('latin-1')} header")
-            request.noted |= bit
-            if bit == HOST:
-                request.host = value
-            elif bit <= EXPECT:
-                self._framing(request, bit, value)
+        bits = _NOTABLE.get(lower, _FORWARD)
+        if bits == _FORWARD:
+            if lower[:6] != b"proxy-":
+                request.lines.append(b"%b: %b\r\n" % (name, value))
+            return
+        if bits & request.noted & _ONCE_ONLY:
+            raise _bad(f"duplicate {name.decode('latin-1')} header")
+        if bits & _FORWARD:
+            request.lines.append(b"%b: %b\r\n" % (name, value))
+        request.noted |= bits & ~_FORWARD
+        if bits == HOST:
+            request.host = value
+        elif bits and bits <= X_FORWARDED_FOR:
+            self._noted(request, bits, value)
 
     @staticmethod
-    def _check_limits(request: Request) -> None:
-        for _, name, value in request.headers:
-            if len(value) > MAX_FIELD_SIZE or len(name) > MAX_FIELD_SIZE:
-                raise _bad(f"a header is longer than {MAX_FIELD_SIZE} bytes")
-
-    @staticmethod
-    def _framing(request: Request, bit: int, value: bytes) -> None:
-        """`Content-Length`, `Transfer-Encoding` (which llhttp frames the body by), `Expect`."""
+    def _noted(request: Request, bit: int, value: bytes) -> None:
+        """A header the request path asks about: framing, `Expect`, `Connection`,
+        `X-Forwarded-For`."""
         if bit == CONTENT_LENGTH:
             request.content_length = int(value)  # llhttp has checked it is digits
             request.has_body = request.content_length > 0
-            return
-        if bit == EXPECT:
+        elif bit == EXPECT:
             request.expect = value
-            return
-        request.chunked = request.has_body = True
-        codings = [c for c in (c.strip() for c in value.lower().split(b",")) if c]
-        if codings != [b"chunked"]:
-            # llhttp refuses codings after chunked; one before it (`gzip, chunked`) would
-            # reach the upstream undecoded, as if plain (the coding is hop-by-hop): RFC
-            # 9112 6.1's 501. Refused once llhttp had its say (`_next`).
-            request.refused = Refusal(501, "not_implemented", "a transfer coding")
+        elif bit == CONNECTION:
+            request.connection = (
+                value if request.connection is None else request.connection + b"," + value
+            )
+        elif bit == X_FORWARDED_FOR:
+            prior = request.forwarded_for
+            request.forwarded_for = value if prior is None else prior + b", " + value
+        else:
+            request.chunked = request.has_body = True
+            codings = [c for c in (c.strip() for c in value.lower().split(b",")) if c]
+            if codings != [b"chunked"]:
+                # llhttp refuses codings after chunked; one before it (`gzip, chunked`) would
+                # reach the upstream undecoded, as if plain (the coding is hop-by-hop): RFC
+                # 9112 6.1's 501. Refused once llhttp had its say (`_next`).
+                request.refused = Refusal(501, "not_implemented", "a transfer coding")
 
     def on_headers_complete(self) -> None:
         request = self._parsing
         assert request is not None
         parser = self._parser
         self._in_head = False
-        if self._head_size > MAX_FIELD_SIZE:
-            self._check_limits(request)
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
@@ -919,6 +954,7 @@ class ClientConnection(asyncio.Protocol):
         finished = self._listener.finished
         if finished is not None:
             finished(request)
+        relay.relay_open(channel)
         tail, request.upgrade_tail = request.upgrade_tail or b"", b""
         self.resume(_PAUSE_BUFFERED)
         if tail:

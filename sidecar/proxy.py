@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 from sidecar.breaker import Breaker, Clock, Rejection, State, StateListener
 from sidecar.config import Route
-from sidecar.exchange import HOP_BY_HOP, Env, Exchange, Target, retry_after_seconds
-from sidecar.listener import CONNECTION, CONTENT_LENGTH, EXPECT, X_FORWARDED_FOR, Request
+from sidecar.exchange import Env, Exchange, Target, retry_after_seconds
+from sidecar.listener import CONNECTION, CONTENT_LENGTH, EXPECT, Request
 from sidecar.metrics import Metrics
 from sidecar.responses import Answer, error_answer
 from sidecar.routing import Router, upstream_target
@@ -44,15 +44,6 @@ _REJECT_REASONS = {
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 """Upstream answers whose `Retry-After` opens the route under `respect_retry_after`."""
 
-_NOT_FORWARDED_UP = HOP_BY_HOP | {
-    b"host",  # the upstream's own
-    b"expect",  # the sidecar answers `100-continue` itself
-    b"content-length",  # framing: the upstream request's own (`UpstreamRequest.body`)
-    b"x-forwarded-for",  # appended to
-    b"x-forwarded-proto",  # set
-    b"x-forwarded-host",  # set, or dropped: never a client's own claim passed on as ours
-}
-
 _NO_ROUTE = error_answer(404, "no_route")
 _UNUSUAL = CONTENT_LENGTH | EXPECT
 """Headers that call for `Proxy._refusal`'s checks."""
@@ -73,39 +64,29 @@ class RouteChanges:
 
 
 def upstream_lines(request: Request, routed_host: bytes | None) -> bytes:
-    """The request's header lines as they go upstream: without hop-by-hop headers, `Host`,
-    `Expect` and framing, with `X-Forwarded-For` (appended), `-Proto` and `-Host` set.
+    """The request's header lines as they go upstream: those the listener passes on (no
+    hop-by-hop headers, `Host`, `Expect` or framing), less any a `Connection` header
+    names, with `X-Forwarded-For` (appended to), `-Proto` and `-Host` set.
 
     `routed_host`: the host the request was routed by (its Host header, or what an
     absolute-form target names).
     """
-    headers = request.headers
-    lines = [
-        b"%b: %b\r\n" % (name, value)
-        for lower, name, value in headers
-        if lower not in _NOT_FORWARDED_UP and lower[:6] != b"proxy-"
-    ]
-    noted = request.noted
-    if noted & CONNECTION:
-        named = {
-            token.strip()
-            for lower, _, value in headers
-            if lower == b"connection"
-            for token in value.lower().split(b",")
-        } - {b"keep-alive", b"close", b""}
+    lines = request.lines
+    if request.noted & CONNECTION and request.connection is not None:
+        named = {t.strip() for t in request.connection.lower().split(b",")}
+        named -= {b"keep-alive", b"close", b""}
         if named:
             lines = [line for line in lines if line.split(b":", 1)[0].lower() not in named]
+    forwarded_for = request.forwarded_for
     client = request.remote
-    forwarded_for = client.encode() if client else None
-    if noted & X_FORWARDED_FOR:
-        prior = b", ".join(value for lower, _, value in headers if lower == b"x-forwarded-for")
-        forwarded_for = prior + b", " + forwarded_for if forwarded_for else prior
-    if forwarded_for is not None:
-        lines.append(b"X-Forwarded-For: %b\r\n" % forwarded_for)
-    lines.append(b"X-Forwarded-Proto: http\r\n")
+    if client:
+        address = client.encode()
+        forwarded_for = address if forwarded_for is None else forwarded_for + b", " + address
+    own = b"" if forwarded_for is None else b"X-Forwarded-For: %b\r\n" % forwarded_for
+    own += b"X-Forwarded-Proto: http\r\n"
     if routed_host:
-        lines.append(b"X-Forwarded-Host: %b\r\n" % routed_host)
-    return b"".join(lines)
+        own += b"X-Forwarded-Host: %b\r\n" % routed_host
+    return b"".join(lines) + own
 
 
 class Proxy:
