@@ -525,6 +525,7 @@ class ClientConnection(asyncio.Protocol):
         "_active",
         "_broken",
         "_chunk",
+        "_dispatching",
         "_ending",
         "_head_size",
         "_header_timer",
@@ -576,6 +577,7 @@ class ClientConnection(asyncio.Protocol):
         self._upgraded: Request | None = None
         """The upgrade request the parser stopped after: what follows is its bytes."""
         self._paused = 0
+        self._dispatching = False
         self._relay: Relay | None = None
         self.writing_paused = False
         self._idle_until = 0.0
@@ -789,24 +791,35 @@ class ClientConnection(asyncio.Protocol):
     # -- requests in turn ----------------------------------------------------------------
 
     def _next(self) -> None:
-        """Answer the next request in line, if the one before is done with."""
-        while self._active is None and self._queue:
-            if self.writing_paused or self.transport is None:
-                return  # the client is behind: on with it once it caught up
-            parsing = self._parsing
-            if parsing is not None and parsing.ended:
-                return  # still reading (and dropping) the body of an answered request
-            request = self._queue.popleft()
-            if request.refused is not None:
-                self._refuse(request.refused)
-                return
-            if not self._queue:
-                self.resume(_PAUSE_PIPELINED)
-            self._active = request
-            try:
-                self._listener.handler(request)
-            except Exception:
-                self._crashed(request)
+        """Answer the next request in line, if the one before is done with.
+
+        Not re-entered: a handler that answers at once (a 404, a 503) ends its request
+        inside this loop, which then takes the next; a recursion would grow with every
+        request a client pipelined into one read.
+        """
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while self._active is None and self._queue:
+                if self.writing_paused or self.transport is None:
+                    return  # the client is behind: on with it once it caught up
+                parsing = self._parsing
+                if parsing is not None and parsing.ended:
+                    return  # still reading (and dropping) the body of an answered request
+                request = self._queue.popleft()
+                if request.refused is not None:
+                    self._refuse(request.refused)
+                    return
+                if not self._queue:
+                    self.resume(_PAUSE_PIPELINED)
+                self._active = request
+                try:
+                    self._listener.handler(request)
+                except Exception:
+                    self._crashed(request)
+        finally:
+            self._dispatching = False
 
     def _crashed(self, request: Request) -> None:
         """The handler raised: a bug. Logged, answered 500 if nothing was sent, closed."""

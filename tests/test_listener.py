@@ -97,6 +97,23 @@ async def test_pipelined_requests_wait_their_turn_and_are_answered_in_order(serv
     assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in answers)
 
 
+async def test_thousands_of_pipelined_requests_answered_at_once_are_answered_in_order(
+    serve,  # type: ignore[no-untyped-def]
+) -> None:
+    """Each is answered inside the loop that hands the next over: no recursion per request
+    (which once overflowed the stack past about a thousand)."""
+    served = await serve(lambda request: request.answer(*OK))
+    reader, writer = await open_to(served)
+    count = 3000
+    try:
+        writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(count)))
+        answers = [await read_answer(reader) for _ in range(count)]
+    finally:
+        writer.close()
+    assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in answers)
+    assert [r.target for r in served.seen] == [b"/%d" % i for i in range(count)]
+
+
 async def test_100_continue_goes_out_only_when_the_body_is_asked_for(serve) -> None:  # type: ignore[no-untyped-def]
     held: list[Request] = []
     served = await serve(held.append)
