@@ -160,6 +160,10 @@ class BodySink(Protocol):
     def request_body_failed(self, reason: str) -> None:
         """The body broke (malformed chunked framing): the client's fault."""
 
+    def crashed(self, error: Exception) -> None:
+        """One of the methods above raised (a bug): called in its `except` block. (The
+        listener must not take a bug of its handler's for the client's bad bytes.)"""
+
 
 class RequestListener(Protocol):
     """Who hears what the client does while its request is answered (`Request.listener`)."""
@@ -169,6 +173,9 @@ class RequestListener(Protocol):
 
     def client_writable(self, writable: bool) -> None:
         """The client fell behind (False: its socket's buffer is full) or caught up."""
+
+    def crashed(self, error: Exception) -> None:
+        """One of the methods above raised (a bug): called in its `except` block."""
 
 
 class Relay(Protocol):
@@ -389,7 +396,10 @@ class Request:
         self._body_size += len(chunk)
         sink = self._sink
         if sink is not None:
-            sink.request_body(chunk)
+            try:
+                sink.request_body(chunk)
+            except Exception as e:
+                sink.crashed(e)
         elif not self.ended:
             if self._body is None:
                 self._body = []
@@ -401,13 +411,19 @@ class Request:
         self.body_complete = True
         sink = self._sink
         if sink is not None:
-            sink.request_body_end()
+            try:
+                sink.request_body_end()
+            except Exception as e:
+                sink.crashed(e)
 
     def _body_failed(self, reason: str) -> None:
         sink = self._sink
         self._sink = None
         if sink is not None:
-            sink.request_body_failed(reason)
+            try:
+                sink.request_body_failed(reason)
+            except Exception as e:
+                sink.crashed(e)
 
 
 def _status_line(http10: bool, status: int, reason: bytes) -> bytes:
@@ -661,7 +677,10 @@ class ClientConnection(asyncio.Protocol):
             active.ended = True
             listener = active.listener
             if listener is not None:
-                listener.client_gone()
+                try:
+                    listener.client_gone()
+                except Exception as e:
+                    listener.crashed(e)
             finished = self._listener.finished
             if finished is not None:
                 finished(active)
@@ -903,8 +922,12 @@ class ClientConnection(asyncio.Protocol):
             relay.relay_writable(writable)
             return
         active = self._active
-        if active is not None and active.listener is not None:
-            active.listener.client_writable(writable)
+        listener = None if active is None else active.listener
+        if listener is not None:
+            try:
+                listener.client_writable(writable)
+            except Exception as e:
+                listener.crashed(e)
 
     # -- refusals, upgrades, timers ----------------------------------------------------------
 

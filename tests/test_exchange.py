@@ -360,6 +360,39 @@ async def test_a_bug_is_a_500_a_closed_connection_and_a_permit_given_back(
     assert settled(sc)
 
 
+async def test_a_bug_while_the_body_goes_up_is_a_500_not_the_clients_400(
+    start_sidecar: StartSidecar,
+    upstream: Upstream,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler's bug raised from a body callback must not read as the client's malformed
+    bytes (the parser's callbacks carry both)."""
+
+    def bug(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    sc = await start_sidecar(ROUTE.format(url=upstream.url) + PROBING, fake_timers=True)
+    reader, writer = await connect(sc.proxy)
+    try:
+        await get(reader, writer, "/status/500")  # opens the route; pooled
+        sc.clock.advance(10)
+        monkeypatch.setattr(exchange_module.Exchange, "request_body", bug)
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        await eventually(lambda: upstream.hits == 2)  # the head went up; the body comes after
+        with caplog.at_level(logging.ERROR, logger="sidecar"):
+            writer.write(b"hello")
+            answer = await read_one(reader)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 500 ")
+    assert "RuntimeError: a bug" in caplog.text
+    breaker = sc.breaker("api")
+    assert (breaker.state, breaker.probes_in_flight) == (State.HALF_OPEN, 0)
+    assert settled(sc)
+
+
 # -- the deadline: on the fake clock, to the millisecond ---------------------------------------
 
 

@@ -130,6 +130,9 @@ async def test_100_continue_goes_out_only_when_the_body_is_asked_for(serve) -> N
         def request_body_failed(self, reason: str) -> None:
             raise AssertionError(reason)
 
+        def crashed(self, error: Exception) -> None:
+            raise AssertionError("crashed") from error
+
     try:
         writer.write(
             b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
