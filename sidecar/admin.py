@@ -292,6 +292,17 @@ def create_admin_app(sidecar: Sidecar) -> web.Application:
         own_port = sidecar.addresses["admin"].port
         cross_site = _cross_site(request.headers, own_port, sidecar.config.admin_allowed_hosts)
         if cross_site is not None:
+            event(
+                log,
+                logging.WARNING,
+                "admin_refused",
+                f"admin: refused {request.method} {request.path} from {request.remote}: "
+                f"{cross_site}",
+                reason="cross_site_request",
+                detail=cross_site,
+                path=request.path,
+                client=request.remote,
+            )
             return _error(403, "cross_site_request", cross_site)
         refused = _refusal(request, sidecar.admin_token) or _not_json(request)
         if refused is None and not health.ready:

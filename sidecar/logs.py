@@ -20,6 +20,8 @@ and then the event's own fields. The events and their fields:
     stopped             -
     access              client, method, path (no query string), route (null: unrouted),
                         status (null: the connection broke before an answer), duration_ms
+    admin_refused       reason ("cross_site_request"), detail, path, client: an admin POST
+                        a browser sent for a page of another origin (warning)
     bad_request         client, status (400, 408, 501, 505), reason: a request the proxy
                         listener refused before any route saw it (warning; a TLS handshake
                         on the plain-HTTP port at debug level)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -411,6 +412,23 @@ async def test_a_form_of_another_origin_cannot_force_a_route_open(
     )
     assert s.breaker("a").state is State.CLOSED
     assert s.sample("sidecar_breaker_state", route="a", state="forced_open") == 0
+
+
+async def test_a_refusal_is_logged_for_the_operator(
+    start_sidecar: StartSidecar, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = await start_sidecar(routes(upstream))
+    port = port_of(s)
+    attack = form_post(
+        "/breakers/a", f"127.0.0.1:{port}", "http://evil.example", "text/plain", FORMS["text/plain"]
+    )
+    with caplog.at_level(logging.WARNING, logger="sidecar"):
+        status, _ = await send(s, attack)
+    assert status == 403
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "admin_refused"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert (fields["reason"], fields["path"]) == ("cross_site_request", "/breakers/a")
+    assert fields["detail"].startswith("Origin 'http://evil.example' is not")
 
 
 async def test_a_form_of_another_origin_cannot_reset_a_tripped_route(
