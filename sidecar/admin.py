@@ -304,7 +304,11 @@ def create_admin_app(sidecar: Sidecar) -> web.Application:
                 client=request.remote,
             )
             return _error(403, "cross_site_request", cross_site)
-        refused = _refusal(request, sidecar.admin_token) or _not_json(request)
+        # (Not `_refusal(...) or _not_json(...)`: before aiohttp 3.12 a response with no
+        # stored values was false, and the refusal fell through.)
+        refused = _refusal(request, sidecar.admin_token)
+        if refused is None:
+            refused = _not_json(request)
         if refused is None and not health.ready:
             refused = _error(503, "stopping", "the sidecar is shutting down: no changes now")
         return refused
