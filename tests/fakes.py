@@ -64,7 +64,8 @@ class FakeClock:
                 continue
             self.now = max(self.now, when)
             timer.callback()
-        self.now = target
+        # (Never back: a timer due a hair after `target` may have set the time to its own.)
+        self.now = max(self.now, target)
 
     async def sleep(self, seconds: float) -> None:
         """An `asyncio.sleep` stand-in: time passes at once, other tasks still get a turn."""
