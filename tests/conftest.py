@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestServer
 from sidecar.app import Sidecar
 from sidecar.breaker import Breaker
 from sidecar.config import load_config
+from sidecar.listener import ClientConnection
 from tests.fakes import FakeClock
 
 
@@ -41,6 +42,16 @@ class Running:
 
     def sample(self, name: str, **labels: str) -> float | None:
         return self.sidecar.metrics.registry.get_sample_value(name, labels)
+
+    async def client_connection(self) -> ClientConnection:
+        """The proxy listener's one client connection, once it has it: for what a test on
+        the fake clock must see of it (whether its writes wait on the client, whether it
+        is closing)."""
+        listener = self.sidecar._listener
+        assert listener is not None
+        await eventually(lambda: len(listener.connections) == 1)
+        [conn] = listener.connections
+        return conn
 
     def rewrite_config(self, yaml_text: str) -> None:
         """Replace the config file (listening where it does now) for a reload to read."""
@@ -121,6 +132,8 @@ class Upstream:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: int = 0
+    uploaded: int = 0
+    """Request body bytes `/upload` has read so far, in all (the sidecar sent them on)."""
 
 
 def upstream_app(state: Upstream) -> web.Application:
@@ -178,6 +191,7 @@ def upstream_app(state: Upstream) -> web.Application:
         received = 0
         async for chunk in request.content.iter_any():
             received += len(chunk)
+            state.uploaded += len(chunk)
         return web.json_response(
             {
                 "received": received,

@@ -49,6 +49,10 @@ class FakeClock:
         """When the timers still set fall due, earliest first."""
         return sorted(t.when for _, _, t in self._timers if not t.cancelled)
 
+    def set_for(self, seconds: float) -> bool:
+        """Whether a timer is set to fall due `seconds` from now (to a nanosecond)."""
+        return any(abs(when - self.now - seconds) < 1e-9 for when in self.pending)
+
     def advance(self, seconds: float) -> None:
         target = self.now + seconds
         timers = self._timers
@@ -60,7 +64,8 @@ class FakeClock:
                 continue
             self.now = max(self.now, when)
             timer.callback()
-        self.now = target
+        # (Never back: a timer due a hair after `target` may have set the time to its own.)
+        self.now = max(self.now, target)
 
     async def sleep(self, seconds: float) -> None:
         """An `asyncio.sleep` stand-in: time passes at once, other tasks still get a turn."""

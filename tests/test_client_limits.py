@@ -12,14 +12,15 @@ from multidict import CIMultiDict
 
 from sidecar.breaker import State
 from sidecar.config import ConfigError, parse_config
+from sidecar.listener import ClientConnection
 from tests.conftest import (
     RawHandler,
+    Running,
     StartSidecar,
     Upstream,
     connect,
     eventually,
     json_body,
-    quiet_for,
     raw_exchange,
     read_one,
     read_request_head,
@@ -131,29 +132,38 @@ def test_bad_sizes(value: str, message: str) -> None:
 
 
 # -- the header timeout --------------------------------------------------------------------
+# On the fake clock: the test moves time (`sc.clock.advance`), and a timer that falls due
+# does its work within that call, so what it did or did not do is seen at once.
+
+
+def closing(conn: ClientConnection) -> bool:
+    return conn.transport is None or conn.transport.is_closing()
 
 
 async def test_a_slowloris_client_is_cut_off_while_others_are_served(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    sc = await start_sidecar(config(upstream.url))
+    sc = await start_sidecar(config(upstream.url), fake_timers=True)
     reader, writer = await connect(sc.proxy)
-    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
-
-    async def trickle() -> None:
-        # A header byte now and then: each one would reset an idle timer.
-        for _ in range(1000):
-            await asyncio.sleep(0.05)
-            writer.write(b"X")
-
-    trickling = asyncio.create_task(trickle())
+    conn = await sc.client_connection()
+    head = b"GET /slow HTTP/1.1\r\nHost: x\r\n"  # and never the blank line
+    writer.write(head)
+    await eventually(lambda: sc.clock.set_for(0.3))  # the header timer, from the first byte
     try:
-        for _ in range(3):  # meanwhile everybody else is served
-            async with http.get(f"{sc.proxy}/ok") as response:
-                assert response.status == 200
+        # A header byte each 50 ms: each one would reset an idle timer. Meanwhile
+        # everybody else is served.
+        for sent in range(1, 7):
+            if sent <= 3:
+                async with http.get(f"{sc.proxy}/ok") as response:
+                    assert response.status == 200
+            writer.write(b"X")
+            # (Read by the sidecar: `_head_size` counts the bytes of a head in progress.)
+            await eventually(lambda sent=sent: conn._head_size == len(head) + sent)
+            sc.clock.advance(0.05 if sent < 6 else 0.049)
+            assert not closing(conn)
+        sc.clock.advance(0.001)  # 300 ms since the head's first byte
         answer = await asyncio.wait_for(reader.read(), 5.0)  # until the sidecar closes
     finally:
-        trickling.cancel()
         writer.close()
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     assert answer.endswith(b'\r\n\r\n{"error":"header_timeout"}')
@@ -164,15 +174,18 @@ async def test_an_idle_keep_alive_connection_is_not_a_slow_header(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
     """The header timer starts at a request's first byte, not when the connection goes quiet."""
-    sc = await start_sidecar(config(upstream.url))
+    sc = await start_sidecar(config(upstream.url), fake_timers=True)
     reader, writer = await connect(sc.proxy)
+    conn = await sc.client_connection()
     try:
         request = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
         for _ in range(2):
             writer.write(request)
+            # (A 408 sent meanwhile would be read here as the answer.)
             assert (await read_one(reader)).startswith(b"HTTP/1.1 200 ")
             # Quiet for longer than the header timeout: a pooled client connection.
-            await quiet_for(reader, 0.6)
+            sc.clock.advance(0.6)
+            assert not closing(conn)
     finally:
         writer.close()
 
@@ -180,13 +193,15 @@ async def test_an_idle_keep_alive_connection_is_not_a_slow_header(
 async def test_a_head_that_arrives_in_pieces_within_the_timeout_is_served(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
-    sc = await start_sidecar(config(upstream.url))
+    sc = await start_sidecar(config(upstream.url), fake_timers=True)
     reader, writer = await connect(sc.proxy)
     try:
-        for piece in (b"GET /pieces HT", b"TP/1.1\r\nHost:", b" x\r\nConnection: close\r\n\r\n"):
-            writer.write(piece)
-            await writer.drain()
-            await asyncio.sleep(0.05)  # the client's pace, well within 300 ms in all
+        writer.write(b"GET /pieces HT")
+        await eventually(lambda: sc.clock.set_for(0.3))  # the header timer, from here
+        sc.clock.advance(0.15)
+        writer.write(b"TP/1.1\r\nHost:")
+        sc.clock.advance(0.149)  # the client's pace: the head is whole within 300 ms
+        writer.write(b" x\r\nConnection: close\r\n\r\n")
         answer = await asyncio.wait_for(reader.read(), 5.0)
     finally:
         writer.close()
@@ -221,13 +236,17 @@ async def test_body_bytes_dropped_after_an_answer_do_not_start_the_header_timer(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
     """They did: an idle pooled connection then got a 408, read as its next answer."""
-    sc = await start_sidecar(API.format(url=upstream.url))
+    sc = await start_sidecar(API.format(url=upstream.url), fake_timers=True)
     reader, writer = await connect(sc.proxy)
+    conn = await sc.client_connection()
     try:
         writer.write(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
         assert (await read_one(reader)).startswith(b"HTTP/1.1 404 ")
-        writer.write(b"hello")  # read and dropped by aiohttp after the handler answered
-        await quiet_for(reader, 0.6)  # twice the header timeout
+        writer.write(b"hello")  # read and dropped by the listener after the answer
+        # (Read: the parser is between requests once the body's last byte is in.)
+        await eventually(lambda: conn._parsing is None)
+        sc.clock.advance(0.6)  # twice the header timeout
+        assert not closing(conn)
         writer.write(b"GET /api/next HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await read_one(reader)).startswith(b"HTTP/1.1 200 ")
     finally:
@@ -251,14 +270,18 @@ async def test_a_partial_head_pipelined_during_a_slow_request_is_timed(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
     """It was not: the slowloris held its connection for `idle` instead of `headers`."""
-    sc = await start_sidecar(API.format(url=upstream.url).replace("/api}", "/}"))
+    sc = await start_sidecar(API.format(url=upstream.url).replace("/api}", "/}"), fake_timers=True)
     reader, writer = await connect(sc.proxy)
     try:
         writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
         await asyncio.wait_for(upstream.entered.wait(), 5)
         writer.write(b"GET /b HTTP/1.1\r\nHo")  # and never the rest
-        # Well past the header timeout, while the first request is still in hand.
-        await quiet_for(reader, 0.6)
+        await eventually(lambda: sc.clock.set_for(0.3))  # timed from its first byte
+        sc.clock.advance(0.299)
+        assert sc.clock.set_for(0.001)  # not yet due
+        # The header timeout, while the first request is still in hand: its answer
+        # (the next thing read) comes first, then the 408.
+        sc.clock.advance(0.001)
         upstream.release.set()
         assert (await read_one(reader)).startswith(b"HTTP/1.1 200 ")  # answered first
         rest = await asyncio.wait_for(reader.read(), 2)
@@ -345,18 +368,29 @@ routes:
 """
 
 
+def in_flight(sc: Running) -> float | None:
+    return sc.sample("sidecar_in_flight_requests", route="api")
+
+
 async def test_a_client_that_stops_reading_is_cut_off_and_counts_nothing(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
     """It held its upstream connection (and a socket each side) for as long as it liked."""
-    sc = await start_sidecar(READER.format(url=upstream.url))
+    sc = await start_sidecar(READER.format(url=upstream.url), fake_timers=True)
     reader, writer = await connect(sc.proxy)
+    conn = await sc.client_connection()
     try:
         writer.write(b"GET /big/200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200 ")
         # ... and reads no more. The socket buffers fill, the sidecar's writes wait, and
-        # after the write timeout it lets go of both sides.
+        # after the write timeout it lets go of both sides. (No `await` from here to the
+        # timeout: the client's socket cannot move meanwhile.)
+        await eventually(lambda: conn.writing_paused)
+        sc.clock.advance(0.299)
+        assert not closing(conn) and in_flight(sc) == 1
+        sc.clock.advance(0.001)
+        assert closing(conn)
         await eventually(lambda: sc.sample("sidecar_in_flight_requests", route="api") == 0)
     finally:
         writer.close()
@@ -371,9 +405,11 @@ async def test_a_client_that_stops_reading_is_cut_off_and_counts_nothing(
 async def test_a_slow_but_steady_reader_is_not_cut_off(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
-    sc = await start_sidecar(READER.format(url=upstream.url))
+    sc = await start_sidecar(READER.format(url=upstream.url), fake_timers=True)
     reader, writer = await connect(sc.proxy)
-    size = 4_000_000
+    conn = await sc.client_connection()
+    size = 32 << 20  # far more than the socket buffers: the sidecar's writes wait on the client
+    paced = 0
     try:
         writer.write(f"GET /big/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -383,7 +419,12 @@ async def test_a_slow_but_steady_reader_is_not_cut_off(
             chunk = await asyncio.wait_for(reader.read(256 * 1024), 5)
             assert chunk, f"cut off after {received} bytes"
             received += len(chunk)
-            await asyncio.sleep(0.05)  # the client's pace: slow, but never 300 ms idle
+            if conn.writing_paused and sc.clock.set_for(0.3):
+                # The sidecar waits on the client, its write timer set since the clock last
+                # moved: the client took enough for its writes to go on meanwhile.
+                sc.clock.advance(0.2)  # the client's pace: slow, but never 300 ms idle
+                paced += 1
     finally:
         writer.close()
     assert received == size
+    assert paced >= 5  # a second and more with the sidecar's writes waiting on the client

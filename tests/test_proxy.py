@@ -16,6 +16,7 @@ from tests.conftest import (
     Running,
     StartSidecar,
     Upstream,
+    connect,
     eventually,
     raw_exchange,
     read_request_head,
@@ -347,11 +348,22 @@ async def test_close_right_after_accept_is_502(
     assert status == 502
 
 
+def in_flight(sc: Running) -> float | None:
+    return sc.sample("sidecar_in_flight_requests", route="api")
+
+
 async def test_upstream_timeout_is_504_and_a_timeout_failure(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    sc = await start_sidecar(routes(upstream.url).replace("request: 2s", "request: 100ms"))
-    status, headers, body = await get(http, f"{sc.proxy}/api/hang")
+    sc = await start_sidecar(
+        routes(upstream.url).replace("request: 2s", "request: 100ms"), fake_timers=True
+    )
+    answer = asyncio.ensure_future(get(http, f"{sc.proxy}/api/hang"))
+    await asyncio.wait_for(upstream.entered.wait(), 5)
+    sc.clock.advance(0.099)
+    assert in_flight(sc) == 1  # (a 504 would have been decided in `advance`)
+    sc.clock.advance(0.001)
+    status, headers, body = await asyncio.wait_for(answer, 5)
     assert status == 504
     assert headers["Content-Type"] == "application/json"
     assert body == b'{"error":"upstream_timeout","route":"api"}'
@@ -371,8 +383,13 @@ async def test_a_connect_that_never_completes_is_504_a_timeout_failure(
         port = full.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)):  # fills the queue
             text = routes(f"http://127.0.0.1:{port}").replace("connect: 1s", "connect: 100ms")
-            sc = await start_sidecar(text)
-            status, _, body = await get(http, f"{sc.proxy}/api/x")
+            sc = await start_sidecar(text, fake_timers=True)
+            answer = asyncio.ensure_future(get(http, f"{sc.proxy}/api/x"))
+            await eventually(lambda: sc.clock.set_for(0.1))  # the connect's timer is set
+            sc.clock.advance(0.099)
+            assert sc.clock.set_for(0.001)  # not yet due
+            sc.clock.advance(0.001)  # the connect timeout (the request's is 2 s)
+            status, _, body = await asyncio.wait_for(answer, 5)
     assert status == 504
     assert body == b'{"error":"upstream_timeout","route":"api"}'
     assert sc.sample("sidecar_upstream_failures_total", route="api", kind="timeout") == 1
@@ -514,12 +531,15 @@ async def test_a_probe_is_judged_by_its_answer_not_by_a_slow_reader(
 async def test_a_slow_upload_is_not_an_upstream_timeout(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    sc = await start_sidecar(routes(upstream.url).replace("request: 2s", "request: 200ms"))
+    sc = await start_sidecar(
+        routes(upstream.url).replace("request: 2s", "request: 200ms"), fake_timers=True
+    )
 
     async def trickle() -> Any:
-        for _ in range(5):  # 0.5 s in all, more than the request timeout
-            await asyncio.sleep(0.1)
+        for sent in range(100, 600, 100):  # 0.75 s in all, far more than the request timeout
             yield b"x" * 100
+            await eventually(lambda sent=sent: upstream.uploaded == sent)  # passed on
+            sc.clock.advance(0.15)  # ... and the next 100 bytes come within the timeout
 
     async with http.post(f"{sc.proxy}/api/upload", data=trickle()) as response:
         assert response.status == 200
@@ -530,13 +550,18 @@ async def test_a_slow_upload_is_not_an_upstream_timeout(
 async def test_a_client_that_stops_sending_its_body_gets_408_and_counts_nothing(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
-    sc = await start_sidecar(routes(upstream.url).replace("request: 2s", "request: 100ms"))
-    host, port = sc.proxy[len("http://") :].rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    sc = await start_sidecar(
+        routes(upstream.url).replace("request: 2s", "request: 100ms"), fake_timers=True
+    )
+    reader, writer = await connect(sc.proxy)
     writer.write(b"POST /api/upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000\r\n\r\nonly-this")
     await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    body = await reader.read(200)
+    await eventually(lambda: upstream.uploaded == 9)  # passed on; the rest never comes
+    sc.clock.advance(0.099)
+    assert in_flight(sc) == 1
+    sc.clock.advance(0.001)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    body = await asyncio.wait_for(reader.read(200), 5)
     writer.close()
     assert head.startswith(b"HTTP/1.1 408")
     assert body == b'{"error":"client_timeout","route":"api"}'
@@ -712,13 +737,18 @@ async def test_a_stalled_response_body_times_out_and_aborts_the_client(
         writer.close()
 
     sc = await start_sidecar(
-        routes(await raw_upstream(handler)).replace("request: 2s", "request: 100ms")
+        routes(await raw_upstream(handler)).replace("request: 2s", "request: 100ms"),
+        fake_timers=True,
     )
     try:
         async with http.get(f"{sc.proxy}/api/x") as response:
             assert response.status == 200
+            assert await asyncio.wait_for(response.content.readexactly(10), 5) == b"d" * 10
+            sc.clock.advance(0.099)
+            assert in_flight(sc) == 1
+            sc.clock.advance(0.001)  # 100 ms since the last bytes
             with pytest.raises(aiohttp.ClientPayloadError):
-                await response.read()
+                await asyncio.wait_for(response.read(), 5)
     finally:
         stop.set()
     assert sc.sample("sidecar_upstream_failures_total", route="api", kind="timeout") == 1
@@ -728,12 +758,17 @@ async def test_a_stalled_response_body_times_out_and_aborts_the_client(
 async def test_a_slow_reader_is_not_an_upstream_timeout(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    sc = await start_sidecar(routes(upstream.url).replace("request: 2s", "request: 100ms"))
+    sc = await start_sidecar(
+        routes(upstream.url).replace("request: 2s", "request: 100ms"), fake_timers=True
+    )
     size = 32 << 20  # far more than the socket buffers: the sidecar must wait on the client
     received = 0
     async with http.get(f"{sc.proxy}/api/big/{size}") as response:
+        conn = await sc.client_connection()
         received += len(await response.content.readany())
-        await asyncio.sleep(0.4)  # the client dawdles, well past the request timeout
+        await eventually(lambda: conn.writing_paused)  # the client's buffers are full
+        sc.clock.advance(0.4)  # the client dawdles, well past the request timeout
+        assert in_flight(sc) == 1
         async for chunk in response.content.iter_any():
             received += len(chunk)
     assert received == size
@@ -744,37 +779,53 @@ async def test_a_slow_reader_is_not_an_upstream_timeout(
 async def _early_answer_then_stall(
     start_sidecar: StartSidecar, raw_upstream: Any, client_sends: bytes, trickle: bool
 ) -> tuple[Running, int]:
-    """The upstream answers at once, sends 10 of 1000 bytes and waits for the rest of the upload."""
-    stop = asyncio.Event()
+    """The upstream answers at once, sends 10 of 1000 bytes and waits for the rest of the
+    upload (reading what comes of it); the client's trickle, if any, is a chunk each 50 ms."""
+    uploaded = bytearray()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"e" * 10)
         await writer.drain()
-        await stop.wait()
+        while data := await reader.read(65536):  # until the sidecar lets go
+            uploaded.extend(data)
         writer.close()
 
     sc = await start_sidecar(
-        routes(await raw_upstream(handler)).replace("request: 2s", "request: 200ms")
+        routes(await raw_upstream(handler)).replace("request: 2s", "request: 200ms"),
+        fake_timers=True,
     )
-    host, port = sc.proxy[len("http://") :].rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await connect(sc.proxy)
     writer.write(b"POST /api/x HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n")
     writer.write(client_sends)
+    sent = len(client_sends)  # upstream bytes: the sidecar frames a chunk as the client did
     trickled = 0
+    answer = b""
     try:
-        for _ in range(40 if trickle else 0):  # 2 s of trickle must not hide the stall
-            await asyncio.sleep(0.05)
-            writer.write(b"1\r\nx\r\n")
-            await writer.drain()
-            trickled += 1
-        assert (await reader.read()).startswith(b"HTTP/1.1 200")  # then aborted, never whole
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        answer += await asyncio.wait_for(reader.readexactly(10), 5)
+        await eventually(lambda: len(uploaded) == sent)
+        if trickle:
+            # 2 s of trickle must not hide the stall: the answer's time runs from its last
+            # bytes, whatever the client sends.
+            while in_flight(sc) == 1 and trickled < 40:
+                writer.write(b"1\r\nx\r\n")
+                trickled += 1
+                sent += 6
+                await eventually(lambda sent=sent: len(uploaded) == sent)
+                sc.clock.advance(0.05)
+        else:
+            sc.clock.advance(0.199)
+            assert in_flight(sc) == 1
+            sc.clock.advance(0.001)
+        answer += await asyncio.wait_for(reader.read(), 5)
     except ConnectionResetError:
         pass
     finally:
-        stop.set()
         writer.close()
-    await eventually(lambda: sc.sample("sidecar_in_flight_requests", route="api") == 0)
+    assert answer.startswith(b"HTTP/1.1 200")  # then aborted, never whole:
+    assert len(answer.partition(b"\r\n\r\n")[2]) < 1000
+    await eventually(lambda: in_flight(sc) == 0)
     return sc, trickled
 
 
@@ -784,7 +835,7 @@ async def test_a_stalled_body_is_found_even_while_the_client_trickles_its_upload
     sc, trickled = await _early_answer_then_stall(
         start_sidecar, raw_upstream, b"1\r\nx\r\n", trickle=True
     )
-    assert trickled < 40  # found: the client was aborted while still uploading
+    assert trickled == 4  # < 40: found 200 ms after the answer, while the client uploads
     # ... and not charged to the upstream, which may be waiting for the rest of the upload.
     assert sc.breaker("api").consecutive_failures == 0
 

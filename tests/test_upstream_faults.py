@@ -8,11 +8,16 @@ two faulty exchanges open the route (threshold 2), and the next request is refus
 with no connection reaching the upstream. A succeeding row follows a failure and
 must reset its count. The two faults that are about time (a 5xx burst then
 recovery, flapping up and down) drive the breaker's whole cycle on the fake clock.
+
+The sidecar's timeouts run on the fake clock too: an upstream that takes its time
+waits for the test (`Script.pause`), which moves the clock as its row's `pace` says,
+and no test waits for a timeout to run out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,7 +34,8 @@ from tests.conftest import RawHandler, Running, StartSidecar, eventually, read_r
 
 ROUTE = "api"
 REQUEST_TIMEOUT = 0.2
-"""Real loop time: where a request timeout must fire, the test waits for the sidecar's."""
+"""The route's request timeout, on the fake clock: where it must fire, the test moves the
+clock past it."""
 
 UNREACHABLE = b'{"error":"upstream_unreachable","route":"api"}'
 TIMEOUT = b'{"error":"upstream_timeout","route":"api"}'
@@ -99,7 +105,11 @@ def assert_breaker(sc: Running, state: State, consecutive: int) -> None:
 
 async def assert_settled(sc: Running) -> None:
     """Nothing is left in flight (the handler ends just after the client has its last byte)."""
-    await eventually(lambda: sc.sample("sidecar_in_flight_requests", route=ROUTE) == 0)
+    await eventually(lambda: in_flight(sc) == 0)
+
+
+def in_flight(sc: Running) -> float | None:
+    return sc.sample("sidecar_in_flight_requests", route=ROUTE)
 
 
 # -- the client ---------------------------------------------------------------------------------
@@ -124,17 +134,18 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def fetch(
-    client: aiohttp.ClientSession, url: str, on_headers: asyncio.Event | None = None
-) -> Seen:
-    """GET `url`; `on_headers` is set once the response headers are in, before the body."""
+async def fetch(client: aiohttp.ClientSession, url: str, script: Script | None = None) -> Seen:
+    """GET `url`; with `script`, its `client_has_headers` is set once the response headers
+    are in, before the body, and its `received` counts the body's bytes as they come."""
     async with client.get(url) as response:
-        if on_headers is not None:
-            on_headers.set()
+        if script is not None:
+            script.client_has_headers.set()
         body = b""
         try:
             async for chunk in response.content.iter_any():
                 body += chunk
+                if script is not None:
+                    script.received += len(chunk)
         except aiohttp.ClientPayloadError:
             return Seen(response.status, dict(response.headers), body, aborted=True)
         return Seen(response.status, dict(response.headers), body, aborted=False)
@@ -153,6 +164,35 @@ class Script:
     """Connections the sidecar closed while the upstream kept them open, waiting."""
     client_has_headers: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by the test once its client has the response headers."""
+    waiting: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by the upstream when it waits for time to pass (`pause`)."""
+    go_on: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by the test once it has moved the clock."""
+    sent: int = 0
+    """Body bytes the upstream sent in the exchange in hand."""
+    received: int = 0
+    """Body bytes of it the client has."""
+
+    async def pause(self, reader: asyncio.StreamReader) -> bool:
+        """Take time, as an upstream does between two steps: wait until the test has moved
+        the clock (False), or until the sidecar hangs up first (True: counted)."""
+        self.go_on.clear()
+        self.waiting.set()
+        hang_up = asyncio.ensure_future(reader.read())
+        go_on = asyncio.ensure_future(self.go_on.wait())
+        try:
+            await asyncio.wait([hang_up, go_on], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            go_on.cancel()
+            if not hang_up.done():
+                hang_up.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await hang_up
+        if hang_up.cancelled():
+            return False
+        assert hang_up.result() == b""
+        self.hung_up += 1
+        return True
 
 
 Behaviour = Callable[[Script, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -193,7 +233,7 @@ async def until_hung_up(script: Script, reader: asyncio.StreamReader, within: fl
 
 async def never_answers(script: Script, reader: asyncio.StreamReader, _w: object) -> None:
     await read_request_head(reader)
-    await until_hung_up(script, reader, within=60)  # ... until the sidecar gives up
+    await script.pause(reader)  # ... until the sidecar gives up
 
 
 async def closes_at_once(_s: Script, _r: object, writer: asyncio.StreamWriter) -> None:
@@ -238,14 +278,16 @@ DRIP_GAP = REQUEST_TIMEOUT / 4
 """Each gap well inside the request timeout; all eight together twice past it."""
 
 
-async def drips(_s: Script, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def drips(script: Script, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     if await answered_primer(reader, writer):
         return
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(b"".join(DRIP)))
     for chunk in DRIP:
         await writer.drain()
-        await asyncio.sleep(DRIP_GAP)  # the upstream's own pace, not the test waiting
+        if await script.pause(reader):  # the upstream's own pace: a gap
+            return
         writer.write(chunk)
+        script.sent += len(chunk)
     await writer.drain()
 
 
@@ -256,10 +298,11 @@ async def drips_then_stalls(
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY))
     for i in range(3):
         writer.write(BODY[i * 100 : (i + 1) * 100])
+        script.sent += 100
         await writer.drain()
-        if await until_hung_up(script, reader, within=DRIP_GAP):
+        if await script.pause(reader):  # a gap; after the third, the rest never comes
             return
-    await until_hung_up(script, reader, within=60)  # the rest never comes
+    await until_hung_up(script, reader, within=60)
 
 
 async def drips_its_headers(
@@ -270,7 +313,7 @@ async def drips_its_headers(
     writer.write(b"HTTP/1.1 200 OK\r\n")
     for i in range(2 * len(DRIP)):
         await writer.drain()
-        if await until_hung_up(script, reader, within=DRIP_GAP):
+        if await script.pause(reader):
             return
         writer.write(b"X-Drip-%d: %d\r\n" % (i, i))
     writer.write(b"Content-Length: 2\r\n\r\nok")
@@ -340,11 +383,23 @@ class Fault:
     """Headers the client must get, as the upstream sent them."""
     hangs_up: bool = False
     """The upstream waits on an open connection: the sidecar must close it."""
+    pace: tuple[float, ...] = ()
+    """The fake time the test moves each time the upstream takes its time (`Script.pause`),
+    in order. Where the row's outcome is a timeout, the last is where the sidecar gives up:
+    the test moves to a millisecond short of it first (nothing happens), then to it."""
 
 
 FAULTS = [
     Fault("connection refused", REFUSED, 502, UNREACHABLE, "connect", connections=0),
-    Fault("accepts and never answers", never_answers, 504, TIMEOUT, "timeout", hangs_up=True),
+    Fault(
+        "accepts and never answers",
+        never_answers,
+        504,
+        TIMEOUT,
+        "timeout",
+        hangs_up=True,
+        pace=(REQUEST_TIMEOUT,),
+    ),
     # aiohttp retries an idempotent request once, on a new connection, when the connection
     # drops before any response (RFC 9112 9.3.1.1): two connections, one failure counted.
     Fault("closes right after accept", closes_at_once, 502, UNREACHABLE, "connect", connections=2),
@@ -358,8 +413,16 @@ FAULTS = [
     ),
     Fault("headers, then resets mid-body", resets_mid_body, 200, None, "reset"),
     Fault("headers, then resets mid-chunked-body", resets_mid_chunked_body, 200, None, "reset"),
-    Fault("a very slow body (drip)", drips, 200, b"".join(DRIP), None),
-    Fault("a drip that stalls", drips_then_stalls, 200, None, "timeout", hangs_up=True),
+    Fault("a very slow body (drip)", drips, 200, b"".join(DRIP), None, pace=(DRIP_GAP,) * 8),
+    Fault(
+        "a drip that stalls",
+        drips_then_stalls,
+        200,
+        None,
+        "timeout",
+        hangs_up=True,
+        pace=(DRIP_GAP, DRIP_GAP, REQUEST_TIMEOUT),
+    ),
     Fault(
         "headers dripped past the timeout",
         drips_its_headers,
@@ -367,6 +430,7 @@ FAULTS = [
         TIMEOUT,
         "timeout",
         hangs_up=True,
+        pace=(DRIP_GAP,) * 4,  # the fourth gap ends the request's time
     ),
     Fault(
         "not HTTP: an SSH banner, then silence",
@@ -428,6 +492,33 @@ async def upstream_url(
     return await raw_upstream(counting(script, fault.upstream))
 
 
+async def exchange(
+    sc: Running, client: aiohttp.ClientSession, url: str, fault: Fault, script: Script
+) -> Seen:
+    """`fetch`, moving the clock as `fault.pace` says each time the upstream takes its time."""
+    script.sent = script.received = 0
+    script.waiting.clear()
+    fetching = asyncio.ensure_future(fetch(client, url, script))
+    try:
+        for n, step in enumerate(fault.pace, start=1):
+            await asyncio.wait_for(script.waiting.wait(), 5)
+            script.waiting.clear()
+            # The client has all the upstream sent (so the sidecar took it in) ...
+            await eventually(lambda: script.received == script.sent)
+            if fault.kind == "timeout" and n == len(fault.pace):
+                sc.clock.advance(step - 0.001)
+                assert in_flight(sc) == 1
+                sc.clock.advance(0.001)  # ... and the sidecar gives up, at once
+                assert in_flight(sc) == 0
+            else:
+                sc.clock.advance(step)
+                assert in_flight(sc) == 1  # ... and still waits on the upstream
+                script.go_on.set()
+        return await asyncio.wait_for(fetching, 5)
+    finally:
+        fetching.cancel()
+
+
 def assert_seen(seen: Seen, fault: Fault) -> None:
     assert seen.status == fault.status
     if fault.body is None:
@@ -450,7 +541,9 @@ async def test_upstream_fault(
     client: aiohttp.ClientSession,
 ) -> None:
     script = Script()
-    sc = await start_sidecar(config(await upstream_url(fault, script, raw_upstream, closed_port)))
+    sc = await start_sidecar(
+        config(await upstream_url(fault, script, raw_upstream, closed_port)), fake_timers=True
+    )
     code = str(fault.status)
     url = f"{sc.proxy}/api/x"
 
@@ -458,7 +551,7 @@ async def test_upstream_fault(
         # A success: it resets the count a failure (the primer's 500) left.
         assert (await fetch(client, f"{sc.proxy}/api/prime")).status == 500
         assert_breaker(sc, State.CLOSED, 1)
-        assert_seen(await fetch(client, url, script.client_has_headers), fault)
+        assert_seen(await exchange(sc, client, url, fault, script), fault)
         assert_breaker(sc, State.CLOSED, 0)
         assert counters(sc) == {
             ("requests", "500"): 1,
@@ -469,13 +562,13 @@ async def test_upstream_fault(
         await assert_settled(sc)
         return
 
-    assert_seen(await fetch(client, url, script.client_has_headers), fault)
+    assert_seen(await exchange(sc, client, url, fault, script), fault)
     assert_breaker(sc, State.CLOSED, 1)
     assert counters(sc) == {("requests", code): 1, ("failures", fault.kind): 1}
     assert script.connections == fault.connections
 
     script.client_has_headers.clear()
-    assert_seen(await fetch(client, url, script.client_has_headers), fault)
+    assert_seen(await exchange(sc, client, url, fault, script), fault)
     assert_breaker(sc, State.OPEN, 2)
     assert counters(sc) == {
         ("requests", code): 2,
@@ -499,7 +592,7 @@ async def test_upstream_fault(
     sc.clock.advance(10)
     assert_breaker(sc, State.HALF_OPEN, 2)
     script.client_has_headers.clear()
-    assert_seen(await fetch(client, url, script.client_has_headers), fault)
+    assert_seen(await exchange(sc, client, url, fault, script), fault)
     assert script.connections == 3 * fault.connections
     after = {
         ("requests", code): 3,
