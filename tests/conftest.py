@@ -236,6 +236,23 @@ def upstream_app(state: Upstream) -> web.Application:
     return app
 
 
+def two_routes(upstream: Upstream) -> str:
+    """Routes `a` (/a) and `b` (/b) to `upstream`, each opening after two failures."""
+    return f"""
+routes:
+  - name: a
+    match: {{path_prefix: /a}}
+    upstream: {upstream.url}
+    strip_prefix: true
+    breaker: {{failure_threshold: 2, open_duration: 45s}}
+  - name: b
+    match: {{path_prefix: /b}}
+    upstream: {upstream.url}
+    strip_prefix: true
+    breaker: {{failure_threshold: 2, open_duration: 45s}}
+"""
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     state = Upstream(url="", server=None)  # type: ignore[arg-type]
@@ -293,16 +310,6 @@ async def read_one(reader: asyncio.StreamReader) -> bytes:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     return head + await asyncio.wait_for(reader.readexactly(length), 5)
-
-
-async def quiet_for(reader: asyncio.StreamReader, seconds: float) -> None:
-    """Nothing arrives from the sidecar for `seconds` (a timer must not fire meanwhile)."""
-    peek = asyncio.ensure_future(reader.read(1))
-    done, _ = await asyncio.wait([peek], timeout=seconds)
-    assert not done, f"the sidecar sent {peek.result()!r}"
-    peek.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await peek
 
 
 async def read_request_head(reader: asyncio.StreamReader) -> bytes:

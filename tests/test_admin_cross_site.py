@@ -23,7 +23,7 @@ from sidecar.app import Sidecar
 from sidecar.breaker import State
 from sidecar.cli import main
 from sidecar.config import DEFAULT_ADMIN_ALLOWED_HOSTS, ConfigError, load_config, parse_config
-from tests.conftest import Running, StartSidecar, Upstream, raw_exchange
+from tests.conftest import Running, StartSidecar, Upstream, raw_exchange, two_routes
 from tests.fakes import FakeClock
 
 MINIMAL = """
@@ -287,22 +287,6 @@ FORMS = {
 }
 
 
-def routes(upstream: Upstream) -> str:
-    return f"""
-routes:
-  - name: a
-    match: {{path_prefix: /a}}
-    upstream: {upstream.url}
-    strip_prefix: true
-    breaker: {{failure_threshold: 2, open_duration: 45s}}
-  - name: b
-    match: {{path_prefix: /b}}
-    upstream: {upstream.url}
-    strip_prefix: true
-    breaker: {{failure_threshold: 2, open_duration: 45s}}
-"""
-
-
 def port_of(s: Running) -> int:
     return s.sidecar.addresses["admin"].port
 
@@ -401,7 +385,7 @@ def refused_as_cross_site(answer: dict[str, object], detail: str) -> None:
 async def test_a_form_of_another_origin_cannot_force_a_route_open(
     start_sidecar: StartSidecar, upstream: Upstream, content_type: str
 ) -> None:
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     port = port_of(s)
     page = "http://127.0.0.1:8000"  # any other port on this machine: another origin
     attack = form_post("/breakers/a", f"127.0.0.1:{port}", page, content_type, FORMS[content_type])
@@ -417,7 +401,7 @@ async def test_a_form_of_another_origin_cannot_force_a_route_open(
 async def test_a_refusal_is_logged_for_the_operator(
     start_sidecar: StartSidecar, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     port = port_of(s)
     attack = form_post(
         "/breakers/a", f"127.0.0.1:{port}", "http://evil.example", "text/plain", FORMS["text/plain"]
@@ -434,7 +418,7 @@ async def test_a_refusal_is_logged_for_the_operator(
 async def test_a_form_of_another_origin_cannot_reset_a_tripped_route(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     await trip(s, http, "b")
     host = f"127.0.0.1:{port_of(s)}"
     for page, content_type in (
@@ -453,7 +437,7 @@ async def test_a_form_of_another_origin_cannot_reset_a_tripped_route(
 async def test_a_form_of_another_origin_cannot_reload(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     host = f"127.0.0.1:{port_of(s)}"
     attack = form_post("/reload", host, "http://127.0.0.1:8000", "text/plain", b"")
     status, answer = await send(s, attack)
@@ -465,7 +449,7 @@ async def test_a_form_of_another_origin_cannot_reload(
 async def test_sec_fetch_site_cross_site_is_refused_without_an_origin(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     attack = request(
         "/breakers/a",
         [
@@ -486,7 +470,7 @@ async def test_origin_null_is_another_origin(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
     # A form in a sandboxed iframe, or one posted from a file:// page, says `Origin: null`.
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     host = f"127.0.0.1:{port_of(s)}"
     attack = form_post("/breakers/a", host, "null", "text/plain", TEXT_PLAIN_FORM, "cross-site")
     status, answer = await send(s, attack.replace(b"Sec-Fetch-Site: cross-site\r\n", b""))
@@ -500,7 +484,7 @@ async def test_a_dns_name_rebound_to_this_machine_is_refused(
 ) -> None:
     # evil.example served the page, then its DNS answer changed to 127.0.0.1: to the
     # browser the admin listener is now the page's own origin, JSON and all.
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     port = port_of(s)
     attack = fetch_post(
         "/breakers/a", f"evil.example:{port}", f"http://evil.example:{port}",
@@ -521,7 +505,7 @@ async def allowing(tmp_path: Path, upstream: Upstream, hosts: str) -> AsyncItera
     path = tmp_path / "allowing.yaml"
     path.write_text(
         "listen: 127.0.0.1:0\n"
-        f"admin: {{listen: 127.0.0.1:0, allowed_hosts: {hosts}}}\n" + routes(upstream)
+        f"admin: {{listen: 127.0.0.1:0, allowed_hosts: {hosts}}}\n" + two_routes(upstream)
     )
     clock = FakeClock()
     sidecar = Sidecar(load_config(str(path)), clock=clock)
@@ -572,7 +556,7 @@ async def test_only_the_allowed_host_names_pass(tmp_path: Path, upstream: Upstre
 async def test_a_json_post_from_the_listeners_own_origin_is_accepted(
     start_sidecar: StartSidecar, upstream: Upstream, host: str
 ) -> None:
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     port = port_of(s)  # the port bound, not the 0 of the config
     own = fetch_post(
         "/breakers/a", f"{host}:{port}", f"http://{host}:{port}", b'{"state": "forced_open"}'
@@ -589,7 +573,7 @@ async def test_a_json_post_without_an_origin_is_accepted(
     start_sidecar: StartSidecar, upstream: Upstream, content_type: str
 ) -> None:
     # curl -X POST -H 'Content-Type: application/json' -d '{"state": ...}' 127.0.0.1:PORT/...
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     body = b'{"state": "forced_open", "ttl": "10m"}'
     status, answer = await send(
         s, curl_post("/breakers/a", f"127.0.0.1:{port_of(s)}", content_type, body)
@@ -600,7 +584,7 @@ async def test_a_json_post_without_an_origin_is_accepted(
 async def test_curl_posts_without_a_body_keep_working(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     await trip(s, http, "b")
     host = f"127.0.0.1:{port_of(s)}"
     assert (await send(s, curl_post("/reload", host)))[0] == 200
@@ -626,7 +610,7 @@ async def test_curl_posts_without_a_body_keep_working(
 async def test_a_body_that_is_not_json_is_415(
     start_sidecar: StartSidecar, upstream: Upstream, content_type: str | None, sent: str
 ) -> None:
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     post = curl_post("/breakers/a", f"127.0.0.1:{port_of(s)}", content_type, TEXT_PLAIN_FORM)
     status, answer = await send(s, post)
     assert status == 415
@@ -640,7 +624,7 @@ async def test_a_body_that_is_not_json_is_415(
 async def test_a_chunked_body_that_is_not_json_is_415(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     await trip(s, http, "b")
     post = (
         f"POST /breakers/b/reset HTTP/1.1\r\nHost: 127.0.0.1:{port_of(s)}\r\n"
@@ -654,7 +638,7 @@ async def test_a_chunked_body_that_is_not_json_is_415(
 async def test_with_a_token_the_cross_site_rule_still_comes_first(
     start_sidecar: StartSidecar, upstream: Upstream
 ) -> None:
-    s = await start_sidecar(routes(upstream), admin_token="s3cret")
+    s = await start_sidecar(two_routes(upstream), admin_token="s3cret")
     port = port_of(s)
     host = f"127.0.0.1:{port}"
     body = b'{"state": "forced_open"}'

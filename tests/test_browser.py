@@ -25,7 +25,7 @@ from multidict import MultiMapping
 
 from sidecar import admin
 from sidecar.breaker import State
-from tests.conftest import StartSidecar, Upstream
+from tests.conftest import StartSidecar, Upstream, two_routes
 
 pytestmark = pytest.mark.browser
 
@@ -76,22 +76,6 @@ def chromium(tmp_path: Path) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
-
-
-def routes(upstream: Upstream) -> str:
-    return f"""
-routes:
-  - name: a
-    match: {{path_prefix: /a}}
-    upstream: {upstream.url}
-    strip_prefix: true
-    breaker: {{failure_threshold: 2, open_duration: 45s}}
-  - name: b
-    match: {{path_prefix: /b}}
-    upstream: {upstream.url}
-    strip_prefix: true
-    breaker: {{failure_threshold: 2, open_duration: 45s}}
-"""
 
 
 def form_page(action: str, enctype: str, fields: str = "") -> str:
@@ -152,7 +136,7 @@ async def test_pages_of_other_origins_change_no_breaker(
     chromium: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    s = await start_sidecar(routes(upstream))
+    s = await start_sidecar(two_routes(upstream))
     async with aiohttp.ClientSession() as http:
         for _ in range(2):
             async with http.get(f"{s.proxy}/b/status/500") as response:

@@ -18,7 +18,7 @@ from sidecar.breaker import Breaker, BreakerSettings, Permit, Rejection, State
 from sidecar.config import Route
 from sidecar.metrics import RouteMetrics
 from sidecar.proxy import Target
-from tests.conftest import StartSidecar, Upstream, connect, json_body, raw_exchange
+from tests.conftest import StartSidecar, Upstream, connect, json_body, raw_exchange, two_routes
 from tests.fakes import FakeClock
 
 
@@ -172,22 +172,6 @@ def test_only_overrides_can_be_forced() -> None:
 
 
 # -- the admin endpoints ----------------------------------------------------------------
-
-
-def two_routes(upstream: Upstream) -> str:
-    return f"""
-routes:
-  - name: a
-    match: {{path_prefix: /a}}
-    upstream: {upstream.url}
-    strip_prefix: true
-    breaker: {{failure_threshold: 2, open_duration: 45s}}
-  - name: b
-    match: {{path_prefix: /b}}
-    upstream: {upstream.url}
-    strip_prefix: true
-    breaker: {{failure_threshold: 2, open_duration: 45s}}
-"""
 
 
 async def post(
