@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,23 +21,10 @@ from sidecar.admin import _cross_site
 from sidecar.app import Sidecar
 from sidecar.breaker import State
 from sidecar.cli import main
-from sidecar.config import DEFAULT_ADMIN_ALLOWED_HOSTS, ConfigError, load_config, parse_config
+from sidecar.config import DEFAULT_ADMIN_ALLOWED_HOSTS, load_config, parse_config
 from tests.conftest import Running, StartSidecar, Upstream, raw_exchange, two_routes
 from tests.fakes import FakeClock
-
-MINIMAL = """
-routes:
-  - name: payments
-    match: {path_prefix: /payments}
-    upstream: http://payments:8080
-"""
-
-
-def errors(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        parse_config(textwrap.dedent(text), "c.yaml")
-    return [str(p) for p in info.value.problems]
-
+from tests.test_config import MINIMAL, errors
 
 # -- admin.allowed_hosts in the config ----------------------------------------------------
 
