@@ -60,6 +60,9 @@ MAX_HEADERS = 128
 """Headers in a request (400 beyond)."""
 MAX_HEAD_SIZE = 2**21
 """Bytes a request head may take in all before it is refused: what the limits above allow."""
+LINGER = 2.0
+"""Seconds a connection closed while its client may still be sending reads and drops
+what comes, before it really closes (the client's EOF ends it sooner)."""
 BODY_BUFFER = 2**16
 """Request body bytes kept while nobody reads them yet, before reading from the client pauses."""
 DISCARD_LIMIT = 2**16
@@ -477,6 +480,45 @@ class Channel:
             transport.close()
 
 
+class _BodyAfterUpgrade:
+    """The parser's callbacks on a connection whose upgrade request had a body (see
+    `ClientConnection._upgrade`): the first head fed is a stand-in for that request's
+    framing, and goes nowhere; its body, and every request after it, go on as usual."""
+
+    __slots__ = ("_conn", "_request", "_stand_in")
+
+    def __init__(self, conn: ClientConnection, request: Request) -> None:
+        self._conn = conn
+        self._request = request
+        self._stand_in = True
+
+    def on_message_begin(self) -> None:
+        if self._stand_in:
+            self._conn._parsing = self._request
+        else:
+            self._conn.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self._stand_in:
+            self._conn.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._stand_in:
+            self._conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._stand_in:
+            self._stand_in = False
+        else:
+            self._conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._conn.on_message_complete()
+
+
 class Listener:
     """The proxy listener: accepts connections and hands each request head to `handler`."""
 
@@ -543,13 +585,15 @@ class ClientConnection(asyncio.Protocol):
         "_chunk",
         "_dispatching",
         "_ending",
+        "_fed_from",
         "_head_size",
         "_header_timer",
         "_idle_timer",
         "_idle_until",
         "_in_head",
+        "_linger_timer",
+        "_lingering",
         "_listener",
-        "_owed",
         "_parser",
         "_parsing",
         "_paused",
@@ -571,7 +615,7 @@ class ClientConnection(asyncio.Protocol):
         self._timeouts = listener.timeouts
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._parsing: Request | None = None
         """The request whose head or body the parser is in now."""
         self._in_head = False
@@ -583,13 +627,18 @@ class ClientConnection(asyncio.Protocol):
         self._active: Request | None = None
         """The request being answered: the first in line."""
         self._queue: deque[Request] = deque()
-        """Requests parsed whole (heads) and waiting for their turn."""
-        self._owed: Refusal | None = None
-        """What the listener refused, answered once the request in hand is, then closed."""
+        """Requests parsed whole (heads) and waiting for their turn; last, perhaps, what the
+        listener refused (a stand-in whose `refused` is set), answered in its turn."""
+        self._fed_from = 0
+        """Requests in line before the read being parsed: those parsed from it are dropped
+        with it if it turns out malformed (a read is refused whole)."""
         self._broken = False
-        """The request in hand's body broke: no request can follow it on this connection."""
+        """Refused, or the body in hand broke: nothing more is read as requests."""
         self._ending = False
         """No request follows the one in hand: refused, broken, or the listener stopping."""
+        self._lingering = False
+        """Answered and half-closed: what the client still sends is read and dropped."""
+        self._linger_timer: Timer | None = None
         self._upgraded: Request | None = None
         """The upgrade request the parser stopped after: what follows is its bytes."""
         self._paused = 0
@@ -627,8 +676,9 @@ class ClientConnection(asyncio.Protocol):
         if relay is not None:
             relay.relay_data(data)
             return
-        if self._owed is not None or self._broken:
-            return  # refused already: nothing more is read
+        parser = self._parser
+        if parser is None or self._broken or self._lingering:
+            return  # refused, or closing: nothing more is read as requests
         upgraded = self._upgraded
         if upgraded is not None:
             tail = upgraded.upgrade_tail = (upgraded.upgrade_tail or b"") + data
@@ -636,19 +686,26 @@ class ClientConnection(asyncio.Protocol):
                 self.pause(_PAUSE_BUFFERED)
             return
         self._chunk = size = len(data)
+        self._fed_from = len(self._queue)
         if self._in_head:
             self._head_size += size
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            self._upgrade(data[e.args[0] :])
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            self._refuse(cause if isinstance(cause, Refusal) else _bad(str(e)), data)
-            return
-        except httptools.HttpParserError as e:
-            self._refuse(_bad(str(e) or type(e).__name__), data)
-            return
+        while True:
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserUpgrade as e:
+                data = data[e.args[0] :]
+                if self._upgrade(data):
+                    parser = self._parser  # (a new one: see `_upgrade`)
+                    assert parser is not None
+                    continue
+            except httptools.HttpParserCallbackError as e:
+                cause = e.__context__
+                self._refuse(cause if isinstance(cause, Refusal) else _bad(str(e)), data)
+                return
+            except httptools.HttpParserError as e:
+                self._refuse(_bad(str(e) or type(e).__name__), data)
+                return
+            break
         if self._in_head:
             if self._head_size > MAX_HEAD_SIZE:
                 self._refuse(_bad("the request head is too large"), data)
@@ -668,6 +725,10 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_timers()
+        # The parser and the request being parsed refer back to this object: let go of
+        # them, or every connection would end as cyclic garbage.
+        self._parser = None
+        self._parsing = self._upgraded = None
         active, self._active = self._active, None
         self._queue.clear()
         relay, self._relay = self._relay, None
@@ -769,8 +830,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         request = self._parsing
-        assert request is not None
         parser = self._parser
+        assert request is not None and parser is not None
         self._in_head = False
         if self._header_timer is not None:
             self._header_timer.cancel()
@@ -821,14 +882,16 @@ class ClientConnection(asyncio.Protocol):
         self._dispatching = True
         try:
             while self._active is None and self._queue:
-                if self.writing_paused or self.transport is None:
-                    return  # the client is behind: on with it once it caught up
+                transport = self.transport
+                if self.writing_paused or transport is None or transport.is_closing():
+                    return  # the client is behind (on with it once it caught up), or gone
                 parsing = self._parsing
                 if parsing is not None and parsing.ended:
                     return  # still reading (and dropping) the body of an answered request
                 request = self._queue.popleft()
                 if request.refused is not None:
-                    self._refuse(request.refused)
+                    self._queue.clear()
+                    self._answer_refusal(request.refused)
                     return
                 if not self._queue:
                     self.resume(_PAUSE_PIPELINED)
@@ -878,17 +941,19 @@ class ClientConnection(asyncio.Protocol):
         finished = self._listener.finished
         if finished is not None:
             finished(request)
+        # Whatever was paused for its body is not any more; what is left of it, if the
+        # connection goes on, is read and dropped.
+        request.stop_body()
         transport = self.transport
         if transport is None:
             return
         if not keep or self._ending:
-            owed = self._owed
-            if owed is not None:
-                transport.write(owed.answer())
-            transport.close()
+            queue = self._queue
+            if queue and queue[-1].refused is not None:
+                self._next()  # what the listener refused, after whatever came before it
+            else:
+                self._close(lingering=not request.body_complete or self._broken)
             return
-        if not request.body_complete:
-            request.stop_body()  # the rest of it is read and dropped
         self._after_answer()
 
     def _after_answer(self) -> None:
@@ -932,8 +997,8 @@ class ClientConnection(asyncio.Protocol):
     # -- refusals, upgrades, timers ----------------------------------------------------------
 
     def _refuse(self, refusal: Refusal, data: bytes = b"") -> None:
-        """Answer what the listener cannot take, after the answer in hand if there is one,
-        and close. A body that breaks is the business of whoever reads it."""
+        """Answer what the listener cannot take, in its turn (after the requests before
+        it), and close. A body that breaks is the business of whoever reads it."""
         parsing = self._parsing
         active = self._active
         # A TLS handshake on the plain-HTTP port is a client misconfigured, not an
@@ -948,34 +1013,80 @@ class ClientConnection(asyncio.Protocol):
             status=refusal.status,
             reason="TLS on the plain-HTTP port" if tls else str(refusal),
         )
-        self._queue.clear()
+        self._broken = self._ending = True
+        self._parsing = None
+        if parsing is not None and not self._in_head:
+            if parsing is active:
+                parsing._body_failed(str(refusal))  # its handler answers (a 400, or abort)
+                return
+            if parsing.ended:
+                # The body of a request answered already, being dropped: nothing is owed.
+                if active is None:
+                    self._close(lingering=True)
+                return
+        # What came in this read is refused whole; so is a request whose body broke
+        # before its turn. Those before stay in line, and the refusal comes after them.
+        queue = self._queue
+        while len(queue) > self._fed_from or (parsing is not None and parsing in queue):
+            queue.pop()
         self.resume(_PAUSE_PIPELINED)
-        transport = self.transport
-        if parsing is not None and not self._in_head and parsing.ended:
-            # The body of a request answered already, being read and dropped: just close.
-            if active is None and transport is not None:
-                transport.close()
-            return
-        if parsing is not None and not self._in_head and parsing is active:
-            self._broken = self._ending = True  # its handler answers (its own 400, or abort)
-            parsing._body_failed(str(refusal))
-            return
-        self._owed = refusal
-        self._ending = True
-        if active is None and transport is not None:
-            transport.write(refusal.answer())
-            transport.close()
+        stand_in = Request(self)
+        stand_in.refused = refusal
+        queue.append(stand_in)
+        if active is None:
+            self._next()
 
-    def _upgrade(self, tail: bytes) -> None:
-        """The parser stopped after an upgrade request's head: what follows is not HTTP."""
+    def _answer_refusal(self, refusal: Refusal) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(refusal.answer())
+        self._close(lingering=True)
+
+    def _close(self, lingering: bool) -> None:
+        """Close once what was written is out. `lingering`: the client may still be
+        sending (a body not read, a request refused): half-close first, and read and drop
+        what comes for `LINGER` seconds, or the client's kernel, handed unread bytes by a
+        close, resets the connection and throws the answer away."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not lingering or self._listener.closing or not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        self._stop_timers()
+        self._paused = 0
+        transport.resume_reading()
+        transport.write_eof()
+        self._linger_timer = self._timers.call_at(self._timers.time() + LINGER, transport.close)
+
+    def _upgrade(self, tail: bytes) -> bool:
+        """The parser stopped after an upgrade request's head (llhttp does, and skips the
+        body such a request may have). True: parse on (`tail`, with a new parser).
+
+        A request with no body keeps what follows as `upgrade_tail`, for a handler that
+        upgrades (`Request.upgrade`); one with a body has its body read as any other's,
+        and is never upgraded: a new parser takes a stand-in head for that body, whose
+        callbacks go nowhere, then `tail`."""
         request = self._queue[-1] if self._queue else None
         self._parsing = None
         if request is None:
-            return
-        request.upgrade_tail = tail
-        self._upgraded = request
-        if len(tail) > BODY_BUFFER:
-            self.pause(_PAUSE_BUFFERED)
+            return False
+        if not request.has_body:
+            request.upgrade_tail = tail
+            self._upgraded = request
+            if len(tail) > BODY_BUFFER:
+                self.pause(_PAUSE_BUFFERED)
+            return False
+        request.body_complete = False  # (llhttp said its message was complete)
+        self._parser = parser = httptools.HttpRequestParser(_BodyAfterUpgrade(self, request))
+        framing = (
+            b"Transfer-Encoding: chunked"
+            if request.chunked
+            else b"Content-Length: %d" % (request.content_length or 0)
+        )
+        parser.feed_data(b"PUT / HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
+        return True
 
     def switch(self, request: Request, head: bytes, relay: Relay) -> Channel:
         """`Request.upgrade`: from now on the connection's bytes are `relay`'s."""
@@ -1001,8 +1112,15 @@ class ClientConnection(asyncio.Protocol):
         self._header_timer = None
         if not self._in_head:
             return
+        if self._paused:
+            # The listener itself is not reading (a request waits its turn, say): the rest
+            # of the head may be waiting in the socket. Its time runs again from here.
+            self._header_timer = self._timers.call_at(
+                self._timers.time() + self._timeouts.headers, self._header_timed_out
+            )
+            return
         self._in_head = False
-        self._parsing = None
+        self._fed_from = len(self._queue)
         self._refuse(Refusal(408, "header_timeout", "no whole request head in time"))
 
     def _idle_check(self) -> None:
@@ -1027,11 +1145,15 @@ class ClientConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._idle_timer = self._header_timer = self._stall_timer = None
+        if self.transport is None and self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
 
     # -- the listener's orders -----------------------------------------------------------
 
     def shut(self) -> None:
-        """Stop taking requests: close now if idle, else after the answer in hand."""
+        """Stop taking requests: close now if idle (or lingering), else after the answer in
+        hand."""
         self._ending = True
         self._queue.clear()
         if self._active is None and self._relay is None and self.transport is not None:
