@@ -127,9 +127,10 @@ def send(pool: Pool, request: UpstreamRequest, receiver: Receiver) -> Call:
 class Call:
     """One request to an upstream, from its send to the end of its answer.
 
-    A request without a body whose method is idempotent is sent again, once,
-    on another connection if the first closes before any answer (a pooled one
-    the upstream was closing, say), as RFC 9112 9.3.1.1 allows.
+    A request without a body whose method is idempotent, sent on a reused pooled
+    connection that closes before any answer (the upstream was closing it as the
+    request went out), is sent again, once, on a new connection, as RFC 9112 9.3.1.1
+    allows. One that fails on a new connection is not.
     """
 
     # (No `__slots__`: most calls keep the class-level defaults below.)
@@ -138,6 +139,8 @@ class Call:
     _pending: list[bytes] | None = None
     """Request body bytes written before there was a connection to take them."""
     _chunked = False
+    _left = 0
+    """Bytes of a body of known length not written yet."""
     _body_done = True
     _resend = False
     answered = False
@@ -154,7 +157,6 @@ class Call:
         body = request.body
         method = request.method
         if body is None:
-            self._resend = method in IDEMPOTENT_METHODS
             framing = b"" if method in _NO_BODY_METHODS else b"Content-Length: 0\r\n"
         else:
             self._body_done = False
@@ -162,6 +164,7 @@ class Call:
                 self._chunked = True
                 framing = b"Transfer-Encoding: chunked\r\n"
             else:
+                self._left = body
                 framing = b"Content-Length: %d\r\n" % body
         self._head = b"%b %b HTTP/1.1\r\nHost: %b\r\n%b%b\r\n" % (
             method,
@@ -175,6 +178,10 @@ class Call:
         connection = self._pool.idle(self._origin)
         if connection is None or not self._send_on(connection):
             self._connect()
+            return
+        # Sent on a reused connection, which the upstream may have been closing as it went
+        # out: if it closes unanswered, the request goes again (see the class docstring).
+        self._resend = self._body_done and self._request.method in IDEMPOTENT_METHODS
 
     # -- for the proxy -----------------------------------------------------------------
 
@@ -184,6 +191,8 @@ class Call:
             return
         if self._chunked:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        elif self._left:
+            self._left -= len(chunk)
         connection = self._connection
         if connection is not None:
             connection.write(chunk)
@@ -216,7 +225,7 @@ class Call:
             task.cancel()
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.close()
+            connection.abort()
 
     # -- sending -----------------------------------------------------------------------
 
@@ -305,10 +314,12 @@ class Call:
         self.done = True
         connection, self._connection = self._connection, None
         if connection is not None:
-            if self._body_done:
+            if self._body_done and not self._left:
                 self._pool.release(connection)
             else:
-                connection.close()  # answered before the upload's end: it cannot be reused
+                # Answered before the upload's end (or the body sent was not the length
+                # the head said): the connection cannot carry another request.
+                connection.abort()
         try:
             self._receiver.upstream_end()
         except Exception as e:
@@ -319,10 +330,10 @@ class Call:
             return
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.close()
+            connection.abort()
         if self._resend and not self.answered and isinstance(error, Disconnected):
             self._resend = False
-            self.start()
+            self._connect()  # on a new connection, not another pooled one
             return
         self._fail(translate(error, after_headers=self.answered))
 

@@ -127,10 +127,12 @@ class Connection(asyncio.Protocol):
         "_stale",
         "closed",
         "events",
+        "feeding",
         "idle_since",
         "keep",
         "origin",
         "reading_paused",
+        "released",
         "transport",
         "writing_paused",
     )
@@ -159,6 +161,10 @@ class Connection(asyncio.Protocol):
         self._interim = 0
         """Interim heads (1xx) before the answer's."""
         self._stale = False
+        self.feeding = False
+        """The parser is in the middle of a read (its callbacks are running)."""
+        self.released = False
+        """Handed back to the pool while `feeding`: it goes back once the read is parsed."""
 
     # -- the request side ----------------------------------------------------------------
 
@@ -204,11 +210,19 @@ class Connection(asyncio.Protocol):
         )
 
     def close(self) -> None:
-        """Close now, telling nobody: whoever had the request in hand let it go."""
+        """Close once what was written is out, telling nobody."""
         self.keep = False
         self.events = None
         if self.transport is not None and not self.closed:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Close now, unsent bytes dropped, telling nobody: whoever had the request in hand
+        let it go (an upstream that stopped reading never lets a close flush)."""
+        self.keep = False
+        self.events = None
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -227,6 +241,7 @@ class Connection(asyncio.Protocol):
                 return
         parser = self._parser
         assert parser is not None
+        self.feeding = True
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -237,6 +252,13 @@ class Connection(asyncio.Protocol):
             self._fail(cause if isinstance(cause, BadResponse) else BadResponse(str(e)))
         except httptools.HttpParserError as e:
             self._fail(BadResponse(str(e) or type(e).__name__))
+        finally:
+            self.feeding = False
+        if self.released:
+            # Back to the pool only now: what else came with this read is parsed (an
+            # answer nobody asked for closes it), and no request goes out mid-parse.
+            self.released = False
+            self._pool.release(self)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -245,6 +267,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self.keep = False
         self._pool.lost(self)
+        self._parser = None  # (it refers back to this object: no cycle left behind)
         events = self.events
         if events is None:
             return
@@ -309,8 +332,11 @@ class Connection(asyncio.Protocol):
         self._raw = b""
         self._awaiting = False
         start = 0
-        for _ in range(self._interim):
-            start = raw.index(b"\r\n\r\n", start) + 4
+        for _ in range(self._interim + 1):
+            while raw.startswith(b"\r\n", start):
+                start += 2  # empty lines before a status line: llhttp skips them too
+            if _ < self._interim:
+                start = raw.index(b"\r\n\r\n", start) + 4
         line_end = raw.index(b"\r\n", start)
         end = raw.index(b"\r\n\r\n", start)
         if line_end - start > MAX_HEADER_SIZE:
@@ -386,7 +412,7 @@ class Pool:
         stale_before = self._timers.time() - self._keepalive
         while idle:
             connection = idle.pop()
-            if not connection.closed and connection.idle_since > stale_before:
+            if connection.keep and not connection.closed and connection.idle_since > stale_before:
                 return connection
             connection.close()
         return None
@@ -459,6 +485,11 @@ class Pool:
 
     def release(self, connection: Connection) -> None:
         """Back to the pool if its response was read whole, else closed."""
+        if connection.feeding:
+            connection.events = None
+            connection.released = True  # see `Connection.data_received`
+            return
+        connection.resume_reading()  # (paused for a client that was behind: the answer is in)
         if self._closed or not connection.reusable():
             connection.close()
             return

@@ -400,17 +400,11 @@ FAULTS = [
         hangs_up=True,
         pace=(REQUEST_TIMEOUT,),
     ),
-    # aiohttp retries an idempotent request once, on a new connection, when the connection
-    # drops before any response (RFC 9112 9.3.1.1): two connections, one failure counted.
-    Fault("closes right after accept", closes_at_once, 502, UNREACHABLE, "connect", connections=2),
-    Fault(
-        "resets in the middle of the headers",
-        resets_mid_headers,
-        502,
-        UNREACHABLE,
-        "connect",
-        connections=2,
-    ),
+    # A request is sent again only when a *reused* pooled connection drops unanswered
+    # (test_exchange.py); on a new connection, as here, the drop is the answer: one
+    # connection, one failure. (aiohttp's client sent it again: two connections.)
+    Fault("closes right after accept", closes_at_once, 502, UNREACHABLE, "connect"),
+    Fault("resets in the middle of the headers", resets_mid_headers, 502, UNREACHABLE, "connect"),
     Fault("headers, then resets mid-body", resets_mid_body, 200, None, "reset"),
     Fault("headers, then resets mid-chunked-body", resets_mid_chunked_body, 200, None, "reset"),
     Fault("a very slow body (drip)", drips, 200, b"".join(DRIP), None, pace=(DRIP_GAP,) * 8),

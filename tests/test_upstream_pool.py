@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,15 @@ from aiohttp import web
 from sidecar.timers import LoopTimers, Timers
 from sidecar.upstream import UpstreamError, UpstreamRequest, UpstreamUnreachable, send
 from sidecar.upstream_pool import Pool
-from tests.conftest import RawHandler, StartSidecar, eventually, raw_exchange, read_request_head
+from tests.conftest import (
+    RawHandler,
+    StartSidecar,
+    connect,
+    eventually,
+    raw_exchange,
+    read_one,
+    read_request_head,
+)
 
 REQUEST = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
 
@@ -303,3 +312,171 @@ async def test_a_connection_the_upstream_speaks_on_unasked_is_closed(
         assert not pool.origin(origin).idle
     finally:
         await pool.close()
+
+
+# -- found by review (issue 13): each held by a test through the sidecar -----------------
+
+
+def route_to(url: str) -> str:
+    return (
+        "routes:\n  - {name: a, match: {path_prefix: /a}, strip_prefix: true, "
+        f"upstream: '{url}'}}\n"
+    )
+
+
+async def answer_to(sc_proxy: str, request: bytes) -> bytes:
+    reader, writer = await connect(sc_proxy)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(read_one(reader), 5)
+    finally:
+        writer.close()
+
+
+async def test_a_request_that_fails_on_a_new_connection_is_not_sent_again(
+    start_sidecar: StartSidecar, raw_upstream: Callable[[RawHandler], Awaitable[str]]
+) -> None:
+    """Only a *reused* connection that closes unanswered has its request sent again (the
+    upstream may have been closing it as the request went out). One that closes on a new
+    connection died on the request: sending it again would run it twice."""
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            seen.append(await reader.readuntil(b"\r\n\r\n"))
+            if len(seen) == 1:
+                writer.close()  # dies on it
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    sc = await start_sidecar(route_to(await raw_upstream(handler)))
+    answer = await answer_to(sc.proxy, b"DELETE /a/item/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    assert len(seen) == 1
+
+
+async def test_empty_lines_before_a_status_line_are_skipped(
+    start_sidecar: StartSidecar, raw_upstream: Callable[[RawHandler], Awaitable[str]]
+) -> None:
+    """llhttp skips empty lines before a status line; so does the head taken from the
+    bytes (it once took the first CRLF for the status line's end, and the real status
+    line went to the client as a header)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_request_head(reader)
+            writer.write(b"\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-Up: 1\r\n\r\nhi")
+            await writer.drain()
+            await reader.read()
+        finally:
+            writer.close()
+
+    sc = await start_sidecar(route_to(await raw_upstream(handler)))
+    answer = await answer_to(sc.proxy, b"GET /a/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = answer.split(b"\r\n\r\n")[0]
+    assert head.count(b"HTTP/1.1") == 1, head
+    assert head.startswith(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-Up: 1\r\n"), head
+
+
+async def test_interim_answers_split_across_reads_leave_the_final_head_whole(
+    start_sidecar: StartSidecar, raw_upstream: Callable[[RawHandler], Awaitable[str]]
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await answer_in_pieces(reader, writer)
+        finally:
+            writer.close()
+
+    async def answer_in_pieces(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        for piece in (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s>\r",
+            b"\n\r\nHTTP/1.1 2",
+            b"02 Accepted\r\nX-Up: 1\r\nContent-Le",
+            b"ngth: 2\r\n\r\nok",
+        ):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.01)  # the upstream's own pace: each piece its own read
+        await reader.read()
+
+    sc = await start_sidecar(route_to(await raw_upstream(handler)))
+    answer = await answer_to(sc.proxy, b"GET /a/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 202 Accepted\r\nX-Up: 1\r\nContent-Length: 2\r\n")
+    assert b"Link" not in head and b"Continue" not in head
+    assert body == b"ok"
+
+
+async def test_bytes_after_a_whole_answer_never_answer_the_next_request(
+    start_sidecar: StartSidecar, raw_upstream: Callable[[RawHandler], Awaitable[str]]
+) -> None:
+    """An upstream sends more than its Content-Length. The connection goes back to the
+    pool only once the whole read is parsed: the extra bytes close it, and the client's
+    pipelined next request goes out on a new one. (It went out on this one mid-parse,
+    and the extra bytes failed it with a 502 the upstream never sent.)"""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await read_request_head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    sc = await start_sidecar(route_to(await raw_upstream(handler)))
+    reader, writer = await connect(sc.proxy)
+    try:
+        writer.write(b"GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\nGET /a/2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = await asyncio.wait_for(read_one(reader), 5)
+        second = await asyncio.wait_for(read_one(reader), 5)
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 200 ")
+    assert sc.sample("sidecar_upstream_failures_total", route="a", kind="connect") == 0
+
+
+async def test_an_upload_given_up_lets_its_upstream_connection_go_at_once(
+    start_sidecar: StartSidecar, raw_upstream: Callable[[RawHandler], Awaitable[str]]
+) -> None:
+    """The upstream stops reading an upload; at the request timeout the client gets its
+    504, and the upstream connection is aborted, its unsent bytes dropped. (A plain
+    close waits for the write buffer to flush, which a peer that does not read never
+    allows: the socket and the buffered body stayed open.)"""
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            await read_request_head(reader)
+            await release.wait()  # hung: reads nothing more
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    sc = await start_sidecar(route_to(await raw_upstream(handler)), fake_timers=True)
+    reader, writer = await connect(sc.proxy)
+    pool = sc.sidecar._pool
+    assert pool is not None
+    try:
+        writer.write(b"PUT /a/up HTTP/1.1\r\nHost: x\r\nContent-Length: 20000000\r\n\r\n")
+        writer.write(b"x" * 8_000_000)  # more than the kernel buffers both ways take
+        await eventually(lambda: pool.open_connections == 1)
+        conn = await sc.client_connection()
+        await eventually(lambda: bool(conn._paused))  # the upload waits on the upstream
+        sc.clock.advance(31)  # the request timeout (30 s)
+        answer = await asyncio.wait_for(read_one(reader), 5)
+        assert answer.startswith(b"HTTP/1.1 504 ")
+        await eventually(lambda: pool.open_connections == 0)
+    finally:
+        release.set()
+        writer.close()
+    assert sc.sample("sidecar_upstream_failures_total", route="a", kind="timeout") == 1
