@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 from sidecar.breaker import Breaker, Clock, Permit, State
 from sidecar.config import Route
-from sidecar.listener import Request, date_line
+from sidecar.listener import CONNECTION, Request, date_line
 from sidecar.metrics import RouteMetrics
 from sidecar.responses import Answer, error_answer
 from sidecar.timers import Ticker, Timer, Timers
 from sidecar.upstream import (
+    CHUNKED,
     Call,
     UpstreamError,
     UpstreamRequest,
@@ -50,6 +51,7 @@ __all__ = [
     "client_lines",
     "header_value",
     "retry_after_seconds",
+    "upstream_lines",
 ]
 
 log = logging.getLogger("sidecar")
@@ -116,6 +118,32 @@ class Env:
         self.timers = timers
         """The deadlines'."""
         self.ticker = Ticker(timers)
+
+
+def upstream_lines(request: Request, routed_host: bytes | None) -> bytes:
+    """The request's header lines as they go upstream: those the listener passes on (no
+    hop-by-hop headers, `Host`, `Expect` or framing), less any a `Connection` header
+    names, with `X-Forwarded-For` (appended to), `-Proto` and `-Host` set.
+
+    `routed_host`: the host the request was routed by (its Host header, or what an
+    absolute-form target names).
+    """
+    lines = request.lines
+    if request.noted & CONNECTION and request.connection is not None:
+        named = {t.strip() for t in request.connection.lower().split(b",")}
+        named -= {b"keep-alive", b"close", b""}
+        if named:
+            lines = [line for line in lines if line.split(b":", 1)[0].lower() not in named]
+    forwarded_for = request.forwarded_for
+    client = request.remote
+    if client:
+        address = client.encode()
+        forwarded_for = address if forwarded_for is None else forwarded_for + b", " + address
+    own = b"" if forwarded_for is None else b"X-Forwarded-For: %b\r\n" % forwarded_for
+    own += b"X-Forwarded-Proto: http\r\n"
+    if routed_host:
+        own += b"X-Forwarded-Host: %b\r\n" % routed_host
+    return b"".join(lines) + own
 
 
 def client_lines(block: bytes) -> tuple[bytes, int | None, bool]:
@@ -199,14 +227,25 @@ class Exchange:
         self._env = env
         self._timeout = target.route.timeouts.request
 
-    def start(self, upstream_request: UpstreamRequest) -> None:
+    def start(self, path: bytes, routed_host: bytes | None) -> None:
+        """Send the request upstream for `path` (its target there, origin form);
+        `routed_host`: the host it was routed by."""
         request = self._request
+        target = self._target
         env = self._env
-        self._target.metrics.in_flight += 1
+        target.metrics.in_flight += 1
         self._started = env.clock()
         request.listener = self
         try:
-            call = send(env.pool, upstream_request, self)
+            upstream = UpstreamRequest(
+                target.origin,
+                request.method,
+                path,
+                upstream_lines(request, routed_host),
+                CHUNKED if request.chunked else request.content_length,
+                target.route.timeouts.connect,
+            )
+            call = send(env.pool, upstream, self)
             if self._closed:
                 return  # failed at once
             self._call = call

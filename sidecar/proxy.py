@@ -22,15 +22,14 @@ from urllib.parse import urlsplit
 from sidecar.breaker import Breaker, Clock, Rejection, State, StateListener
 from sidecar.config import Route
 from sidecar.exchange import Env, Exchange, Target, retry_after_seconds
-from sidecar.listener import CONNECTION, CONTENT_LENGTH, EXPECT, Request
+from sidecar.listener import CONTENT_LENGTH, EXPECT, Request
 from sidecar.metrics import Metrics
 from sidecar.responses import Answer, error_answer
 from sidecar.routing import Router, upstream_target
 from sidecar.timers import Ticker, Timers
-from sidecar.upstream import CHUNKED, UpstreamRequest
 from sidecar.upstream_pool import Pool
 
-__all__ = ["Proxy", "RouteChanges", "Target", "retry_after_seconds", "upstream_lines"]
+__all__ = ["Proxy", "RouteChanges", "Target", "retry_after_seconds"]
 
 REJECTION_CACHE_SIZE = 1024
 """Finished 503s kept per route: one per second of `Retry-After` counting down."""
@@ -61,32 +60,6 @@ class RouteChanges:
     """Breaker settings changed: a fresh breaker, CLOSED, and fresh counts."""
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-
-
-def upstream_lines(request: Request, routed_host: bytes | None) -> bytes:
-    """The request's header lines as they go upstream: those the listener passes on (no
-    hop-by-hop headers, `Host`, `Expect` or framing), less any a `Connection` header
-    names, with `X-Forwarded-For` (appended to), `-Proto` and `-Host` set.
-
-    `routed_host`: the host the request was routed by (its Host header, or what an
-    absolute-form target names).
-    """
-    lines = request.lines
-    if request.noted & CONNECTION and request.connection is not None:
-        named = {t.strip() for t in request.connection.lower().split(b",")}
-        named -= {b"keep-alive", b"close", b""}
-        if named:
-            lines = [line for line in lines if line.split(b":", 1)[0].lower() not in named]
-    forwarded_for = request.forwarded_for
-    client = request.remote
-    if client:
-        address = client.encode()
-        forwarded_for = address if forwarded_for is None else forwarded_for + b", " + address
-    own = b"" if forwarded_for is None else b"X-Forwarded-For: %b\r\n" % forwarded_for
-    own += b"X-Forwarded-Proto: http\r\n"
-    if routed_host:
-        own += b"X-Forwarded-Host: %b\r\n" % routed_host
-    return b"".join(lines) + own
 
 
 class Proxy:
@@ -214,20 +187,8 @@ class Proxy:
         if isinstance(permit, Rejection):
             request.answer(*self._rejection(target, permit))
             return
-        exchange = Exchange(request, target, permit, self._env)
-        try:
-            upstream = UpstreamRequest(
-                target.origin,
-                request.method,
-                upstream_path,
-                upstream_lines(request, host),
-                CHUNKED if request.chunked else request.content_length,
-                target.route.timeouts.connect,
-            )
-        except BaseException:
-            permit.released()  # a bug: nothing else holds the permit yet
-            raise
-        exchange.start(upstream)
+        # From here the exchange owns the permit: every end of the request is its to make.
+        Exchange(request, target, permit, self._env).start(upstream_path, host)
 
     @staticmethod
     def _refusal(request: Request, target: Target) -> Answer | None:

@@ -322,7 +322,7 @@ async def test_a_client_that_catches_up_is_served_next(
 @pytest.mark.parametrize(
     ("module", "name", "judged"),
     [(proxy_module.Proxy, "match", State.HALF_OPEN),
-     (proxy_module, "upstream_lines", State.HALF_OPEN),
+     (exchange_module, "upstream_lines", State.HALF_OPEN),
      # The probe's answer was judged (a success) before the bug.
      (exchange_module, "client_lines", State.CLOSED)],
     ids=["before-the-permit", "after-the-permit", "at-the-answer"],
