@@ -76,6 +76,11 @@ _FORWARD = 1 << 30
 """A header whose line goes on in `Request.lines`."""
 _DROPPED = 0
 """A header that neither goes on nor is asked about."""
+_ONCE_ONLY_PASSED_ON = (
+    b"content-type", b"content-location", b"content-range", b"etag", b"max-forwards",
+    b"user-agent", b"server",
+)  # fmt: skip
+"""Headers a request may carry once only (as aiohttp's parser had it), and passed on."""
 _NOTABLE = {
     b"host": HOST,
     b"content-length": CONTENT_LENGTH,
@@ -83,24 +88,22 @@ _NOTABLE = {
     b"expect": EXPECT,
     b"connection": CONNECTION,
     b"x-forwarded-for": X_FORWARDED_FOR,
-    # Hop-by-hop (RFC 9110 7.6.1; `Proxy-*` too, below), or an intermediary's own to set:
+    # Hop-by-hop (RFC 9110 7.6.1; `Proxy-*` too, in `on_header`), or an intermediary's
+    # own to set:
     **dict.fromkeys(
         (b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy", b"x-forwarded-proto",
          b"x-forwarded-host"),
         _DROPPED,
     ),
-    # Once only (as aiohttp's parser had it), and passed on:
-    **{
-        name: 1 << bit | _FORWARD
-        for bit, name in enumerate(
-            (b"content-type", b"content-location", b"content-range", b"etag", b"max-forwards",
-             b"user-agent", b"server"),
-            start=6,
-        )
-    },
+    **{name: 1 << bit | _FORWARD for bit, name in enumerate(_ONCE_ONLY_PASSED_ON, start=6)},
 }  # fmt: skip
 """Every header that is not simply passed on, by its `Request.noted` bits."""
-_ONCE_ONLY = (sum(_NOTABLE.values()) & ~_FORWARD) & ~(EXPECT | CONNECTION | X_FORWARDED_FOR)
+_ONCE_ONLY = (
+    HOST
+    | CONTENT_LENGTH
+    | TRANSFER_ENCODING
+    | sum(_NOTABLE[n] & ~_FORWARD for n in _ONCE_ONLY_PASSED_ON)
+)
 """The headers a request may carry once only: two Hosts, say, could route one way here
 and another way upstream."""
 _NO_BODY_STATUSES = frozenset({204, 304})
