@@ -298,11 +298,7 @@ class Exchange:
         was sent, else its connection is cut; the breaker hears nothing."""
         log.exception("error handling a request", exc_info=error)
         self._close(None)
-        request = self._request
-        if request.status is None:
-            request.answer(*error_answer(500, "internal_error"), close=True)
-        else:
-            request.abort()
+        self._request.fail()
 
     # -- the answer ----------------------------------------------------------------------
 

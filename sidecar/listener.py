@@ -385,6 +385,14 @@ class Request:
             self.ended = True
             self._conn.abort()
 
+    def fail(self) -> None:
+        """A bug broke the answer (logged by whoever caught it): a 500 if nothing was sent
+        yet, else the connection is cut."""
+        if self.status is None:
+            self.answer(*error_answer(500, "internal_error"), close=True)
+        else:
+            self.abort()
+
     def upgrade(self, head: bytes, relay: Relay) -> Channel:
         """Answer an upgrade the parser took (`upgrade_tail` is not None) with `head`
         (a whole response head: a 101, or a 2xx to a CONNECT), and hand the connection's
@@ -467,9 +475,7 @@ class Channel:
         self._conn = conn
 
     def write(self, data: bytes) -> None:
-        transport = self._conn.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        self._conn.send(data)
 
     def pause_reading(self) -> None:
         self._conn.pause(_PAUSE_SINK)
@@ -909,10 +915,7 @@ class ClientConnection(asyncio.Protocol):
     def _crashed(self, request: Request) -> None:
         """The handler raised: a bug. Logged, answered 500 if nothing was sent, closed."""
         log.exception("error handling a request")
-        if request.status is None and not request.ended:
-            request.answer(*error_answer(500, "internal_error"), close=True)
-        else:
-            request.abort()
+        request.fail()
 
     def keeps(self, request: Request, close: bool) -> bool:
         """Whether the connection can take another request after `request`'s answer."""
@@ -1040,9 +1043,7 @@ class ClientConnection(asyncio.Protocol):
             self._next()
 
     def _answer_refusal(self, refusal: Refusal) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(refusal.answer())
+        self.send(refusal.answer())
         self._close(lingering=True)
 
     def _close(self, lingering: bool) -> None:
