@@ -34,6 +34,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sidecar.breaker import Breaker, State
 from sidecar.config import format_duration, parse_duration
 from sidecar.logs import event
+from sidecar.routing import authority
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
@@ -197,7 +198,7 @@ def _cross_site(
         return "more than one Origin header"
     if host is None:
         return f"Origin {_shown(origins[0])} with no Host header to compare it with"
-    own = f"http://{f'[{host}]' if ':' in host else host}:{own_port}"
+    own = f"http://{authority(host, own_port)}"
     scheme, sep, rest = origins[0].strip().partition("://")
     origin = _authority(rest) if sep else None
     if (

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from sidecar.breaker import MODES, BreakerSettings, Mode, WindowSettings
-from sidecar.routing import Router
+from sidecar.routing import Router, authority
 
 __all__ = [
     "Address",
@@ -107,7 +107,7 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return authority(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +142,7 @@ class Upstream:
 
     @property
     def origin(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return f"{self.scheme}://{authority(self.host, self.port)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from sidecar.exchange import Env, Exchange, Target, retry_after_seconds
 from sidecar.listener import CONTENT_LENGTH, EXPECT, Request
 from sidecar.metrics import Metrics
 from sidecar.responses import Answer, error_answer
-from sidecar.routing import Router, upstream_target
+from sidecar.routing import Router, authority, upstream_target
 from sidecar.timers import Ticker, Timers
 from sidecar.upstream_pool import Pool
 
@@ -235,10 +235,9 @@ def _absolute_form(target: str) -> tuple[str, bytes | None]:
         return target, None
     if not host:
         return target, None
-    name = f"[{host}]" if ":" in host else host
-    if port is not None and port != {"http": 80, "https": 443}.get(parts.scheme):
-        name = f"{name}:{port}"
+    if port == {"http": 80, "https": 443}.get(parts.scheme):
+        port = None
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return path, name.encode()
+    return path, authority(host, port).encode()

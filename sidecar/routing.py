@@ -12,12 +12,19 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 if TYPE_CHECKING:  # (sidecar.config uses the Router itself, to find shadowed routes)
     from sidecar.config import Route
 
-__all__ = ["HOST_CACHE_SIZE", "Router", "normalize_host", "upstream_target"]
+__all__ = ["HOST_CACHE_SIZE", "Router", "authority", "normalize_host", "upstream_target"]
 
 T = TypeVar("T")
 
 HOST_CACHE_SIZE = 1024
 """Host headers a router remembers the normalized form of (it starts over when full)."""
+
+
+def authority(host: str, port: int | None = None) -> str:
+    """`host:port` as a URL or a Host header writes it: an IPv6 address in brackets, no
+    port if None. (`normalize_host` reads one back.)"""
+    name = f"[{host}]" if ":" in host else host
+    return name if port is None else f"{name}:{port}"
 
 
 def normalize_host(host_header: str | None) -> str | None:

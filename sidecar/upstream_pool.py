@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from sidecar.routing import authority
 from sidecar.timers import Timer, Timers
 
 __all__ = [
@@ -98,8 +99,7 @@ class Origin:
         self.host = host
         self.port = parts.port or default
         self.ssl = ssl_context if secure else None
-        name = f"[{host}]" if ":" in host else host
-        self.host_header = (name if self.port == default else f"{name}:{self.port}").encode()
+        self.host_header = authority(host, None if self.port == default else self.port).encode()
         """The port only when it is not the scheme's default."""
         self.idle: list[Connection] = []
         self.addresses: tuple[float, list[tuple[Any, ...]]] | None = None

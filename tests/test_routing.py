@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.config import Route, parse_config
-from sidecar.routing import HOST_CACHE_SIZE, Router, normalize_host, upstream_target
+from sidecar.routing import HOST_CACHE_SIZE, Router, authority, normalize_host, upstream_target
 
 
 def routes(yaml_routes: str) -> tuple[Route, ...]:
@@ -72,6 +72,21 @@ def test_prefix_with_trailing_slash_is_the_same_prefix() -> None:
 )  # fmt: skip
 def test_normalize_host(header: str | None, host: str | None) -> None:
     assert normalize_host(header) == host
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "written"),
+    [("example.com", None, "example.com"),
+     ("example.com", 8080, "example.com:8080"),
+     ("10.0.0.1", 80, "10.0.0.1:80"),
+     ("::1", None, "[::1]"),
+     ("fe80::1", 443, "[fe80::1]:443")],
+)  # fmt: skip
+def test_authority_is_what_normalize_host_reads_back(
+    host: str, port: int | None, written: str
+) -> None:
+    assert authority(host, port) == written
+    assert normalize_host(written) == host
 
 
 def one(yaml_route: str) -> Route:
