@@ -306,13 +306,10 @@ class Exchange:
         if self._closed:
             return
         self._answered = True
-        done = self._body_done_at
-        self._elapsed = elapsed = self._env.clock() - (self._started if done is None else done)
+        elapsed = self._upstream_time()
         target = self._target
         metrics = target.metrics
         metrics.observe_duration(elapsed)
-        if elapsed > target.slow_after:
-            metrics.slow_calls += 1
         permit = self._permit
         judged = status in target.judged and self._judge(status, block)
         if not judged and permit.state is State.HALF_OPEN:
@@ -325,6 +322,16 @@ class Exchange:
         metrics.count_response(status)
         self._request.respond(status, reason, lines, length)
         self._deadline = self._env.timers.time() + self._timeout
+
+    def _upstream_time(self) -> float:
+        """Seconds the upstream took, to its answer's head or its failure, counted from the
+        client's last body byte if there was a body: kept for the breaker, and counted as
+        a slow call past `slow_after`."""
+        done = self._body_done_at
+        self._elapsed = elapsed = self._env.clock() - (self._started if done is None else done)
+        if elapsed > self._target.slow_after:
+            self._target.metrics.slow_calls += 1
+        return elapsed
 
     def _judge(self, status: int, block: bytes) -> bool:
         """Tell the breaker of a failure status, or of a `Retry-After` it heeds; True if so."""
@@ -355,10 +362,7 @@ class Exchange:
             return
         request = self._request
         if not self._answered:
-            done = self._body_done_at
-            self._elapsed = self._env.clock() - (self._started if done is None else done)
-            if self._elapsed > self._target.slow_after:
-                self._target.metrics.slow_calls += 1
+            self._upstream_time()
             self._close(error)
             if isinstance(error, UpstreamTimeout):
                 self._answer(504, "upstream_timeout")
