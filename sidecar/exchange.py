@@ -130,8 +130,7 @@ def upstream_lines(request: Request, routed_host: bytes | None) -> bytes:
     """
     lines = request.lines
     if request.noted & CONNECTION and request.connection is not None:
-        named = {t.strip() for t in request.connection.lower().split(b",")}
-        named -= {b"keep-alive", b"close", b""}
+        named = _named_by_connection(request.connection)
         if named:
             lines = [line for line in lines if line.split(b":", 1)[0].lower() not in named]
     forwarded_for = request.forwarded_for
@@ -144,6 +143,12 @@ def upstream_lines(request: Request, routed_host: bytes | None) -> bytes:
     if routed_host:
         own += b"X-Forwarded-Host: %b\r\n" % routed_host
     return b"".join(lines) + own
+
+
+def _named_by_connection(value: bytes) -> set[bytes]:
+    """The header names a `Connection` header's value lists (lower case): hop-by-hop for
+    this message. Its `keep-alive` and `close` options name none."""
+    return {t.strip() for t in value.lower().split(b",")} - {b"keep-alive", b"close", b""}
 
 
 def client_lines(block: bytes) -> tuple[bytes, int | None, bool]:
@@ -180,8 +185,7 @@ def _without_hop_by_hop(block: bytes) -> bytes:
     named: set[bytes] = set()
     for name, line in zip(names, lines, strict=True):
         if name == b"connection":
-            named.update(t.strip().lower() for t in line.partition(b":")[2].split(b","))
-    named -= {b"keep-alive", b"close", b""}
+            named |= _named_by_connection(line.partition(b":")[2])
     kept = [
         line + b"\r\n"
         for name, line in zip(names, lines, strict=True)
