@@ -284,6 +284,8 @@ class Call:
             self._receiver.crashed(e)
 
     # -- the wire's events ---------------------------------------------------------------
+    # (`wire_head` and `wire_body` write `_tell`'s guard out: they run for every request,
+    # and the call through `_tell` costs about 0.1 us each, measured.)
 
     def wire_head(self, status: int, reason: bytes, block: bytes) -> None:
         if self.done:
