@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
+from sidecar.policies import RecoverySettings
 from sidecar.window import Counts, CountWindow, TimeWindow, Window
 
 __all__ = [
@@ -207,9 +208,17 @@ class Breaker:
         settings: BreakerSettings,
         clock: Clock,
         rand: Callable[[], float] = random.random,
+        recovery: RecoverySettings | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
+        self.recovery = recovery
+        """The recovery ramp after HALF_OPEN -> CLOSED, if any (a reload may change it)."""
+        self._ramp_until: float | None = None
+        """While ramping: when the ramp ends (clock time); None when not ramping."""
+        self._credit = 0
+        """The ramp's admissions owed, in millionths of a request: each request adds the
+        share, and one is admitted per whole request's worth (exact, no float drift)."""
         self._clock = clock
         self._random = rand
         self._listeners: list[StateListener] = []
@@ -310,11 +319,15 @@ class Breaker:
 
     # -- the two steps ---------------------------------------------------------
 
-    def acquire(self) -> Permit | Rejection:
-        """Admit one request, or say why not."""
+    def acquire(self, ramp: bool = True) -> Permit | Rejection:
+        """Admit one request, or say why not. `ramp` False: the recovery ramp has already
+        let it through (`check`, before it queued)."""
         state = self._state
-        if state is State.CLOSED:  # the common case, kept to one comparison
-            return Permit(self, self._generation, state)
+        if state is State.CLOSED:  # the common case, kept to two comparisons
+            if self._ramp_until is None or not ramp:
+                return Permit(self, self._generation, state)
+            shed = self._shed()
+            return shed if shed is not None else Permit(self, self._generation, state)
         if state is State.OPEN:
             left = self._open_until - self._clock()
             if left > 0:
@@ -332,6 +345,66 @@ class Breaker:
             return self._refuse(Rejection(State.HALF_OPEN, 1))
         self._probes_in_flight += 1
         return Permit(self, self._generation, State.HALF_OPEN)
+
+    def check(self) -> Rejection | None:
+        """What `acquire` would say now, taking nothing (no probe slot, no permit): asked
+        before a request queues for a bulkhead slot, whose permit `acquire(ramp=False)`
+        takes once the slot is granted. The recovery ramp decides here, once."""
+        state = self.state
+        if state is State.CLOSED:
+            return None if self._ramp_until is None else self._shed()
+        if state is State.FORCED_CLOSED or (self._shadow and state not in FORCED):
+            return None
+        if state is State.OPEN:
+            return Rejection(state, _whole_seconds(self._open_until - self._clock()))
+        if state is State.FORCED_OPEN:
+            return Rejection(state, self._forced_retry_after())
+        if self._probes_in_flight >= self.settings.half_open_requests:
+            return Rejection(State.HALF_OPEN, 1)
+        return None
+
+    # -- the recovery ramp ---------------------------------------------------------
+
+    @property
+    def recovery_share(self) -> float:
+        """The share of requests the recovery ramp admits now: 1.0 when not ramping.
+        A ramp whose time is over (or whose settings a reload removed) ends here."""
+        until = self._ramp_until
+        if until is None:
+            return 1.0
+        recovery = self.recovery
+        now = self._clock()
+        if recovery is None or now >= until:
+            self._end_ramp()
+            return 1.0
+        done = 1.0 - (until - now) / recovery.ramp
+        low = float(recovery.min_share)
+        return low + (1.0 - low) * max(done, 0.0)
+
+    @property
+    def recovering(self) -> bool:
+        return self.recovery_share < 1.0
+
+    def _shed(self) -> Rejection | None:
+        """The ramp's verdict on one request: a rejection (CLOSED, recovering), or None."""
+        share = self.recovery_share
+        if share >= 1.0:
+            return None
+        credit = self._credit + int(share * _MILLION)
+        if credit >= _MILLION:
+            self._credit = credit - _MILLION
+            return None
+        self._credit = credit
+        if self._shadow:
+            self.shadow_rejections += 1
+            return None
+        return Rejection(State.CLOSED, 1)
+
+    def _end_ramp(self) -> None:
+        """The ramp is over: the backoff, kept through it, starts afresh now."""
+        self._ramp_until = None
+        self._credit = 0
+        self._period = self.settings.open_duration
 
     def _refuse(self, rejection: Rejection) -> Permit | Rejection:
         if not self._shadow:
@@ -362,7 +435,21 @@ class Breaker:
         self._probe_successes += 1
         if self._probe_successes >= self.settings.success_threshold:
             n = self._probe_successes
-            self._transition(State.CLOSED, f"{n} probe{'s' * (n != 1)} succeeded")
+            reason = f"{n} probe{'s' * (n != 1)} succeeded"
+            recovery = self.recovery
+            if recovery is None:
+                self._transition(State.CLOSED, reason)
+                return
+            # Recovering: the share admitted rises over the ramp; the backoff holds until
+            # the ramp is over, so a relapse during it opens for longer still.
+            period = self._period
+            self._transition(
+                State.CLOSED,
+                f"{reason}; recovering from {format_percent(recovery.min_share)} "
+                f"over {recovery.ramp:g} s",
+            )
+            self._period = period
+            self._ramp_until = self._clock() + recovery.ramp
 
     def _on_failure(self, permit: Permit, elapsed: float, retry_after: float | None) -> None:
         if permit.generation != self._generation:
@@ -413,6 +500,9 @@ class Breaker:
         if state is None:
             if self.state in FORCED:
                 self._end_override(reason or "override lifted")
+            elif self.recovering:
+                self._end_ramp()  # back to the rules at once: full traffic
+                self.reason = reason or "recovery ramp skipped"
             return
         if state not in FORCED:
             raise ValueError(f"cannot force {state.value}")
@@ -446,7 +536,7 @@ class Breaker:
         """Open for the period in force: backed off, or as the upstream asked; jittered."""
         settings = self.settings
         cap = settings.open_duration_cap
-        if self._state is State.HALF_OPEN:
+        if self._state is State.HALF_OPEN or self.recovering:
             self._period = min(self._period * settings.backoff_multiplier, cap)
         else:
             self._period = settings.open_duration
@@ -463,6 +553,7 @@ class Breaker:
     def _transition(self, to_state: State, reason: str) -> None:
         from_state = self._state
         self._state = to_state
+        self._ramp_until = None  # (a relapse ends the ramp; closing may start one anew)
         self._generation += 1
         self._probes_in_flight = 0
         self._probe_successes = 0
@@ -475,6 +566,8 @@ class Breaker:
     def _clean_slate(self) -> None:
         """What CLOSED starts with: no failures, the base open period, an empty window."""
         self._consecutive_failures = 0
+        self._ramp_until = None
+        self._credit = 0
         self._period = self.settings.open_duration
         if self._window is not None:
             self._window.clear()
@@ -497,6 +590,8 @@ def _rate_reason(what: str, count: int, total: int, rate: tuple[int, int]) -> st
 def _ratio(rate: Fraction | None) -> tuple[int, int] | None:
     return None if rate is None else (rate.numerator, rate.denominator)
 
+
+_MILLION = 1_000_000
 
 _ROUNDING_SLACK = 1e-6
 """`open_until - now` read at once after opening for 30 s can be 30.000000000004:

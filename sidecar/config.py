@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,6 +25,13 @@ from urllib.parse import urlsplit
 import yaml
 
 from sidecar.breaker import MODES, BreakerSettings, Mode, WindowSettings
+from sidecar.policies import (
+    FALLBACK_REASONS,
+    BulkheadSettings,
+    FallbackSettings,
+    RateLimitSettings,
+    RecoverySettings,
+)
 from sidecar.routing import Router, authority
 
 __all__ = [
@@ -70,6 +78,10 @@ DEFAULT_BACKOFF_MULTIPLIER = 1.0
 DEFAULT_JITTER = 0.0
 DEFAULT_RESPECT_RETRY_AFTER = False
 DEFAULT_MODE: Mode = "enforce"
+DEFAULT_FALLBACK_STATUS = 200
+DEFAULT_FALLBACK_HEADERS = (("Content-Type", "application/json"),)
+DEFAULT_MIN_SHARE = Fraction(1, 10)
+MAX_FALLBACK_BODY = 1024 * 1024
 
 MAX_DURATION = 366 * 24 * 3600.0
 """Longer than any sane timeout or open period; keeps the arithmetic finite."""
@@ -160,6 +172,10 @@ class Route:
     """Request body bytes accepted (413 beyond); None: no limit."""
     line: int
     """Where the route starts in the file."""
+    rate_limit: RateLimitSettings | None = None
+    bulkhead: BulkheadSettings | None = None
+    fallback: FallbackSettings | None = None
+    recovery: RecoverySettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +299,9 @@ class _Reader:
         probe = path
         while probe and probe not in self.lines:
             probe = probe[:-1]
-        self.problems.append(Problem(self.file, self.lines.get(probe, 1), _dotted(path), message))
+        problem = Problem(self.file, self.lines.get(probe, 1), _dotted(path), message)
+        if problem not in self.problems:  # (an inherited mistake is found once per route)
+            self.problems.append(problem)
 
     # -- loading --
 
@@ -484,7 +502,9 @@ class _Reader:
 
         defaults = (
             self.mapping(
-                top.get("defaults"), ("defaults",), ["timeouts", "breaker", "max_body_size"]
+                top.get("defaults"),
+                ("defaults",),
+                ["timeouts", "breaker", "max_body_size", *POLICY_KEYS],
             )
             or {}
         )
@@ -525,6 +545,11 @@ class _Reader:
             route_level=False,
         )
 
+        base_policies = {
+            name: self.policy_layer(defaults, name, ("defaults",)) or {} for name in POLICY_KEYS
+        }
+        self.policies(base_policies, {}, ("defaults",), _resolve(base_breaker))
+
         routes_value = top.get("routes", _MISSING)
         if routes_value is _MISSING or routes_value is None or routes_value == []:
             self.error(("routes",), "at least one route is required")
@@ -535,7 +560,13 @@ class _Reader:
         routes: list[tuple[int, Route]] = []
         for i, item in enumerate(routes_value):
             route = self.route(
-                item, ("routes", i), base_timeouts, base_breaker, base_max_body_size, defaults_valid
+                item,
+                ("routes", i),
+                base_timeouts,
+                base_breaker,
+                base_max_body_size,
+                defaults_valid,
+                base_policies,
             )
             if route is not None:
                 routes.append((i, route))
@@ -756,6 +787,7 @@ class _Reader:
         base_breaker: BreakerSettings,
         base_max_body_size: int | None,
         defaults_valid: bool,
+        base_policies: dict[str, _Layer],
     ) -> Route | None:
         table = self.mapping(value, path, ROUTE_KEYS)
         if table is None:
@@ -790,6 +822,8 @@ class _Reader:
                 _table(table.get("timeouts")),
                 route_level=True,
             )
+        layers = {name: self.policy_layer(table, name, path) for name in POLICY_KEYS}
+        policies = self.policies(base_policies, layers, path, breaker)
         if not ok or name is None or upstream is None or (host is None and path_prefix is None):
             return None
         return Route(
@@ -802,6 +836,7 @@ class _Reader:
             breaker=breaker,
             max_body_size=max_body_size,
             line=self.lines.get(path, 1),
+            **policies,
         )
 
     def match(self, value: Any, path: Path) -> tuple[str | None, str | None]:
@@ -815,6 +850,142 @@ class _Reader:
         host = self.field(table, "host", path, _match_host, None)
         prefix = self.field(table, "path_prefix", path, _path_prefix, None)
         return host, prefix
+
+    # -- traffic policies: rate_limit, bulkhead, fallback, recovery --
+
+    def policy_layer(self, table: dict[str, Any], name: str, path: Path) -> _Layer | None:
+        """What one level (`defaults:` or a route) writes of policy `name`, parsed key by
+        key: {} if it writes nothing (or only mistakes, reported), None for `name: null`
+        (the route turns an inherited policy off)."""
+        if name not in table:
+            return {}
+        if table[name] is None:
+            return None
+        path = (*path, name)
+        value = self.mapping(table[name], path, POLICY_KEYS[name])
+        if not value:
+            if value == {}:  # an empty mapping: a policy with nothing in it
+                self.error(path, f"is empty: set {POLICY_KEYS[name][0]}, or remove {name}")
+            return {}
+        parsers = self._policy_parsers(name)
+        layer: _Layer = {}
+        before = len(self.problems)
+        for key in value:
+            if key in parsers:
+                parsed = self.field(value, key, path, parsers[key], _MISSING)
+                if parsed is not _MISSING:
+                    layer[key] = parsed
+        if "body" in value and "body_file" in value:
+            self.error(path, "takes one of 'body' and 'body_file', not both")
+        if len(self.problems) != before:
+            layer[_WRONG] = True  # built from what was right, it would only add noise
+        layer[_WRITTEN] = path
+        return layer
+
+    def _policy_parsers(self, name: str) -> dict[str, Callable[[Any], Any]]:
+        if name == "rate_limit":
+            return {"rate": _token_rate, "burst": _burst, "mode": _mode, "scope": _scope}
+        if name == "bulkhead":
+            return {
+                "max_concurrent": _count,
+                "max_queued": _max_queued,
+                "queue_timeout": _duration(minimum_exclusive=0.0),
+            }
+        if name == "fallback":
+            base = os.path.dirname(self.file) if not self.file.startswith("<") else "."
+            return {
+                "reasons": _fallback_reasons,
+                "status": _fallback_status,
+                "headers": _fallback_headers,
+                "body": _fallback_body,
+                "body_file": lambda value: _fallback_body_file(value, base),
+            }
+        return {"ramp": _duration(minimum_exclusive=0.0), "min_share": _min_share}
+
+    def policies(
+        self,
+        base: dict[str, _Layer],
+        layers: dict[str, _Layer | None],
+        path: Path,
+        breaker: BreakerSettings,
+    ) -> dict[str, Any]:
+        """Each policy in force for a route (or for `defaults:`, whose `layers` are {}):
+        `defaults:` under the route's own keys; contradictions reported."""
+        built: dict[str, Any] = {}
+        for name in POLICY_KEYS:
+            layer = layers.get(name, {})
+            if layer is None:
+                built[name] = None
+                continue
+            merged = dict(base[name])
+            if "body" in layer or "body_file" in layer:
+                merged.pop("body", None)  # one body, wherever it comes from
+                merged.pop("body_file", None)
+            merged.update(layer)
+            if not merged or merged.get(_WRONG):
+                built[name] = None
+                continue
+            where = layer.get(_WRITTEN) or base[name].get(_WRITTEN) or (*path, name)
+            written = layer if _WRITTEN in layer else base[name]
+            built[name] = getattr(self, f"_build_{name}")(merged, where, written, breaker)
+        return built
+
+    def _build_rate_limit(
+        self, p: _Layer, path: Path, _written: _Layer, _breaker: BreakerSettings
+    ) -> RateLimitSettings | None:
+        if "rate" not in p:
+            self.error(path, "needs rate: tokens per period, such as '100/s' or '100/60s'")
+            return None
+        count, period = p["rate"]
+        return RateLimitSettings(count, period, p.get("burst", count), p.get("mode", "enforce"))
+
+    def _build_bulkhead(
+        self, p: _Layer, path: Path, written: _Layer, breaker: BreakerSettings
+    ) -> BulkheadSettings | None:
+        if "max_concurrent" not in p:
+            self.error(path, "needs max_concurrent: the requests in flight at once")
+            return None
+        settings = BulkheadSettings(
+            p["max_concurrent"], p.get("max_queued", 0), p.get("queue_timeout", 1.0)
+        )
+        at = (*path, "queue_timeout") if "queue_timeout" in written else path
+        if (
+            "queue_timeout" in p
+            and settings.max_queued == 0
+            and ("queue_timeout" in written or "max_queued" in written)
+        ):
+            self.error(at, "has no queue to time out: set max_queued above 0")
+        if settings.max_concurrent < breaker.half_open_requests:
+            self.error(
+                (*path, "max_concurrent") if "max_concurrent" in written else path,
+                f"max_concurrent ({settings.max_concurrent}) is below the breaker's "
+                f"half_open_requests ({breaker.half_open_requests}): probes could never "
+                "all be in flight",
+            )
+        return settings
+
+    def _build_fallback(
+        self, p: _Layer, path: Path, _written: _Layer, _breaker: BreakerSettings
+    ) -> FallbackSettings | None:
+        body, body_file = p.get("body") or p.get("body_file") or (b"", None)
+        status = p.get("status", DEFAULT_FALLBACK_STATUS)
+        if body and (status in (204, 304)):
+            self.error(path, f"status {status} has no body: remove body, or use 200")
+        return FallbackSettings(
+            reasons=p.get("reasons", frozenset(FALLBACK_REASONS)),
+            status=status,
+            headers=p.get("headers", DEFAULT_FALLBACK_HEADERS),
+            body=body,
+            body_file=body_file,
+        )
+
+    def _build_recovery(
+        self, p: _Layer, path: Path, _written: _Layer, _breaker: BreakerSettings
+    ) -> RecoverySettings | None:
+        if "ramp" not in p:
+            self.error(path, "needs ramp: how long the share admitted takes to reach 100%")
+            return None
+        return RecoverySettings(p["ramp"], p.get("min_share", DEFAULT_MIN_SHARE))
 
     def check_names(self, routes: list[tuple[int, Route]]) -> None:
         first: dict[str, Route] = {}
@@ -864,6 +1035,10 @@ ROUTE_KEYS = [
     "timeouts",
     "breaker",
     "max_body_size",
+    "rate_limit",
+    "bulkhead",
+    "fallback",
+    "recovery",
 ]
 BREAKER_KEYS = [
     "failure_threshold",
@@ -882,6 +1057,17 @@ BREAKER_KEYS = [
     "mode",
 ]
 WINDOW_KEYS = ["duration", "requests", "min_requests"]
+POLICY_KEYS = {
+    "rate_limit": ["rate", "burst", "mode", "scope"],
+    "bulkhead": ["max_concurrent", "max_queued", "queue_timeout"],
+    "fallback": ["reasons", "status", "headers", "body", "body_file"],
+    "recovery": ["ramp", "min_share"],
+}
+
+_Layer = dict[str, Any]
+"""One level's keys of one policy, parsed; with `_WRITTEN` (where) and `_WRONG`."""
+_WRITTEN = "<written at>"
+_WRONG = "<wrong>"
 
 
 def _table(value: Any) -> dict[str, Any]:
@@ -1083,6 +1269,144 @@ def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"must be true or false, not {_kind(value)}")
     return value
+
+
+_TOKEN_RATE = re.compile(r"([0-9]+)\s*/\s*(.+)")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FALLBACK_FORBIDDEN_HEADERS = {
+    "content-length": "the sidecar frames the body itself",
+    "transfer-encoding": "the sidecar frames the body itself",
+    "connection": "the sidecar decides whether the connection stays open",
+    "keep-alive": "the sidecar decides whether the connection stays open",
+    "retry-after": "the sidecar sends the Retry-After of the answer it replaces",
+    "x-sidecar-fallback": "the sidecar sets it to the reason the fallback was served",
+    "date": "the sidecar sets it",
+}
+
+
+def _token_rate(value: Any) -> tuple[int, float]:
+    """Tokens and the period they come in, from "100/s", "100/60s", "6000/m"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise _Invalid(f"{value} is not a rate; say per what, such as '{value}/s' or '{value}/m'")
+    m = _TOKEN_RATE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if m is None:
+        shown = _short_repr(value) if isinstance(value, str) else _kind(value)
+        raise _Invalid(
+            f"{shown} is not a rate; write tokens per period, such as '100/s', '100/60s' "
+            "or '6000/m'"
+        )
+    count = int(m.group(1))
+    unit = m.group(2).strip()
+    period = _UNITS[unit] if unit in _UNITS else parse_duration(unit)
+    if count < 1:
+        raise _Invalid(f"{value!r} admits nothing: the count must be at least 1")
+    if count > MAX_COUNT:
+        raise _Invalid(f"{value!r}: the count must be at most {MAX_COUNT}")
+    if period < 0.001:
+        raise _Invalid(f"{value!r}: the period must be at least 1ms")
+    return count, period
+
+
+def _burst(value: Any) -> int:
+    if value == 0 and not isinstance(value, bool):
+        raise _Invalid("0 admits nothing: the bucket must hold at least 1 token")
+    return _count(value)
+
+
+def _scope(value: Any) -> str:
+    if value == "local":
+        return "local"
+    if value == "fleet":
+        raise _Invalid(
+            "'fleet' shares the rate among live replicas, which needs the fleet "
+            "(sidecars sharing evidence), not in this version; use 'local'"
+        )
+    raise _Invalid(f"must be 'local', not {_kind(value)}")
+
+
+def _max_queued(value: Any) -> int:
+    if value == 0 and not isinstance(value, bool):
+        return 0
+    return _count(value)
+
+
+def _fallback_reasons(value: Any) -> frozenset[str]:
+    if not isinstance(value, list):
+        raise _Invalid(
+            f"must be a list of reasons such as [circuit_open, bulkhead_full], not {_kind(value)}"
+        )
+    if not value:
+        raise _Invalid("is empty: name the answers to replace, or remove fallback")
+    for item in value:
+        if item not in FALLBACK_REASONS:
+            shown = _short_repr(item) if isinstance(item, str) else _kind(item)
+            close = difflib.get_close_matches(str(item), FALLBACK_REASONS, n=1, cutoff=0.6)
+            known = ", ".join(FALLBACK_REASONS)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {known})"
+            raise _Invalid(f"{shown} is not a reason the sidecar answers for{hint}")
+    return frozenset(value)
+
+
+def _fallback_status(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 200 <= value <= 599:
+        raise _Invalid(f"must be an HTTP status from 200 to 599, not {_kind(value)}")
+    return value
+
+
+def _fallback_headers(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise _Invalid(
+            f"must be a mapping such as {{Content-Type: application/json}}, not {_kind(value)}"
+        )
+    headers = []
+    for name, item in value.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise _Invalid(f"{_short_repr(str(name))} is not a header name")
+        why = _FALLBACK_FORBIDDEN_HEADERS.get(name.lower())
+        if why is not None:
+            raise _Invalid(f"{name}: not allowed here: {why}")
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise _Invalid(f"{name}: the value must be text, not {_kind(item)}")
+        text = str(item)
+        if any(c in text for c in "\r\n\0") or not text.isascii():
+            raise _Invalid(f"{name}: the value must be one line of ASCII text")
+        headers.append((name, text.strip()))
+    return tuple(headers)
+
+
+def _fallback_body(value: Any) -> tuple[bytes, str | None]:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be text (quote JSON: '{{\"items\": []}}'), not {_kind(value)}")
+    body = value.encode()
+    if len(body) > MAX_FALLBACK_BODY:
+        raise _Invalid(f"is over {MAX_FALLBACK_BODY} bytes; a fallback is a short answer")
+    return body, None
+
+
+def _fallback_body_file(value: Any, base: str) -> tuple[bytes, str | None]:
+    """The file's bytes, read now (relative to the config file's directory)."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"must be a file path, not {_kind(value)}")
+    path = os.path.join(base, value)
+    try:
+        with open(path, "rb") as f:
+            body = f.read(MAX_FALLBACK_BODY + 1)
+    except FileNotFoundError:
+        raise _Invalid(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise _Invalid(f"{path}: is a directory, not a file") from None
+    except OSError as e:
+        raise _Invalid(f"{path}: cannot read: {e.strerror}") from None
+    if len(body) > MAX_FALLBACK_BODY:
+        raise _Invalid(f"{path}: over {MAX_FALLBACK_BODY} bytes; a fallback is a short answer")
+    return body, path
+
+
+def _min_share(value: Any) -> Fraction:
+    share = parse_percentage(value)
+    if share >= 1:
+        raise _Invalid("must be below 100%: a ramp that starts at 100% sheds nothing")
+    return share
 
 
 def _status_set(value: Any) -> frozenset[int]:

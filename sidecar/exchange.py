@@ -31,7 +31,8 @@ from sidecar.breaker import Breaker, Clock, Permit, State
 from sidecar.config import Route
 from sidecar.listener import CONNECTION, Request, date_line
 from sidecar.metrics import RouteMetrics
-from sidecar.responses import Answer, error_answer
+from sidecar.policies import Bulkhead, TokenBucket
+from sidecar.responses import Answer, error_answer, fallback_answer
 from sidecar.timers import Ticker, Timer, Timers
 from sidecar.upstream import (
     CHUNKED,
@@ -92,18 +93,42 @@ class Target:
     """Statuses that tell the breaker more than success: `failure_status` and
     `retry_after_statuses` (set in `__post_init__`)."""
 
-    def __post_init__(self) -> None:
-        self.judged = self.route.breaker.failure_status | self.retry_after_statuses
+    bucket: TokenBucket | None = None
+    """The route's rate limit."""
+    bulkhead: Bulkhead | None = None
+    policed: bool = False
+    """A rate limit or a bulkhead stands before the breaker (set in `__post_init__`)."""
 
     answers: dict[object, Answer] = field(default_factory=dict)
     """Sidecar-made answers for this route, made once: rejections by their `Retry-After`
     (so that rejecting formats nothing), errors by name."""
 
+    def __post_init__(self) -> None:
+        self.judged = self.route.breaker.failure_status | self.retry_after_statuses
+        self.policed = self.bucket is not None or self.bulkhead is not None
+
     def error(self, status: int, error: str) -> Answer:
         answer = self.answers.get(error)
         if answer is None:
-            answer = self.answers[error] = error_answer(status, error, self.route.name)
+            answer = self.answers[error] = self.make_answer(status, error)
         return answer
+
+    def make_answer(self, status: int, error: str, retry_after: int | None = None) -> Answer:
+        """The sidecar's answer `error`, or the route's fallback for it."""
+        fallback = self.route.fallback
+        if fallback is not None and error in fallback.reasons:
+            return fallback_answer(
+                fallback.status, fallback.headers, fallback.body, error, retry_after
+            )
+        return error_answer(status, error, self.route.name, retry_after)
+
+    def count_answer(self, answer: Answer, error: str) -> None:
+        """Count a sidecar-made answer sent for `error` (a fallback's too)."""
+        metrics = self.metrics
+        metrics.count_response(answer[0])
+        fallback = self.route.fallback
+        if fallback is not None and error in fallback.reasons:
+            metrics.fallbacks[error] = metrics.fallbacks.get(error, 0) + 1
 
 
 class Env:
@@ -224,11 +249,20 @@ class Exchange:
     _client_behind = False
     _closed = False
 
-    def __init__(self, request: Request, target: Target, permit: Permit, env: Env) -> None:
+    def __init__(
+        self,
+        request: Request,
+        target: Target,
+        permit: Permit,
+        env: Env,
+        slot: Bulkhead | None = None,
+    ) -> None:
+        """`slot`: the bulkhead whose slot the exchange holds, if any."""
         self._request = request
         self._target = target
         self._permit = permit
         self._env = env
+        self._slot = slot
         self._timeout = target.route.timeouts.request
 
     def start(self, path: bytes, routed_host: bytes | None) -> None:
@@ -296,6 +330,11 @@ class Exchange:
             if not call.done:
                 call.abort()
         self._request.listener = None
+        slot = self._slot
+        if slot is not None:
+            # Last: the slot may go to a queued request, whose exchange starts here.
+            self._slot = None
+            slot.release()
 
     def crashed(self, error: Exception) -> None:
         """A bug raised while handling an event: logged; the client gets a 500 if nothing
@@ -443,8 +482,10 @@ class Exchange:
             request.abort()
 
     def _answer(self, status: int, error: str, close: bool = False) -> None:
-        self._target.metrics.count_response(status)
-        self._request.answer(*self._target.error(status, error), close=close)
+        target = self._target
+        answer = target.error(status, error)
+        target.count_answer(answer, error)
+        self._request.answer(*answer, close=close)
 
     # -- the deadline --------------------------------------------------------------------
 

@@ -24,33 +24,46 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from sidecar.breaker import MODES, Breaker, State
+from sidecar.policies import QUEUE_WAIT_BUCKETS, Bulkhead, FallbackSettings, TokenBucket
 
 __all__ = ["FAILURE_KINDS", "REJECT_REASONS", "Metrics", "RouteMetrics"]
 
 FAILURE_KINDS = ("status", "connect", "timeout", "reset")
-REJECT_REASONS = ("circuit_open", "circuit_half_open", "circuit_forced_open")
+REJECT_REASONS = (
+    "circuit_open",
+    "circuit_half_open",
+    "circuit_forced_open",
+    "circuit_recovering",
+    "rate_limited",
+    "bulkhead_full",
+)
 TRANSITIONS = (
     (State.CLOSED, State.OPEN),
     (State.OPEN, State.HALF_OPEN),
     (State.HALF_OPEN, State.OPEN),
     (State.HALF_OPEN, State.CLOSED),
 )
-PRECREATED_CODES = (502, 503, 504)
+PRECREATED_CODES = (429, 502, 503, 504)
 """The statuses the sidecar answers itself, so that alerts on them see a 0 before the first."""
 DURATION_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 _BUCKET_LABELS = (*(repr(float(bound)) for bound in DURATION_BUCKETS), "+Inf")
+_WAIT_LABELS = (*(repr(float(bound)) for bound in QUEUE_WAIT_BUCKETS), "+Inf")
 
 
 class RouteMetrics:
     """One route's numbers, updated by the proxy without locks or label look-ups."""
 
     __slots__ = (
+        "breaker",
+        "bucket",
+        "bulkhead",
         "duration_buckets",
         "duration_count",
         "duration_sum",
         "failures",
+        "fallbacks",
         "in_flight",
         "name",
         "rejected",
@@ -72,6 +85,25 @@ class RouteMetrics:
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
         self.duration_sum = 0.0
         self.duration_count = 0
+        self.fallbacks: dict[str, int] = {}
+        """Fallbacks served, by the reason they stood in for."""
+        self.breaker: Breaker | None = None
+        self.bucket: TokenBucket | None = None
+        self.bulkhead: Bulkhead | None = None
+
+    def track(
+        self,
+        breaker: Breaker,
+        bucket: TokenBucket | None,
+        bulkhead: Bulkhead | None,
+        fallback: FallbackSettings | None,
+    ) -> None:
+        """Export the route's policies' figures (from start-up, and after each reload)."""
+        self.breaker = breaker
+        self.bucket = bucket
+        self.bulkhead = bulkhead
+        for reason in fallback.reasons if fallback is not None else ():
+            self.fallbacks.setdefault(reason, 0)
 
     def count_response(self, status: int) -> None:
         self.requests[status] = self.requests.get(status, 0) + 1
@@ -166,8 +198,15 @@ class _Collector(Collector):
             "Requests a shadow-mode route forwarded that enforcing would have rejected.",
             labels=["route"],
         )
+        recovery = GaugeMetricFamily(
+            "sidecar_recovery_share",
+            "The share of requests the route's recovery ramp admits now, 0..1; 1 when not "
+            "recovering.",
+            labels=["route"],
+        )
         for breaker in metrics.breakers():
             name = breaker.name
+            recovery.add_metric([name], breaker.recovery_share)
             current = breaker.state
             for s in State:
                 state.add_metric([name, s.value], 1.0 if s is current else 0.0)
@@ -214,8 +253,54 @@ class _Collector(Collector):
             "Upstream exchanges that took longer than the route's slow_call_duration.",
             labels=["route"],
         )
+        fallbacks = CounterMetricFamily(
+            "sidecar_fallback_responses",
+            "Fallback answers served in place of the sidecar's own, by the reason replaced.",
+            labels=["route", "reason"],
+        )
+        shadow_limited = CounterMetricFamily(
+            "sidecar_rate_limit_shadow_limited",
+            "Requests a shadow-mode rate limit forwarded that enforcing would have limited.",
+            labels=["route"],
+        )
+        tokens = GaugeMetricFamily(
+            "sidecar_rate_limit_tokens",
+            "Tokens in the route's rate-limit bucket now.",
+            labels=["route"],
+        )
+        bulkhead_in_flight = GaugeMetricFamily(
+            "sidecar_bulkhead_in_flight_requests",
+            "Bulkhead slots taken now (requests in flight to the upstream).",
+            labels=["route"],
+        )
+        bulkhead_queued = GaugeMetricFamily(
+            "sidecar_bulkhead_queued_requests",
+            "Requests waiting in the route's bulkhead queue now.",
+            labels=["route"],
+        )
+        queue_wait = HistogramMetricFamily(
+            "sidecar_bulkhead_queue_wait_seconds",
+            "Time requests spent in the bulkhead queue, however they left it.",
+            labels=["route"],
+        )
         for route in metrics.routes:
             name = route.name
+            for reason, n in route.fallbacks.items():
+                fallbacks.add_metric([name, reason], n)
+            bucket = route.bucket
+            if bucket is not None:
+                shadow_limited.add_metric([name], bucket.shadow_limited)
+                tokens.add_metric([name], bucket.tokens)
+            bulkhead = route.bulkhead
+            if bulkhead is not None:
+                bulkhead_in_flight.add_metric([name], bulkhead.in_flight)
+                bulkhead_queued.add_metric([name], bulkhead.queued)
+                cumulative = 0
+                waits = []
+                for label, n in zip(_WAIT_LABELS, bulkhead.wait_buckets, strict=True):
+                    cumulative += n
+                    waits.append((label, cumulative))
+                queue_wait.add_metric([name], waits, bulkhead.wait_sum)
             for (a, b), n in route.transitions.items():
                 transitions.add_metric([name, a.value, b.value], n)
             for code, n in sorted(route.requests.items()):
@@ -255,4 +340,6 @@ class _Collector(Collector):
         build_info.add_metric([metrics.version], 1)
         yield from (state, mode, consecutive, failure_rate, slow_call_rate, shadow, transitions)
         yield from (requests, rejected, failures, duration, in_flight, slow_calls)
+        yield from (recovery, fallbacks, shadow_limited, tokens)
+        yield from (bulkhead_in_flight, bulkhead_queued, queue_wait)
         yield from (unrouted, reloads, last_reload, build_info)

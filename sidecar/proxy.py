@@ -13,6 +13,7 @@ sees"; the answers the sidecar makes itself come from `sidecar.responses`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -23,13 +24,17 @@ from sidecar.breaker import Breaker, Clock, Rejection, State, StateListener
 from sidecar.config import Route
 from sidecar.exchange import Env, Exchange, Target, retry_after_seconds
 from sidecar.listener import CONTENT_LENGTH, EXPECT, Request
+from sidecar.logs import event
 from sidecar.metrics import Metrics
+from sidecar.policies import Bulkhead, TokenBucket, retry_after
 from sidecar.responses import Answer, error_answer
 from sidecar.routing import Router, authority, upstream_target
-from sidecar.timers import Ticker, Timers
+from sidecar.timers import Ticker, Timer, Timers
 from sidecar.upstream_pool import Pool
 
-__all__ = ["Proxy", "RouteChanges", "Target", "retry_after_seconds"]
+__all__ = ["Proxy", "Queued", "RouteChanges", "Target", "retry_after_seconds"]
+
+log = logging.getLogger("sidecar")
 
 REJECTION_CACHE_SIZE = 1024
 """Finished 503s kept per route: one per second of `Retry-After` counting down."""
@@ -38,7 +43,10 @@ _REJECT_REASONS = {
     State.OPEN: "circuit_open",
     State.HALF_OPEN: "circuit_half_open",
     State.FORCED_OPEN: "circuit_forced_open",
+    State.CLOSED: "circuit_recovering",  # (shed by the recovery ramp)
 }
+_RECOVERING_KEY = -(2**62)
+"""The cache key of the ramp's 503 (see `_rejection`), beyond any other."""
 
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 """Upstream answers whose `Retry-After` opens the route under `respect_retry_after`."""
@@ -99,11 +107,30 @@ class Proxy:
                 same = old.route == dataclasses.replace(route, line=old.route.line)
                 (changes.kept if same else changes.updated).append(route.name)
             else:
-                breaker = Breaker(route.name, settings, self._clock, self._rand)
+                breaker = Breaker(route.name, settings, self._clock, self._rand, route.recovery)
                 route_metrics = self._metrics.new_route(breaker)
                 for listener in self._listeners:
                     breaker.add_listener(listener)
                 (changes.added if old is None else changes.reset).append(route.name)
+            breaker.recovery = route.recovery
+            bucket = None
+            if route.rate_limit is not None:
+                if (
+                    old is not None
+                    and old.bucket is not None
+                    and old.bucket.settings == route.rate_limit
+                ):
+                    bucket = old.bucket  # unchanged: its tokens are kept
+                else:
+                    bucket = TokenBucket(route.rate_limit, self._clock)
+            bulkhead = None
+            if route.bulkhead is not None:
+                bulkhead = old.bulkhead if old is not None else None
+                if bulkhead is None:
+                    bulkhead = Bulkhead(route.bulkhead)
+                else:  # the slots held and the queue carry on, within the new limits
+                    bulkhead.resize(route.bulkhead)
+            route_metrics.track(breaker, bucket, bulkhead, route.fallback)
             targets.append(
                 Target(
                     route=route,
@@ -116,6 +143,8 @@ class Proxy:
                     ),
                     verbatim=not route.upstream.base_path
                     and (not route.strip_prefix or route.path_prefix in (None, "/")),
+                    bucket=bucket,
+                    bulkhead=bulkhead,
                 )
             )
         changes.removed = list(previous)
@@ -183,12 +212,46 @@ class Proxy:
                 target.metrics.count_response(400)
                 request.answer(*target.error(400, "bad_request"), close=True)
                 return
+        if target.policed:
+            self._admit(request, target, upstream_path, host)
+            return
         permit = target.breaker.acquire()
         if isinstance(permit, Rejection):
-            request.answer(*self._rejection(target, permit))
+            request.answer(*_rejection(target, permit))
             return
         # From here the exchange owns the permit: every end of the request is its to make.
         Exchange(request, target, permit, self._env).start(upstream_path, host)
+
+    def _admit(self, request: Request, target: Target, path: bytes, host: bytes | None) -> None:
+        """Admission with policies, in the contract's order: rate limit, breaker state,
+        recovery ramp, bulkhead (perhaps after a wait in its queue), breaker permit. A
+        request turned away at one step takes nothing from the later ones."""
+        bucket = target.bucket
+        if bucket is not None:
+            wait = bucket.take()
+            if wait:
+                request.answer(*_rate_limited(target, retry_after(wait)))
+                return
+        breaker = target.breaker
+        bulkhead = target.bulkhead
+        if bulkhead is None or bulkhead.free:
+            permit = breaker.acquire()  # state, ramp and permit at once: a slot is free
+            if isinstance(permit, Rejection):
+                request.answer(*_rejection(target, permit))
+                return
+            if bulkhead is not None:
+                bulkhead.enter()
+            Exchange(request, target, permit, self._env, bulkhead).start(path, host)
+            return
+        rejection = breaker.check()  # no probe slot is held while waiting
+        if rejection is not None:
+            request.answer(*_rejection(target, rejection))
+            return
+        queued = Queued(request, target, path, host, self._env, bulkhead)
+        if not bulkhead.queue(queued):
+            request.answer(*_bulkhead_full(target))
+            return
+        queued.wait()
 
     @staticmethod
     def _refusal(request: Request, target: Target) -> Answer | None:
@@ -203,25 +266,145 @@ class Proxy:
             return target.error(417, "expectation_failed")
         return None
 
-    @staticmethod
-    def _rejection(target: Target, rejection: Rejection) -> Answer:
-        # Keyed by an int, not by (State, int): an Enum hashes in Python, not C.
-        # OPEN's are keyed by Retry-After, HALF_OPEN's by 0, FORCED_OPEN's below 0.
-        state = rejection.state
-        key = rejection.retry_after
-        if state is not State.OPEN:
-            key = 0 if state is State.HALF_OPEN else -key
-        reason = _REJECT_REASONS[state]
-        answers = target.answers
-        answer = answers.get(key)
-        if answer is None:
-            answer = error_answer(503, reason, target.route.name, rejection.retry_after)
-            if len(answers) < REJECTION_CACHE_SIZE:
-                answers[key] = answer
-        metrics = target.metrics
-        metrics.rejected[reason] += 1
-        metrics.requests[503] += 1
-        return answer
+
+def _rejection(target: Target, rejection: Rejection) -> Answer:
+    """The breaker's 503 (or the route's fallback for it), counted."""
+    # Keyed by an int, not by (State, int): an Enum hashes in Python, not C.
+    # OPEN's are keyed by Retry-After, HALF_OPEN's by 0, FORCED_OPEN's below 0.
+    state = rejection.state
+    key = rejection.retry_after
+    if state is not State.OPEN:
+        if state is State.HALF_OPEN:
+            key = 0
+        elif state is State.CLOSED:
+            key = _RECOVERING_KEY
+        else:
+            key = -key
+    reason = _REJECT_REASONS[state]
+    answers = target.answers
+    answer = answers.get(key)
+    if answer is None:
+        answer = target.make_answer(503, reason, rejection.retry_after)
+        if len(answers) < REJECTION_CACHE_SIZE:
+            answers[key] = answer
+    return _rejected(target, reason, answer)
+
+
+def _rejected(target: Target, reason: str, answer: Answer) -> Answer:
+    """Count a rejection for `reason`, answered with `answer`; logged at debug level."""
+    metrics = target.metrics
+    metrics.rejected[reason] += 1
+    if target.route.fallback is None:
+        metrics.requests[answer[0]] += 1  # (429 and 503 are there from the start)
+    else:
+        target.count_answer(answer, reason)
+    if log.isEnabledFor(logging.DEBUG):
+        event(
+            log,
+            logging.DEBUG,
+            "rejected",
+            f"route {target.route.name}: {reason}",
+            route=target.route.name,
+            reason=reason,
+        )
+    return answer
+
+
+def _rate_limited(target: Target, seconds: int) -> Answer:
+    """429, `Retry-After` the seconds until the next token (or the route's fallback)."""
+    key = ("rate_limited", seconds)
+    answers = target.answers
+    answer = answers.get(key)
+    if answer is None:
+        answer = target.make_answer(429, "rate_limited", seconds)
+        settings = target.bucket.settings if target.bucket is not None else None
+        window = 0.0 if settings is None else settings.period * settings.burst / settings.count
+        if answer[0] == 429 and window.is_integer() and window >= 1:
+            # The IETF draft's headers (draft-ietf-httpapi-ratelimit-headers): the quota
+            # (a full bucket, refilled in `w` seconds), and none of it left for `t`.
+            assert settings is not None
+            name = target.route.name.encode()
+            status, phrase, lines, body = answer
+            lines += b'RateLimit-Policy: "%s";q=%d;w=%d\r\n' % (name, settings.burst, window)
+            lines += b'RateLimit: "%s";r=0;t=%d\r\n' % (name, seconds)
+            answer = status, phrase, lines, body
+        if len(answers) < REJECTION_CACHE_SIZE:
+            answers[key] = answer
+    return _rejected(target, "rate_limited", answer)
+
+
+def _bulkhead_full(target: Target) -> Answer:
+    """503 `bulkhead_full`, `Retry-After: 1` (or the route's fallback), made once."""
+    answers = target.answers
+    answer = answers.get("bulkhead_full")
+    if answer is None:
+        answer = answers["bulkhead_full"] = target.make_answer(503, "bulkhead_full", 1)
+    return _rejected(target, "bulkhead_full", answer)
+
+
+class Queued:
+    """A request waiting in its route's bulkhead queue: for a slot, for `queue_timeout`
+    at most, or until its client goes away (it then leaves the queue at once). It holds
+    no probe slot and no permit: the breaker is asked again when the slot comes."""
+
+    __slots__ = ("_bulkhead", "_env", "_host", "_path", "_request", "_since", "_target", "_timer")
+
+    def __init__(
+        self,
+        request: Request,
+        target: Target,
+        path: bytes,
+        host: bytes | None,
+        env: Env,
+        bulkhead: Bulkhead,
+    ) -> None:
+        self._request = request
+        self._target = target
+        self._path = path
+        self._host = host
+        self._env = env
+        self._bulkhead = bulkhead
+        self._since = env.timers.time()
+        self._timer: Timer | None = None
+
+    def wait(self) -> None:
+        self._request.listener = self
+        timeout = self._bulkhead.settings.queue_timeout
+        self._timer = self._env.timers.call_at(self._since + timeout, self._timed_out)
+
+    def _waited(self) -> float:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._request.listener = None
+        return self._env.timers.time() - self._since
+
+    def grant(self) -> bool:
+        self._bulkhead.observe_wait(self._waited())
+        target = self._target
+        request = self._request
+        permit = target.breaker.acquire(ramp=False)  # the ramp let it through before
+        if isinstance(permit, Rejection):
+            request.answer(*_rejection(target, permit))  # the route opened meanwhile
+            return False
+        Exchange(request, target, permit, self._env, self._bulkhead).start(self._path, self._host)
+        return True
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._bulkhead.leave(self, self._waited())
+        self._request.answer(*_bulkhead_full(self._target))
+
+    def client_gone(self) -> None:
+        self._bulkhead.leave(self, self._waited())
+
+    def client_writable(self, writable: bool) -> None:
+        pass
+
+    def crashed(self, error: Exception) -> None:
+        log.exception("error handling a queued request", exc_info=error)
+        self._bulkhead.leave(self, self._waited())
+        self._request.fail()
 
 
 def _absolute_form(target: str) -> tuple[str, bytes | None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-__all__ = ["Answer", "error_answer", "reason_phrase"]
+__all__ = ["Answer", "error_answer", "fallback_answer", "reason_phrase"]
 
 Answer = tuple[int, bytes, bytes, bytes]
 """(status, reason phrase, header lines, body): what `Request.answer` takes."""
@@ -42,3 +42,21 @@ def error_answer(
     data = (body + "}").encode()
     lines += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(data)
     return status, reason_phrase(status), lines, data
+
+
+def fallback_answer(
+    status: int,
+    headers: tuple[tuple[str, str], ...],
+    body: bytes,
+    reason: str,
+    retry_after: int | None,
+) -> Answer:
+    """A route's fallback in place of the sidecar's own answer for `reason`: its status,
+    headers and body, with `X-Sidecar-Fallback: reason` and the `Retry-After` the
+    replaced answer had, if any."""
+    lines = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers)
+    lines += b"X-Sidecar-Fallback: %s\r\n" % reason.encode()
+    if retry_after is not None:
+        lines += b"Retry-After: %d\r\n" % retry_after
+    lines += b"Content-Length: %d\r\n" % len(body)
+    return status, reason_phrase(status), lines, body

@@ -184,7 +184,8 @@ routes:
         "c.yaml:7: routes[0].match.path_prefx: unknown key 'path_prefx'; "
         "did you mean 'path_prefix'?",
         "c.yaml:9: routes[0].zzz: unknown key 'zzz' "
-        "(known: name, match, upstream, strip_prefix, timeouts, breaker, max_body_size)",
+        "(known: name, match, upstream, strip_prefix, timeouts, breaker, max_body_size, "
+        "rate_limit, bulkhead, fallback, recovery)",
     ]
 
 

@@ -1,0 +1,255 @@
+"""The traffic policies beside the breaker: a rate limit and a bulkhead per route.
+
+Each is a small object with an injected clock, like the breaker, and knows
+nothing of HTTP: the proxy asks it, in the contract's order (rate limit,
+breaker, recovery ramp, bulkhead, breaker permit), and answers the request.
+The recovery ramp lives in the breaker (`Breaker.recovery_share`), whose
+transitions start and end it; the fallback answers live with the route's other
+sidecar-made answers (`sidecar.exchange.Target`).
+
+Standard library only; validation lives in `sidecar.config`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal, Protocol
+
+__all__ = [
+    "FALLBACK_REASONS",
+    "QUEUE_WAIT_BUCKETS",
+    "Bulkhead",
+    "BulkheadSettings",
+    "FallbackSettings",
+    "RateLimitSettings",
+    "RecoverySettings",
+    "TokenBucket",
+    "Waiter",
+]
+
+FALLBACK_REASONS = (
+    "circuit_open",
+    "circuit_half_open",
+    "circuit_forced_open",
+    "circuit_recovering",
+    "rate_limited",
+    "bulkhead_full",
+    "upstream_unreachable",
+    "upstream_timeout",
+    "upstream_tls_error",
+)
+"""The sidecar-made answers a fallback may stand in for: rejections and the sidecar's
+own upstream errors, never an answer the upstream gave."""
+
+QUEUE_WAIT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    count: int
+    """Tokens added per `period`."""
+    period: float
+    """Seconds."""
+    burst: int
+    """The bucket's size; it starts full."""
+    mode: Literal["enforce", "shadow"] = "enforce"
+
+    @property
+    def rate(self) -> str:
+        """As written: "100/60s"."""
+        return f"{self.count}/{self.period:g}s"
+
+
+@dataclass(frozen=True, slots=True)
+class BulkheadSettings:
+    max_concurrent: int
+    max_queued: int = 0
+    queue_timeout: float = 1.0
+    """Seconds a request waits in the queue at most (only with `max_queued` > 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackSettings:
+    reasons: frozenset[str]
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    body_file: str | None = None
+    """Where `body` was read from (resolved), for messages; None when inline."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverySettings:
+    ramp: float
+    """Seconds from `min_share` to every request, after HALF_OPEN -> CLOSED."""
+    min_share: Fraction
+    """The share of requests admitted as the ramp starts, 0 <= share < 1."""
+
+
+class TokenBucket:
+    """A token bucket: `count` tokens every `period` seconds, at most `burst` held.
+
+    Exact: tokens are kept in units of 1/`count` of a token-period (a token is
+    `period` units, time adds `elapsed * count`), so `rate: 100/60s` adds a whole
+    token every 0.6 s with no rounding drift, and `burst + rate * t` bounds what
+    passes in any span `t`.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_full",
+        "_level",
+        "_rate",
+        "_stamp",
+        "_unit",
+        "settings",
+        "shadow_limited",
+    )
+
+    def __init__(self, settings: RateLimitSettings, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._rate = settings.count
+        self._unit = settings.period
+        self._full = settings.burst * settings.period
+        self._level = self._full
+        self._stamp = clock()
+        self.shadow_limited = 0
+        """Requests a shadow-mode bucket would have limited."""
+
+    def _refill(self) -> float:
+        now = self._clock()
+        level = self._level + (now - self._stamp) * self._rate
+        self._stamp = now
+        if level >= self._full:
+            level = self._full
+        self._level = level
+        return level
+
+    def take(self) -> float:
+        """Take a token: 0.0 if there was one, else the seconds until the next one (more
+        than 0). A shadow-mode bucket counts the refusal and returns 0.0."""
+        level = self._refill()
+        unit = self._unit
+        if level >= unit - 1e-9 * unit:
+            self._level = max(level - unit, 0.0)
+            return 0.0
+        if self.settings.mode == "shadow":
+            self.shadow_limited += 1
+            return 0.0
+        return max((unit - level) / self._rate, 1e-9)
+
+    @property
+    def tokens(self) -> float:
+        """Tokens in the bucket now."""
+        return self._refill() / self._unit
+
+
+def retry_after(seconds: float) -> int:
+    """What `Retry-After` says for `seconds`: rounded up, never 0."""
+    return max(1, math.ceil(seconds - 1e-6))
+
+
+class Waiter(Protocol):
+    """A request waiting in a bulkhead's queue."""
+
+    def grant(self) -> bool:
+        """A slot is this request's: True if it took it, False if it has no use for it
+        (the breaker rejected it meanwhile)."""
+        ...
+
+
+class Bulkhead:
+    """At most `max_concurrent` requests in flight; up to `max_queued` more wait, FIFO.
+
+    A slot is held from `enter` (or a `grant` that took it) to `release`. A waiter
+    that gives up (`leave`: its client went away, or its time ran out) leaves the
+    queue at once and takes no slot.
+    """
+
+    __slots__ = (
+        "_granting",
+        "_queue",
+        "in_flight",
+        "settings",
+        "wait_buckets",
+        "wait_count",
+        "wait_sum",
+    )
+
+    def __init__(self, settings: BulkheadSettings) -> None:
+        self.settings = settings
+        self.in_flight = 0
+        self._queue: OrderedDict[Waiter, None] = OrderedDict()
+        self._granting = False
+        self.wait_buckets = [0] * (len(QUEUE_WAIT_BUCKETS) + 1)
+        self.wait_sum = 0.0
+        self.wait_count = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def free(self) -> bool:
+        """A request may enter at once: a slot is free and nobody waits for one."""
+        return self.in_flight < self.settings.max_concurrent and not self._queue
+
+    def enter(self) -> None:
+        """Take a slot (`free` said there is one)."""
+        self.in_flight += 1
+
+    def queue(self, waiter: Waiter) -> bool:
+        """Wait for a slot; False if the queue is full."""
+        if len(self._queue) >= self.settings.max_queued:
+            return False
+        self._queue[waiter] = None
+        return True
+
+    def leave(self, waiter: Waiter, waited: float) -> None:
+        """`waiter` gives up its place, after `waited` seconds."""
+        if self._queue.pop(waiter, False) is None:
+            self.observe_wait(waited)
+
+    def release(self) -> None:
+        """Give a slot back: the first waiter that wants it gets it."""
+        self.in_flight -= 1
+        self.grant_waiting()
+
+    def resize(self, settings: BulkheadSettings) -> None:
+        """New limits (a reload); slots held and waiters stay. A waiter beyond a smaller
+        queue keeps its place."""
+        self.settings = settings
+        self.grant_waiting()
+
+    def grant_waiting(self) -> None:
+        if self._granting:
+            # A grant's request ended at once and gave its slot back: the loop below,
+            # already running, goes on to the next waiter.
+            return
+        self._granting = True
+        try:
+            queue = self._queue
+            while queue and self.in_flight < self.settings.max_concurrent:
+                waiter, _ = queue.popitem(last=False)
+                self.in_flight += 1
+                if not waiter.grant():
+                    self.in_flight -= 1
+        finally:
+            self._granting = False
+
+    def observe_wait(self, seconds: float) -> None:
+        i = 0
+        for bound in QUEUE_WAIT_BUCKETS:
+            if seconds <= bound:
+                break
+            i += 1
+        self.wait_buckets[i] += 1
+        self.wait_sum += seconds
+        self.wait_count += 1
