@@ -38,12 +38,13 @@ from sidecar.routing import authority
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
+    from sidecar.exchange import Target
 
 log = logging.getLogger("sidecar")
 
 OVERRIDES = {"forced_open": State.FORCED_OPEN, "forced_closed": State.FORCED_CLOSED, "auto": None}
 
-__all__ = ["Health", "breaker_report", "create_admin_app"]
+__all__ = ["Health", "breaker_report", "create_admin_app", "route_report"]
 
 
 class Health:
@@ -77,6 +78,8 @@ def breaker_report(breaker: Breaker) -> dict[str, Any]:
             "slow_call_rate": None if rates is None else rates[1],
         },
         "shadow_rejections": breaker.shadow_rejections,
+        "recovering": breaker.recovering,
+        "recovery_share": round(breaker.recovery_share, 4),
         "settings": {
             "failure_threshold": settings.failure_threshold,
             "open_duration": settings.open_duration,
@@ -100,6 +103,56 @@ def breaker_report(breaker: Breaker) -> dict[str, Any]:
             "mode": settings.mode,
         },
     }
+
+
+def route_report(target: Target) -> dict[str, Any]:
+    """One route's entry in /breakers: its breaker, and its policies with live figures."""
+    report = breaker_report(target.breaker)
+    route = target.route
+    bucket = target.bucket
+    limit = route.rate_limit
+    report["rate_limit"] = (
+        None
+        if limit is None or bucket is None
+        else {
+            "rate": limit.rate,
+            "burst": limit.burst,
+            "mode": limit.mode,
+            "tokens": round(bucket.tokens, 3),
+            "shadow_limited": bucket.shadow_limited,
+        }
+    )
+    bulkhead = target.bulkhead
+    settings = route.bulkhead
+    report["bulkhead"] = (
+        None
+        if settings is None or bulkhead is None
+        else {
+            "max_concurrent": settings.max_concurrent,
+            "max_queued": settings.max_queued,
+            "queue_timeout": settings.queue_timeout,
+            "in_flight": bulkhead.in_flight,
+            "queued": bulkhead.queued,
+        }
+    )
+    fallback = route.fallback
+    report["fallback"] = (
+        None
+        if fallback is None
+        else {
+            "reasons": sorted(fallback.reasons),
+            "status": fallback.status,
+            "body_file": fallback.body_file,
+            "served": dict(target.metrics.fallbacks),
+        }
+    )
+    recovery = route.recovery
+    report["recovery"] = (
+        None
+        if recovery is None
+        else {"ramp": recovery.ramp, "min_share": float(recovery.min_share)}
+    )
+    return report
 
 
 def _fraction(rate: Fraction | None) -> float | None:
@@ -281,7 +334,7 @@ def create_admin_app(sidecar: Sidecar) -> web.Application:
         return web.json_response({"status": "not_ready"}, status=503)
 
     async def get_breakers(_request: web.Request) -> web.Response:
-        return web.json_response({"routes": [breaker_report(b) for b in metrics.breakers()]})
+        return web.json_response({"routes": [route_report(t) for t in sidecar.proxy.targets]})
 
     def gate(request: web.Request) -> web.Response | None:
         """Why an operator's request may not go ahead now, or None if it may.

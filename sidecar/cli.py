@@ -158,6 +158,30 @@ def describe_route(route: Route) -> str:
         f"jitter {format_percent(b.jitter)}, "
         f"respect_retry_after {str(b.respect_retry_after).lower()}, mode {b.mode}"
     )
+    if route.rate_limit is not None:
+        r = route.rate_limit
+        lines.append(
+            f"    rate_limit: {r.count}/{format_duration(r.period)}, burst {r.burst}, mode {r.mode}"
+        )
+    if route.bulkhead is not None:
+        h = route.bulkhead
+        queue = (
+            f"max_queued {h.max_queued}, queue_timeout {format_duration(h.queue_timeout)}"
+            if h.max_queued
+            else "no queue"
+        )
+        lines.append(f"    bulkhead: max_concurrent {h.max_concurrent}, {queue}")
+    if route.recovery is not None:
+        lines.append(
+            f"    recovery: ramp {format_duration(route.recovery.ramp)} "
+            f"from {format_percent(route.recovery.min_share)}"
+        )
+    if route.fallback is not None:
+        f = route.fallback
+        source = f"body_file {f.body_file}" if f.body_file else f"body of {len(f.body)} bytes"
+        lines.append(
+            f"    fallback: status {f.status}, {source}, for {', '.join(sorted(f.reasons))}"
+        )
     return "\n".join(lines)
 
 

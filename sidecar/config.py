@@ -243,7 +243,8 @@ def load_config(path: str) -> Config:
 
 
 def parse_config(text: str, filename: str = "<config>") -> Config:
-    """Validate config text; `filename` is only used in messages."""
+    """Validate config text; `filename` is used in messages, and a `body_file` is read
+    relative to its directory (the working directory's for "<config>")."""
     reader = _Reader(filename)
     document = reader.load(text)
     config = reader.config(document) if not reader.problems else None

@@ -33,11 +33,19 @@ SERIES = {
         {"from_state": "half_open", "to_state": "closed"},
     ],
     "sidecar_breaker_consecutive_failures": [{}],
-    "sidecar_requests_total": [{"code": c} for c in ("502", "503", "504")],
+    "sidecar_requests_total": [{"code": c} for c in ("429", "502", "503", "504")],
     "sidecar_rejected_requests_total": [
-        {"reason": "circuit_open"},
-        {"reason": "circuit_half_open"},
+        {"reason": r}
+        for r in (
+            "circuit_open",
+            "circuit_half_open",
+            "circuit_forced_open",
+            "circuit_recovering",
+            "rate_limited",
+            "bulkhead_full",
+        )
     ],
+    "sidecar_recovery_share": [{}],
     "sidecar_upstream_failures_total": [
         {"kind": k} for k in ("status", "connect", "timeout", "reset")
     ],
@@ -62,6 +70,8 @@ async def test_every_series_exists_for_every_route_before_any_traffic(
             for labels in label_sets:
                 value = sc.sample(name, route=route, **labels)
                 expected = 1.0 if labels in ({"state": "closed"}, {"mode": "enforce"}) else 0.0
+                if name == "sidecar_recovery_share":
+                    expected = 1.0  # not recovering
                 if name in NO_RATE:
                     expected = -1.0
                 assert value == expected, (name, route, labels)
@@ -189,6 +199,12 @@ async def test_healthz_readyz_and_breakers(
         "override_ttl_left": None,
         "window": None,
         "shadow_rejections": 0,
+        "recovering": False,
+        "recovery_share": 1.0,
+        "rate_limit": None,
+        "bulkhead": None,
+        "fallback": None,
+        "recovery": None,
         "settings": {
             "failure_threshold": 3,
             "open_duration": 60.0,
