@@ -22,7 +22,9 @@ RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "sidecar-dashboard.json"
 SEVERITIES = {"critical", "warning", "info"}
-PER_ROUTE = re.compile(r"\bsidecar_(breaker|requests|rejected|upstream|in_flight)")
+PER_ROUTE = re.compile(
+    r"\bsidecar_(breaker|requests|rejected|upstream|in_flight|rate_limit|bulkhead|recovery|fallback)"
+)
 
 TARGET_LABELS = {"job", "instance"}
 """Labels Prometheus adds to every scraped series."""
@@ -34,6 +36,7 @@ routes:
   - name: search
     match: {path_prefix: /search}
     upstream: UPSTREAM
+    rate_limit: {rate: 100/s, mode: shadow}
     breaker:
       mode: shadow
       window: {duration: 30s, min_requests: 5}
@@ -43,8 +46,16 @@ routes:
   - name: payments
     match: {path_prefix: /}
     upstream: UPSTREAM
+    rate_limit: {rate: 6000/m, burst: 200}
+    bulkhead: {max_concurrent: 64, max_queued: 16, queue_timeout: 1s}
+    recovery: {ramp: 30s, min_share: 10%}
+    fallback:
+      reasons: [circuit_open, circuit_recovering, rate_limited, bulkhead_full]
+      status: 200
+      body: '{"items": []}'
 """
-"""Every kind of route, so that the sidecar exports every series and label value it has."""
+"""Every kind of route, so that the sidecar exports every series and label value it has
+(the rate-limit, bulkhead and fallback series exist only for routes that configure them)."""
 
 
 def promtool() -> str:
@@ -222,3 +233,44 @@ def test_the_dashboard_has_its_variables_and_the_panels_an_operator_needs() -> N
         everything,
     )
     assert quantiles == ["0.5", "0.9", "0.99"]
+
+
+def test_the_dashboard_shows_the_traffic_policies() -> None:
+    """Issue 14: rejections by reason, tokens, the bulkhead, the recovery ramp, fallbacks."""
+    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+    everything = "\n".join(t["expr"] for p in panels for t in p["targets"])
+    # The three owners of a rejection, as the alerts tell them apart.
+    for reasons in (
+        'reason=~"circuit_open|circuit_half_open|circuit_recovering"',
+        'reason="rate_limited"',
+        'reason="bulkhead_full"',
+    ):
+        assert re.search(
+            r"sum by \(route\) \(rate\(sidecar_rejected_requests_total\{[^}]*" + re.escape(reasons),
+            everything,
+        ), reasons
+    for series in (
+        "sidecar_rate_limit_tokens",
+        "sidecar_rate_limit_shadow_limited_total",
+        "sidecar_bulkhead_in_flight_requests",
+        "sidecar_bulkhead_queued_requests",
+        "sidecar_recovery_share",
+    ):
+        assert series in everything, series
+    assert re.search(r"by \(route, reason\) \(rate\(sidecar_fallback_responses_total", everything)
+    assert re.search(
+        r"histogram_quantile\(0\.99, sum by \(route, le\) "
+        r"\(rate\(sidecar_bulkhead_queue_wait_seconds_bucket",
+        everything,
+    )
+
+
+def test_each_rejection_reason_has_one_owning_alert() -> None:
+    """A 429 or a full bulkhead never raises the breaker's alerts, and the other way round."""
+    exprs = {rule["alert"]: rule["expr"] for rule in alert_rules()}
+    breaker = exprs["SidecarHighRejectionRatio"]
+    assert 'reason=~"circuit_open|circuit_half_open|circuit_recovering"' in breaker
+    assert "rate_limited" not in breaker and "bulkhead_full" not in breaker
+    assert 'reason="rate_limited"' in exprs["SidecarRateLimited"]
+    assert "unless on (job, instance, route)" in exprs["SidecarRateLimited"]
+    assert 'reason="bulkhead_full"' in exprs["SidecarBulkheadFull"]
