@@ -20,6 +20,14 @@ period by a random fraction, so that a fleet of sidecars does not probe in step.
 In shadow mode the breaker keeps its state as usual but admits everything,
 counting what it would have rejected.
 
+With a recovery ramp (`RecoverySettings`), closing from HALF_OPEN admits only a
+share of requests at first, rising linearly to all over the ramp; the others are
+rejected as CLOSED (`circuit_recovering`). The share is kept exactly, as credit in
+millionths of a request. A relapse during the ramp re-opens with the backoff
+carried on; the backoff resets when the ramp completes. `check()` answers as
+`acquire()` would, taking nothing: for a request about to wait for a bulkhead
+slot, whose permit `acquire(ramp=False)` takes once it has one.
+
 An operator may override the rules (`force`): FORCED_OPEN rejects everything,
 FORCED_CLOSED admits everything and counts nothing, until the override's ttl
 runs out or it is lifted; either way the breaker then starts afresh in CLOSED,

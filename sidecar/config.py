@@ -928,6 +928,10 @@ class _Reader:
                 continue
             where = layer.get(_WRITTEN) or base[name].get(_WRITTEN) or (*path, name)
             written = layer if _WRITTEN in layer else base[name]
+            if name == "bulkhead" and _WRITTEN not in layer and path != ("defaults",):
+                # Inherited whole, so only this route's breaker can contradict it: say so
+                # there.
+                written = {"<breaker>": (*path, "breaker", "half_open_requests")}
             built[name] = getattr(self, f"_build_{name}")(merged, where, written, breaker)
         return built
 
@@ -958,7 +962,8 @@ class _Reader:
             self.error(at, "has no queue to time out: set max_queued above 0")
         if settings.max_concurrent < breaker.half_open_requests:
             self.error(
-                (*path, "max_concurrent") if "max_concurrent" in written else path,
+                written.get("<breaker>")
+                or ((*path, "max_concurrent") if "max_concurrent" in written else path),
                 f"max_concurrent ({settings.max_concurrent}) is below the breaker's "
                 f"half_open_requests ({breaker.half_open_requests}): probes could never "
                 "all be in flight",

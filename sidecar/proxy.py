@@ -3,11 +3,15 @@
 A request's life, in order: the listener parses its head and calls `handle`;
 the router picks its route; the checks that need no upstream answer at once
 (no route 404, a declared body over `max_body_size` 413, an `Expect` other than
-`100-continue` 417, a target that is not a path 400); the breaker admits it
-or rejects it (503, from a cache of finished answers); and an admitted request
-becomes an `Exchange` (`sidecar.exchange`), which forwards it and relays the
-answer. What a client sees in each case is the contract's table "What a client
-sees"; the answers the sidecar makes itself come from `sidecar.responses`.
+`100-continue` 417, a target that is not a path 400); the route's policies and
+its breaker admit it or turn it away, in the contract's order: rate limit (429),
+breaker state (503), recovery ramp (503), bulkhead (a slot now, or a wait in its
+queue: `Queued`; 503 when full), breaker permit. Rejections come from a cache of
+finished answers (or are the route's fallback). An admitted request becomes an
+`Exchange` (`sidecar.exchange`), which forwards it and relays the answer, and
+gives back its bulkhead slot at its end. What a client sees in each case is the
+contract's table "What a client sees"; the answers the sidecar makes itself come
+from `sidecar.responses`.
 """
 
 from __future__ import annotations

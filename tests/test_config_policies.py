@@ -215,3 +215,20 @@ def test_every_error_at_once_with_its_line() -> None:
         "c.yaml:9",
         "c.yaml:10",
     ]
+
+
+def test_an_inherited_bulkhead_too_small_for_a_routes_probes_is_reported_at_the_route() -> None:
+    text = """
+    defaults:
+      bulkhead: {max_concurrent: 2}
+    routes:
+      - name: a
+        match: {path_prefix: /a}
+        upstream: http://a
+        breaker: {half_open_requests: 3}
+      - {name: b, match: {path_prefix: /b}, upstream: 'http://b'}
+    """
+    assert errors(text) == [
+        "c.yaml:8: routes[0].breaker.half_open_requests: max_concurrent (2) is below the "
+        "breaker's half_open_requests (3): probes could never all be in flight"
+    ]
