@@ -18,7 +18,7 @@ and measures it three ways before stopping it:
 
 The order of the setups rotates from round to round so no setup always goes
 first; the report gives medians over the rounds and ratios of medians, with
-PASS/FAIL against the bars of issues 2, 5 and 13. `sidecar-base` is the sidecar
+PASS/FAIL against the bars of issues 2, 5, 13 and 14. `sidecar-base` is the sidecar
 at --base (default 7c06b95), extracted with `git archive` into the temporary
 directory and run from there with the same config as `sidecar-forward`; `floor`
 is shared/perf/floor_proxy.py, run from where it lies (skipped, in one line, when
@@ -90,6 +90,18 @@ ROUTE = "bench"
 CLOSED_PORT = 1
 """Nothing listens on 127.0.0.1:1: the OPEN setup's upstream, refused at once."""
 MANY_ROUTES = 1000
+POLICIES = [
+    "    rate_limit: {rate: 1000000/s}",
+    "    bulkhead: {max_concurrent: 1000, max_queued: 16, queue_timeout: 1s}",
+    """    fallback: {reasons: [circuit_open], status: 200, body: '{"items": []}'}""",
+    "    recovery: {ramp: 30s, min_share: 10%}",
+]
+"""Issue 14: all four policies on the route, none of them turning a request away (the
+bucket holds a million tokens, the bulkhead 1,000 slots, the ramp is not ramping)."""
+RATE_LIMITED = ["    rate_limit: {rate: 1/h, burst: 1}"]
+"""Issue 14: the one token spent before the load, every request gets a 429."""
+POLICY_RATIO = 1.05
+"""Issue 14: the policies' added work at most 5 % of the forwarding CPU per request."""
 """Routes configured before the catch-all in `sidecar-1000-routes`."""
 OPEN_FILES = 65536
 """RLIMIT_NOFILE wanted for the servers and wrk (1,000 client connections, nginx twice that)."""
@@ -98,6 +110,8 @@ TOOLS = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy"}
 """Binary -> the Debian package that provides it."""
 RESULTS_MD = HERE / "RESULTS.md"
 RESULTS_PNG = HERE / "results.png"
+KEPT = "<!-- Written by hand from here on: compare.py --write-results keeps it. -->"
+"""RESULTS.md below this line is other benchmarks' (policy_micro.py's, a focused run's)."""
 
 
 class BenchError(Exception):
@@ -227,25 +241,41 @@ def expect_forwarded(port: int) -> None:
         raise BenchError(f"port {port}: expected 200 with 100 bytes, got {status} {body[:200]!r}")
 
 
-def expect_circuit_open(port: int) -> None:
-    status, body = get(port, "/bench/check")
-    try:
-        error = json.loads(body).get("error")
-    except ValueError:
-        error = None
-    if status != 503 or error != "circuit_open":
-        raise BenchError(f"port {port}: expected 503 circuit_open, got {status} {body[:200]!r}")
+def expect_rejection(status: int, error: str) -> Callable[[int], None]:
+    """A check: the setup answers `status` with the JSON error `error`."""
+
+    def check(port: int) -> None:
+        got, body = get(port, "/bench/check")
+        try:
+            said = json.loads(body).get("error")
+        except ValueError:
+            said = None
+        if got != status or said != error:
+            raise BenchError(f"port {port}: expected {status} {error}, got {got} {body[:200]!r}")
+
+    return check
 
 
-def trip_breaker(port: int) -> None:
-    """Fail the OPEN setup's route (refused upstream, threshold 1) until it answers circuit_open."""
-    seen = []
-    for _ in range(5):
-        status, body = get(port, "/bench/trip")
-        seen.append(f"{status} {body[:80]!r}")
-        if status == 503 and b"circuit_open" in body:
-            return
-    raise BenchError(f"port {port}: the breaker did not open; answers were: {seen}")
+expect_circuit_open = expect_rejection(503, "circuit_open")
+
+
+def until_rejected(status: int, error: str, what: str) -> Callable[[int], None]:
+    """A preparation: requests until the route answers `status` `error` (5 at most)."""
+
+    def prepare(port: int) -> None:
+        seen = []
+        for _ in range(5):
+            got, body = get(port, "/bench/trip")
+            seen.append(f"{got} {body[:80]!r}")
+            if got == status and error.encode() in body:
+                return
+        raise BenchError(f"port {port}: {what}; answers were: {seen}")
+
+    return prepare
+
+
+trip_breaker = until_rejected(503, "circuit_open", "the breaker did not open")
+"""Fail the OPEN setup's route (refused upstream, threshold 1) until it answers circuit_open."""
 
 
 # -- setups ---------------------------------------------------------------------
@@ -271,7 +301,8 @@ class Setup:
     check: Callable[[int], None]
     prepare: Callable[[int], None] | None = None
     ok_status: str = "2xx"
-    """What the load should see: "2xx" (no Non-2xx line) or "503" (every response non-2xx)."""
+    """What the load should see: "2xx" (no Non-2xx line), or a status such as "503" (every
+    response non-2xx, and that status in the open-loop runs)."""
     forwards: bool = True
     """Whether requests reach the upstream (its CPU per request is reported then)."""
     tool: str | None = None
@@ -285,9 +316,16 @@ def _python(script: str, *args: str) -> list[str]:
 
 
 def sidecar_config(
-    tmp: Path, name: str, port: int, upstream_port: int, open_route: bool, extra_routes: int = 0
+    tmp: Path,
+    name: str,
+    port: int,
+    upstream_port: int,
+    open_route: bool,
+    extra_routes: int = 0,
+    route_settings: tuple[str, ...] = (),
 ) -> Path:
-    """The sidecar's config: `extra_routes` (half host, half prefix) before the catch-all.
+    """The sidecar's config: `extra_routes` (half host, half prefix) before the catch-all,
+    which has `route_settings` (YAML lines) added.
 
     The benchmark's requests (`/bench/...`, Host 127.0.0.1) match none of the extra
     routes, so routing passes over every one of them before the catch-all `/` route,
@@ -312,16 +350,28 @@ def sidecar_config(
         ]
     else:
         lines.append(f"    upstream: {upstream}")
+    lines += route_settings
     path = tmp / f"{name}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def _sidecar(
-    name: str, open_route: bool = False, extra_routes: int = 0
+    name: str,
+    open_route: bool = False,
+    extra_routes: int = 0,
+    route_settings: list[str] | None = None,
 ) -> Callable[..., list[str]]:
     def command(ctx: Context, port: int) -> list[str]:
-        config = sidecar_config(ctx.tmp, name, port, ctx.upstream_port, open_route, extra_routes)
+        config = sidecar_config(
+            ctx.tmp,
+            name,
+            port,
+            ctx.upstream_port,
+            open_route,
+            extra_routes,
+            tuple(route_settings or ()),
+        )
         return [sys.executable, "-m", "sidecar", "run", "-c", str(config)]
 
     return command
@@ -518,6 +568,24 @@ SETUPS = [
         expect_circuit_open,
         prepare=trip_breaker,
         ok_status="503",
+        forwards=False,
+    ),
+    Setup(
+        "sidecar-policies",
+        "sidecar-forward with all four policies of issue 14 on the route, none turning a "
+        "request away: rate_limit 1000000/s, bulkhead 1000 (+16 queued), a fallback for "
+        "circuit_open, recovery ramp 30s (not ramping)",
+        _sidecar("sidecar-policies", route_settings=POLICIES),
+        expect_forwarded,
+    ),
+    Setup(
+        "sidecar-rate-limited",
+        "sidecar run, one route rate-limited (rate 1/h, burst 1, the token spent): every "
+        "request a 429",
+        _sidecar("sidecar-rate-limited", route_settings=RATE_LIMITED),
+        expect_rejection(429, "rate_limited"),
+        prepare=until_rejected(429, "rate_limited", "the route was not rate-limited"),
+        ok_status="429",
         forwards=False,
     ),
 ]
@@ -1155,11 +1223,11 @@ def _anomaly(setup: Setup, m: Measurement) -> str:
             notes.append(f"{label}{result.socket_errors} socket errors")
         if setup.ok_status == "2xx" and result.non_2xx:
             notes.append(f"{label}{result.non_2xx} non-2xx responses")
-        if setup.ok_status == "503" and result.non_2xx != result.requests:
+        if setup.ok_status != "2xx" and result.non_2xx != result.requests:
             notes.append(f"{label}only {result.non_2xx} of {result.requests} responses non-2xx")
     if m.throughput.steal_pct > STEAL_WARNING:
         notes.append(f"{m.throughput.steal_pct:.0f}% of CPU {SERVER_CPU} stolen by the hypervisor")
-    expected = "200" if setup.ok_status == "2xx" else "503"
+    expected = "200" if setup.ok_status == "2xx" else setup.ok_status
     for rate, lat in m.latency.items():
         wrong = sum(n for status, n in lat.statuses.items() if status != expected)
         if lat.errors or wrong:
@@ -1436,6 +1504,22 @@ def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
                 )
             )
 
+    def cpu_ratio(issue: str, ours: str, base: str, bar: float, label: str) -> None:
+        if ours in s and base in s:
+            found.append(
+                Target(
+                    issue,
+                    f"{label}: {ours} / {base} CPU per request",
+                    s[ours].cpu_us / s[base].cpu_us,
+                    bar,
+                    False,
+                    detail=f"{s[ours].cpu_us:.0f} vs {s[base].cpu_us:.0f} us/req; "
+                    + _paired(results, ours, base, cpu)
+                    + f"; req/s ratio {s[ours].rps / s[base].rps:.3f}, "
+                    + _paired(results, ours, base, rps),
+                )
+            )
+
     ratio("2", "sidecar-forward", "minimal-proxy", PASS_RATIO, "forwarding")
     ratio("2", "sidecar-open", "bare-503", PASS_RATIO, "rejecting from OPEN")
     ratio("5", "sidecar-forward", "nginx", 0.50, "forwarding")
@@ -1470,23 +1554,12 @@ def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
                 detail,
             )
         )
-    many = "sidecar-1000-routes"
-    if many in s and forward:
-        found.append(
-            Target(
-                "5",
-                f"{many} / sidecar-forward CPU per request",
-                s[many].cpu_us / forward.cpu_us,
-                1.05,
-                False,
-                detail=f"{s[many].cpu_us:.0f} vs {forward.cpu_us:.0f} us/req; "
-                + _paired(results, many, "sidecar-forward", cpu)
-                + f"; req/s ratio {s[many].rps / forward.rps:.3f}",
-            )
-        )
+    cpu_ratio("5", "sidecar-1000-routes", "sidecar-forward", 1.05, "1,000 routes")
     ratio("13", "sidecar-forward", "sidecar-base", BASE_RATIO, "forwarding, now vs --base")
     ratio("13", "sidecar-forward", "nginx", NGINX_AIM, "forwarding", kind="aim")
     ratio("13", "floor", "nginx", float("nan"), "the floor", kind="info")
+    cpu_ratio("14", "sidecar-policies", "sidecar-forward", POLICY_RATIO, "all four policies")
+    cpu_ratio("14", "sidecar-rate-limited", "sidecar-open", 1.0, "a 429 against OPEN's 503")
     if "upstream-direct" in s:
         found += [added_cost(results, s, name) for name in ADDED_COST if name in s]
     return found
@@ -1681,7 +1754,7 @@ LEGEND = [
 
 def report(results: Results, args: argparse.Namespace, machine: list[str]) -> str:
     s = summarize(results)
-    lines = ["", "=" * 100, "sidecar comparison (issues 2, 5 and 13)", *machine]
+    lines = ["", "=" * 100, "sidecar comparison (issues 2, 5, 13 and 14)", *machine]
     lines += load_description(args)
     for title, table in tables(results, s, args):
         lines += ["", title, *("  " + row for row in table.text())]
@@ -1785,7 +1858,7 @@ def write_results(
             RESULTS_PNG.unlink()  # a chart from another run would not match these results
     s = summarize(results)
     lines = [
-        "# Benchmark results (issues 2, 5 and 13)",
+        "# Benchmark results (issues 2, 5, 13 and 14)",
         "",
         "Written by `python benchmarks/compare.py --write-results`; see `README.md` beside this",
         "file for what each setup is and how the figures are taken. Absolute figures depend on",
@@ -1826,7 +1899,12 @@ def write_results(
     lines += ["", "Legend:", ""]
     lines += [f"- `{setup.name}`: {setup.description}" for setup in SETUPS if setup.name in s]
     lines += [f"- {line}" for line in LEGEND]
-    RESULTS_MD.write_text("\n".join(lines) + "\n")
+    kept = ""
+    with contextlib.suppress(FileNotFoundError):
+        old = RESULTS_MD.read_text()
+        if KEPT in old:
+            kept = "\n" + old[old.index(KEPT) :]
+    RESULTS_MD.write_text("\n".join(lines) + "\n" + kept)
     print(f"wrote {RESULTS_MD}" + ("" if why_no_chart else f" and {RESULTS_PNG.name}"))
 
 

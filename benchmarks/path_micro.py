@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,21 @@ class Transport:
         raise AssertionError("aborted")
 
 
-def sidecar_path(loop: asyncio.AbstractEventLoop) -> Any:
-    """A function that takes one request through the sidecar and checks its answer."""
+@dataclass
+class Sidecar:
+    """The sidecar's real request-path objects for one route `api` (`/api` -> an upstream
+    that is never dialled), wired to collecting transports."""
+
+    proxy: Any
+    client: Any
+    client_transport: Transport
+    upstream: Any
+    upstream_transport: Transport
+
+
+def sidecar_objects(loop: asyncio.AbstractEventLoop, route_settings: str = "") -> Sidecar:
+    """The objects, with `route_settings` (YAML lines indented as the route's keys) added to
+    the route's config; the upstream connection is one idle in the pool."""
     from prometheus_client import CollectorRegistry
 
     from sidecar.config import load_config
@@ -85,7 +99,7 @@ def sidecar_path(loop: asyncio.AbstractEventLoop) -> Any:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(
             "routes:\n  - name: api\n    match: {path_prefix: /api}\n"
-            "    upstream: http://127.0.0.1:9000\n"
+            "    upstream: http://127.0.0.1:9000\n" + route_settings
         )
     config = load_config(f.name)
     timers = LoopTimers(loop)
@@ -101,6 +115,14 @@ def sidecar_path(loop: asyncio.AbstractEventLoop) -> Any:
     upstream_transport = Transport()
     upstream.connection_made(upstream_transport)  # type: ignore[arg-type]
     pool.release(upstream)
+    return Sidecar(proxy, client, client_transport, upstream, upstream_transport)
+
+
+def sidecar_path(loop: asyncio.AbstractEventLoop, route_settings: str = "") -> Any:
+    """A function that takes one request through the sidecar and checks its answer."""
+    s = sidecar_objects(loop, route_settings)
+    client, upstream = s.client, s.upstream
+    client_transport, upstream_transport = s.client_transport, s.upstream_transport
 
     def one() -> None:
         client.data_received(REQUEST)

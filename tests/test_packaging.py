@@ -62,6 +62,16 @@ def test_the_breaker_micro_benchmark_runs() -> None:
     ]
 
 
+def test_the_policy_micro_benchmark_runs() -> None:
+    """A few requests only, so that the benchmark never rots; its figures (issue 14) go in
+    benchmarks/RESULTS.md."""
+    result = run(sys.executable, "benchmarks/policy_micro.py", "--rounds", "1", "--requests", "200")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split()[:2] for line in result.stdout.splitlines()[2:6]]
+    assert rows == [["plain", "200"], ["policies", "200"], ["rate-limited", "429"], ["open", "503"]]
+    assert "bar 1" in result.stdout and "bar 2" in result.stdout
+
+
 def test_the_client_micro_benchmark_runs() -> None:
     """Its figures (aiohttp's client against a lean prototype) are issue 5's evidence."""
     result = run(sys.executable, "benchmarks/client_micro.py", "--rounds", "1", "--requests", "20")
