@@ -10,8 +10,8 @@ request (time.process_time):
 
 - handle: `Proxy.handle` alone on a stub request, with `Exchange` swapped for a stand-in
   that ends at once as `Exchange._close` ends a request (the permit released, then the
-  bulkhead slot): routing, the `Target.policed` branch, `_admit` (`TokenBucket.take`,
-  `Bulkhead.free`/`enter`, `Breaker.acquire`), the slot's release; or the rejection's
+  bulkhead slot): routing, the `Target.policed` branch (`TokenBucket.take`,
+  `Bulkhead.try_enter`, `Breaker.acquire`), the slot's release; or the rejection's
   answer looked up and counted.
 - path: path_micro.py's harness, the sidecar's real objects from the client's bytes to
   the answer written, with transports that only collect. `plain` there is the CPU a

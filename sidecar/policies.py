@@ -103,9 +103,11 @@ class TokenBucket:
 
     __slots__ = (
         "_clock",
+        "_enough",
         "_full",
         "_level",
         "_rate",
+        "_shadow",
         "_stamp",
         "_unit",
         "settings",
@@ -118,32 +120,39 @@ class TokenBucket:
         self._rate = settings.count
         self._unit = settings.period
         self._full = settings.burst * settings.period
+        self._enough = settings.period * (1 - 1e-9)
+        """A token's worth, less float dust (0.1 * 3 is 0.30000000000000004)."""
+        self._shadow = settings.mode == "shadow"
         self._level = self._full
         self._stamp = clock()
         self.shadow_limited = 0
         """Requests a shadow-mode bucket would have limited."""
 
+    def take(self) -> float:
+        """Take a token: 0.0 if there was one, else the seconds until the next one (more
+        than 0). A shadow-mode bucket counts the refusal and returns 0.0."""
+        # (The refill is written out here, not called: this runs for every request.)
+        now = self._clock()
+        level = self._level + (now - self._stamp) * self._rate
+        self._stamp = now
+        if level > self._full:
+            level = self._full
+        unit = self._unit
+        if level >= self._enough:
+            self._level = level - unit if level > unit else 0.0
+            return 0.0
+        self._level = level
+        if self._shadow:
+            self.shadow_limited += 1
+            return 0.0
+        return max((unit - level) / self._rate, 1e-9)
+
     def _refill(self) -> float:
         now = self._clock()
         level = self._level + (now - self._stamp) * self._rate
         self._stamp = now
-        if level >= self._full:
-            level = self._full
-        self._level = level
+        self._level = level = min(level, self._full)
         return level
-
-    def take(self) -> float:
-        """Take a token: 0.0 if there was one, else the seconds until the next one (more
-        than 0). A shadow-mode bucket counts the refusal and returns 0.0."""
-        level = self._refill()
-        unit = self._unit
-        if level >= unit - 1e-9 * unit:
-            self._level = max(level - unit, 0.0)
-            return 0.0
-        if self.settings.mode == "shadow":
-            self.shadow_limited += 1
-            return 0.0
-        return max((unit - level) / self._rate, 1e-9)
 
     @property
     def tokens(self) -> float:
@@ -175,6 +184,7 @@ class Bulkhead:
 
     __slots__ = (
         "_granting",
+        "_limit",
         "_queue",
         "in_flight",
         "settings",
@@ -185,6 +195,7 @@ class Bulkhead:
 
     def __init__(self, settings: BulkheadSettings) -> None:
         self.settings = settings
+        self._limit = settings.max_concurrent
         self.in_flight = 0
         self._queue: OrderedDict[Waiter, None] = OrderedDict()
         self._granting = False
@@ -196,14 +207,12 @@ class Bulkhead:
     def queued(self) -> int:
         return len(self._queue)
 
-    @property
-    def free(self) -> bool:
-        """A request may enter at once: a slot is free and nobody waits for one."""
-        return self.in_flight < self.settings.max_concurrent and not self._queue
-
-    def enter(self) -> None:
-        """Take a slot (`free` said there is one)."""
-        self.in_flight += 1
+    def try_enter(self) -> bool:
+        """Take a slot if one is free and nobody waits for one."""
+        if self.in_flight < self._limit and not self._queue:
+            self.in_flight += 1
+            return True
+        return False
 
     def queue(self, waiter: Waiter) -> bool:
         """Wait for a slot; False if the queue is full."""
@@ -220,12 +229,14 @@ class Bulkhead:
     def release(self) -> None:
         """Give a slot back: the first waiter that wants it gets it."""
         self.in_flight -= 1
-        self.grant_waiting()
+        if self._queue:
+            self.grant_waiting()
 
     def resize(self, settings: BulkheadSettings) -> None:
         """New limits (a reload); slots held and waiters stay. A waiter beyond a smaller
         queue keeps its place."""
         self.settings = settings
+        self._limit = settings.max_concurrent
         self.grant_waiting()
 
     def grant_waiting(self) -> None:
@@ -236,7 +247,7 @@ class Bulkhead:
         self._granting = True
         try:
             queue = self._queue
-            while queue and self.in_flight < self.settings.max_concurrent:
+            while queue and self.in_flight < self._limit:
                 waiter, _ = queue.popitem(last=False)
                 self.in_flight += 1
                 if not waiter.grant():

@@ -216,38 +216,35 @@ class Proxy:
                 target.metrics.count_response(400)
                 request.answer(*target.error(400, "bad_request"), close=True)
                 return
-        if target.policed:
-            self._admit(request, target, upstream_path, host)
-            return
-        permit = target.breaker.acquire()
+        bulkhead = None
+        if target.policed:  # the route's policies before its breaker, in the contract's order
+            bucket = target.bucket
+            if bucket is not None:
+                wait = bucket.take()
+                if wait:
+                    request.answer(*_rate_limited(target, retry_after(wait)))
+                    return
+            bulkhead = target.bulkhead
+            if bulkhead is not None and not bulkhead.try_enter():
+                self._wait(request, target, upstream_path, host, bulkhead)
+                return
+        permit = target.breaker.acquire()  # state, ramp and permit at once
         if isinstance(permit, Rejection):
+            if bulkhead is not None:
+                bulkhead.in_flight -= 1  # the slot just taken (nobody waits for it)
             request.answer(*_rejection(target, permit))
             return
-        # From here the exchange owns the permit: every end of the request is its to make.
-        Exchange(request, target, permit, self._env).start(upstream_path, host)
+        # From here the exchange owns the permit (and the slot): every end of the request
+        # is its to make.
+        Exchange(request, target, permit, self._env, bulkhead).start(upstream_path, host)
 
-    def _admit(self, request: Request, target: Target, path: bytes, host: bytes | None) -> None:
-        """Admission with policies, in the contract's order: rate limit, breaker state,
-        recovery ramp, bulkhead (perhaps after a wait in its queue), breaker permit. A
-        request turned away at one step takes nothing from the later ones."""
-        bucket = target.bucket
-        if bucket is not None:
-            wait = bucket.take()
-            if wait:
-                request.answer(*_rate_limited(target, retry_after(wait)))
-                return
-        breaker = target.breaker
-        bulkhead = target.bulkhead
-        if bulkhead is None or bulkhead.free:
-            permit = breaker.acquire()  # state, ramp and permit at once: a slot is free
-            if isinstance(permit, Rejection):
-                request.answer(*_rejection(target, permit))
-                return
-            if bulkhead is not None:
-                bulkhead.enter()
-            Exchange(request, target, permit, self._env, bulkhead).start(path, host)
-            return
-        rejection = breaker.check()  # no probe slot is held while waiting
+    def _wait(
+        self, request: Request, target: Target, path: bytes, host: bytes | None, bulkhead: Bulkhead
+    ) -> None:
+        """No slot free: the breaker is asked first, taking nothing (a rejection never
+        waits, and a probe slot is never held while waiting); then the queue, if there is
+        room in it."""
+        rejection = target.breaker.check()
         if rejection is not None:
             request.answer(*_rejection(target, rejection))
             return

@@ -128,9 +128,9 @@ class Waiting:
 def test_a_bulkhead_grants_freed_slots_in_arrival_order() -> None:
     log: list[str] = []
     b = Bulkhead(BulkheadSettings(2, max_queued=2))
-    b.enter()
-    b.enter()
-    assert not b.free
+    assert b.try_enter()
+    assert b.try_enter()
+    assert not b.try_enter()
     first, second, third = Waiting(log, "1"), Waiting(log, "2"), Waiting(log, "3")
     assert b.queue(first) and b.queue(second)
     assert not b.queue(third)  # the queue is full
@@ -141,13 +141,13 @@ def test_a_bulkhead_grants_freed_slots_in_arrival_order() -> None:
     assert log == ["1", "2"] and (b.in_flight, b.queued) == (2, 0)
     b.release()
     b.release()
-    assert (b.in_flight, b.queued) == (0, 0) and b.free
+    assert (b.in_flight, b.queued) == (0, 0) and b.try_enter()
 
 
 def test_a_waiter_that_leaves_takes_no_slot_and_one_that_declines_passes_it_on() -> None:
     log: list[str] = []
     b = Bulkhead(BulkheadSettings(1, max_queued=3))
-    b.enter()
+    assert b.try_enter()
     gone, declines, takes = (
         Waiting(log, "gone"),
         Waiting(log, "declines", False),
@@ -171,7 +171,7 @@ def test_a_grant_whose_request_ends_at_once_lets_the_next_one_in_without_recursi
             b.release()  # its exchange failed at once and gave the slot back
             return True
 
-    b.enter()
+    assert b.try_enter()
     for _ in range(1000):
         b.queue(EndsAtOnce())
     b.release()
@@ -181,7 +181,7 @@ def test_a_grant_whose_request_ends_at_once_lets_the_next_one_in_without_recursi
 def test_a_bigger_bulkhead_after_a_reload_lets_waiters_in() -> None:
     log: list[str] = []
     b = Bulkhead(BulkheadSettings(1, max_queued=2))
-    b.enter()
+    assert b.try_enter()
     b.queue(Waiting(log, "a"))
     b.queue(Waiting(log, "b"))
     b.resize(BulkheadSettings(3, max_queued=2))
