@@ -250,7 +250,9 @@ class Sidecar:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()
-            await listener.drain(deadline)
+            # At the deadline, a request still waiting for a bulkhead slot is answered
+            # (503, nothing was sent upstream) before the connections are cut off.
+            await listener.drain(deadline, self.proxy.turn_away_queued)
         admin, self._admin = self._admin, None
         if admin is not None:
             await _drain(admin, deadline)

@@ -222,8 +222,8 @@ class Breaker:
         self.settings = settings
         self.recovery = recovery
         """The recovery ramp after HALF_OPEN -> CLOSED, if any (a reload may change it)."""
-        self._ramp_until: float | None = None
-        """While ramping: when the ramp ends (clock time); None when not ramping."""
+        self._ramp_from: float | None = None
+        """While ramping: when the ramp began (clock time); None when not ramping."""
         self._credit = 0
         """The ramp's admissions owed, in millionths of a request: each request adds the
         share, and one is admitted per whole request's worth (exact, no float drift)."""
@@ -332,7 +332,7 @@ class Breaker:
         let it through (`check`, before it queued)."""
         state = self._state
         if state is State.CLOSED:  # the common case, kept to two comparisons
-            if self._ramp_until is None or not ramp:
+            if self._ramp_from is None or not ramp:
                 return Permit(self, self._generation, state)
             shed = self._shed()
             return shed if shed is not None else Permit(self, self._generation, state)
@@ -360,7 +360,7 @@ class Breaker:
         takes once the slot is granted. The recovery ramp decides here, once."""
         state = self.state
         if state is State.CLOSED:
-            return None if self._ramp_until is None else self._shed()
+            return None if self._ramp_from is None else self._shed()
         if state is State.FORCED_CLOSED or (self._shadow and state not in FORCED):
             return None
         if state is State.OPEN:
@@ -377,17 +377,16 @@ class Breaker:
     def recovery_share(self) -> float:
         """The share of requests the recovery ramp admits now: 1.0 when not ramping.
         A ramp whose time is over (or whose settings a reload removed) ends here."""
-        until = self._ramp_until
-        if until is None:
+        start = self._ramp_from
+        if start is None:
             return 1.0
         recovery = self.recovery
         now = self._clock()
-        if recovery is None or now >= until:
+        if recovery is None or now >= start + recovery.ramp:
             self._end_ramp()
             return 1.0
-        done = 1.0 - (until - now) / recovery.ramp
         low = float(recovery.min_share)
-        return low + (1.0 - low) * max(done, 0.0)
+        return low + (1.0 - low) * max(now - start, 0.0) / recovery.ramp
 
     @property
     def recovering(self) -> bool:
@@ -410,7 +409,7 @@ class Breaker:
 
     def _end_ramp(self) -> None:
         """The ramp is over: the backoff, kept through it, starts afresh now."""
-        self._ramp_until = None
+        self._ramp_from = None
         self._credit = 0
         self._period = self.settings.open_duration
 
@@ -457,7 +456,7 @@ class Breaker:
                 f"over {recovery.ramp:g} s",
             )
             self._period = period
-            self._ramp_until = self._clock() + recovery.ramp
+            self._ramp_from = self._clock()
 
     def _on_failure(self, permit: Permit, elapsed: float, retry_after: float | None) -> None:
         if permit.generation != self._generation:
@@ -561,7 +560,7 @@ class Breaker:
     def _transition(self, to_state: State, reason: str) -> None:
         from_state = self._state
         self._state = to_state
-        self._ramp_until = None  # (a relapse ends the ramp; closing may start one anew)
+        self._ramp_from = None  # (a relapse ends the ramp; closing may start one anew)
         self._generation += 1
         self._probes_in_flight = 0
         self._probe_successes = 0
@@ -574,7 +573,7 @@ class Breaker:
     def _clean_slate(self) -> None:
         """What CLOSED starts with: no failures, the base open period, an empty window."""
         self._consecutive_failures = 0
-        self._ramp_until = None
+        self._ramp_from = None
         self._credit = 0
         self._period = self.settings.open_duration
         if self._window is not None:

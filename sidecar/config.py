@@ -16,6 +16,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -1279,6 +1280,7 @@ def _bool(value: Any) -> bool:
 
 _TOKEN_RATE = re.compile(r"([0-9]+)\s*/\s*(.+)")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
 _FALLBACK_FORBIDDEN_HEADERS = {
     "content-length": "the sidecar frames the body itself",
     "transfer-encoding": "the sidecar frames the body itself",
@@ -1331,8 +1333,10 @@ def _scope(value: Any) -> str:
 
 
 def _max_queued(value: Any) -> int:
-    if value == 0 and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool) and value == 0:
         return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise _Invalid(f"must be >= 0 (0: no queue), not {value}")
     return _count(value)
 
 
@@ -1365,17 +1369,23 @@ def _fallback_headers(value: Any) -> tuple[tuple[str, str], ...]:
             f"must be a mapping such as {{Content-Type: application/json}}, not {_kind(value)}"
         )
     headers = []
+    seen: set[str] = set()
     for name, item in value.items():
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise _Invalid(f"{_short_repr(str(name))} is not a header name")
+        if name.lower() in seen:
+            raise _Invalid(f"{name}: given twice (header names are case-insensitive)")
+        seen.add(name.lower())
         why = _FALLBACK_FORBIDDEN_HEADERS.get(name.lower())
         if why is not None:
             raise _Invalid(f"{name}: not allowed here: {why}")
         if isinstance(item, bool) or not isinstance(item, str | int | float):
             raise _Invalid(f"{name}: the value must be text, not {_kind(item)}")
         text = str(item)
-        if any(c in text for c in "\r\n\0") or not text.isascii():
-            raise _Invalid(f"{name}: the value must be one line of ASCII text")
+        if not _HEADER_VALUE.fullmatch(text):
+            raise _Invalid(
+                f"{name}: the value must be one line of printable ASCII text (no controls)"
+            )
         headers.append((name, text.strip()))
     return tuple(headers)
 
@@ -1395,7 +1405,11 @@ def _fallback_body_file(value: Any, base: str) -> tuple[bytes, str | None]:
         raise _Invalid(f"must be a file path, not {_kind(value)}")
     path = os.path.join(base, value)
     try:
-        with open(path, "rb") as f:
+        # Not blocking: a FIFO (or a device) must be refused, never waited on.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _Invalid(f"{path}: is not a regular file")
             body = f.read(MAX_FALLBACK_BODY + 1)
     except FileNotFoundError:
         raise _Invalid(f"{path}: no such file") from None

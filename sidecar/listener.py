@@ -271,6 +271,12 @@ class Request:
     def remote(self) -> str | None:
         return self._conn.remote
 
+    @property
+    def connected(self) -> bool:
+        """The client's connection is open (as far as the listener has read it)."""
+        transport = self._conn.transport
+        return transport is not None and not transport.is_closing()
+
     def read_body(self, sink: BodySink) -> None:
         """Hand the body to `sink` from now on (what came already first); a client waiting
         on `Expect: 100-continue` is told to go on."""
@@ -561,14 +567,19 @@ class Listener:
         for conn in list(self.connections):
             conn.shut()
 
-    async def drain(self, deadline: float) -> None:
+    async def drain(
+        self, deadline: float, before_cut_off: Callable[[], object] | None = None
+    ) -> None:
         """Wait until every connection is closed, or `deadline` (the loop's time) passes:
-        then cut off what is left."""
+        then call `before_cut_off` (while every connection is still open) and cut off what
+        is left."""
         loop = asyncio.get_running_loop()
         if self.connections:
             self._all_closed = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), max(0.0, deadline - loop.time()))
+        if before_cut_off is not None and self.connections:
+            before_cut_off()
         for conn in list(self.connections):
             conn.abort()
         if self._server is not None:

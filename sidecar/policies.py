@@ -170,7 +170,11 @@ class Waiter(Protocol):
 
     def grant(self) -> bool:
         """A slot is this request's: True if it took it, False if it has no use for it
-        (the breaker rejected it meanwhile)."""
+        (the breaker rejected it meanwhile, or its client is gone)."""
+        ...
+
+    def turn_away(self) -> None:
+        """No slot will come (the sidecar is stopping): answer, and wait no more."""
         ...
 
 
@@ -183,6 +187,7 @@ class Bulkhead:
     """
 
     __slots__ = (
+        "__weakref__",
         "_granting",
         "_limit",
         "_queue",
@@ -254,6 +259,12 @@ class Bulkhead:
                     self.in_flight -= 1
         finally:
             self._granting = False
+
+    def turn_away_queued(self) -> None:
+        """Every waiter is turned away (the sidecar is stopping), first come first."""
+        queue, self._queue = self._queue, OrderedDict()
+        for waiter in queue:
+            waiter.turn_away()
 
     def observe_wait(self, seconds: float) -> None:
         i = 0

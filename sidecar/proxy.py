@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -89,6 +90,8 @@ class Proxy:
         self._clock = clock
         self._rand = rand
         self._listeners: list[StateListener] = []
+        self._bulkheads: weakref.WeakSet[Bulkhead] = weakref.WeakSet()
+        """Every bulkhead still in use, a reload's old ones too (their requests queue on)."""
         self.targets: list[Target] = []
         self._router: Router[Target] = Router([])
         self.reconfigure(routes)
@@ -132,6 +135,7 @@ class Proxy:
                 bulkhead = old.bulkhead if old is not None else None
                 if bulkhead is None:
                     bulkhead = Bulkhead(route.bulkhead)
+                    self._bulkheads.add(bulkhead)
                 else:  # the slots held and the queue carry on, within the new limits
                     bulkhead.resize(route.bulkhead)
             route_metrics.track(breaker, bucket, bulkhead, route.fallback)
@@ -237,6 +241,12 @@ class Proxy:
         # From here the exchange owns the permit (and the slot): every end of the request
         # is its to make.
         Exchange(request, target, permit, self._env, bulkhead).start(upstream_path, host)
+
+    def turn_away_queued(self) -> None:
+        """Answer every request waiting for a bulkhead slot (the sidecar is stopping): 503
+        `bulkhead_full`, which a client may retry elsewhere, for nothing went upstream."""
+        for bulkhead in list(self._bulkheads):
+            bulkhead.turn_away_queued()
 
     def _wait(
         self, request: Request, target: Target, path: bytes, host: bytes | None, bulkhead: Bulkhead
@@ -348,7 +358,17 @@ class Queued:
     at most, or until its client goes away (it then leaves the queue at once). It holds
     no probe slot and no permit: the breaker is asked again when the slot comes."""
 
-    __slots__ = ("_bulkhead", "_env", "_host", "_path", "_request", "_since", "_target", "_timer")
+    __slots__ = (
+        "_bulkhead",
+        "_env",
+        "_generation",
+        "_host",
+        "_path",
+        "_request",
+        "_since",
+        "_target",
+        "_timer",
+    )
 
     def __init__(
         self,
@@ -367,6 +387,8 @@ class Queued:
         self._bulkhead = bulkhead
         self._since = env.timers.time()
         self._timer: Timer | None = None
+        self._generation = target.breaker.generation
+        """The breaker's when the recovery ramp let it through (`check`, on arrival)."""
 
     def wait(self) -> None:
         self._request.listener = self
@@ -382,14 +404,27 @@ class Queued:
 
     def grant(self) -> bool:
         self._bulkhead.observe_wait(self._waited())
-        target = self._target
         request = self._request
-        permit = target.breaker.acquire(ramp=False)  # the ramp let it through before
-        if isinstance(permit, Rejection):
-            request.answer(*_rejection(target, permit))  # the route opened meanwhile
+        if not request.connected:
+            return False  # gone (it is being cut off): nothing to forward for it
+        target = self._target
+        breaker = target.breaker
+        try:
+            # The ramp let it through on arrival, unless the route has opened and closed
+            # into a new ramp since.
+            permit = breaker.acquire(ramp=breaker.generation != self._generation)
+            if isinstance(permit, Rejection):
+                request.answer(*_rejection(target, permit))  # the route opened meanwhile
+                return False
+        except Exception as e:  # a bug: the slot must not be lost with it
+            self.crashed(e)
             return False
         Exchange(request, target, permit, self._env, self._bulkhead).start(self._path, self._host)
         return True
+
+    def turn_away(self) -> None:
+        self._bulkhead.observe_wait(self._waited())
+        self._request.answer(*_bulkhead_full(self._target), close=True)
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -404,7 +439,7 @@ class Queued:
 
     def crashed(self, error: Exception) -> None:
         log.exception("error handling a queued request", exc_info=error)
-        self._bulkhead.leave(self, self._waited())
+        self._bulkhead.leave(self, self._waited())  # (if it is still in the queue)
         self._request.fail()
 
 

@@ -58,5 +58,6 @@ def fallback_answer(
     lines += b"X-Sidecar-Fallback: %s\r\n" % reason.encode()
     if retry_after is not None:
         lines += b"Retry-After: %d\r\n" % retry_after
-    lines += b"Content-Length: %d\r\n" % len(body)
+    if status not in (204, 304):  # (which have no body, and say no length: RFC 9110 8.6)
+        lines += b"Content-Length: %d\r\n" % len(body)
     return status, reason_phrase(status), lines, body

@@ -63,7 +63,10 @@ def test_rates_and_the_burst_that_defaults_to_the_count(
     assert r.rate_limit == RateLimitSettings(count, period, count, "enforce")
 
 
-def test_policies_inherit_from_defaults_key_by_key_and_null_turns_them_off() -> None:
+def test_policies_inherit_from_defaults_key_by_key_and_null_turns_them_off(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "empty").write_bytes(b"")
     text = """
     defaults:
       rate_limit: {rate: 10/s, burst: 20}
@@ -77,7 +80,7 @@ def test_policies_inherit_from_defaults_key_by_key_and_null_turns_them_off() -> 
         rate_limit: {mode: shadow}
         bulkhead: {queue_timeout: 250ms}
         recovery: {min_share: 25%}
-        fallback: {body_file: /dev/null}
+        fallback: {body_file: EMPTY}
       - name: b
         match: {path_prefix: /b}
         upstream: http://b
@@ -86,12 +89,15 @@ def test_policies_inherit_from_defaults_key_by_key_and_null_turns_them_off() -> 
         recovery: null
         fallback: null
     """
-    a, b = config(text).routes
+    a, b = config(text.replace("EMPTY", str(tmp_path / "empty"))).routes
     assert a.rate_limit == RateLimitSettings(10, 1.0, 20, "shadow")
     assert a.bulkhead == BulkheadSettings(4, 2, 0.25)
     assert a.recovery == RecoverySettings(30.0, Fraction(1, 4))
     assert a.fallback is not None
-    assert (a.fallback.body, a.fallback.body_file) == (b"", "/dev/null")  # the file replaced 'a'
+    assert (a.fallback.body, a.fallback.body_file) == (
+        b"",
+        str(tmp_path / "empty"),
+    )  # the file replaced 'a'
     assert a.fallback.reasons == {"circuit_open"}
     assert (b.rate_limit, b.bulkhead, b.recovery, b.fallback) == (None, None, None, None)
 
@@ -136,7 +142,7 @@ def test_fallback_defaults_and_a_body_file_relative_to_the_config(tmp_path: Path
         ("bulkhead: {max_concurrent: 0}", "bulkhead.max_concurrent: must be >= 1"),
         (
             "bulkhead: {max_concurrent: 2, max_queued: -1}",
-            "bulkhead.max_queued: must be >= 1, not -1",
+            "bulkhead.max_queued: must be >= 0 (0: no queue), not -1",
         ),
         (
             "bulkhead: {max_concurrent: 2, queue_timeout: 1s}",
@@ -152,15 +158,23 @@ def test_fallback_defaults_and_a_body_file_relative_to_the_config(tmp_path: Path
         ("fallback: {status: 199}", "fallback.status: must be an HTTP status from 200 to 599"),
         ("fallback: {status: 204, body: x}", "fallback: status 204 has no body"),
         (
-            "fallback: {body: x, body_file: /dev/null}",
+            f"fallback: {{body: x, body_file: {Path(__file__).parent / 'test_config.py'}}}",
             "fallback: takes one of 'body' and 'body_file'",
         ),
         ("fallback: {body_file: missing.json}", "fallback.body_file: missing.json: no such file"),
+        (
+            "fallback: {body_file: /dev/null}",
+            "fallback.body_file: /dev/null: is not a regular file",
+        ),
+        ("fallback: {body_file: /tmp}", "fallback.body_file: /tmp: is a directory"),
         ("fallback: {body: {items: []}}", "fallback.body: must be text (quote JSON"),
         ("fallback: {headers: {Content-Length: 3}}", "Content-Length: not allowed here"),
         ("fallback: {headers: {Retry-After: 3}}", "Retry-After of the answer it replaces"),
         ("fallback: {headers: {'Bad Name': x}}", "'Bad Name' is not a header name"),
         ("fallback: {headers: {X-A: [1]}}", "X-A: the value must be text"),
+        ('fallback: {headers: {X-A: "a\\x01"}}', "X-A: the value must be one line of printable"),
+        ("fallback: {headers: {X-A: a, x-a: b}}", "x-a: given twice"),
+        ("bulkhead: {max_concurrent: 2, max_queued: 1.5}", "bulkhead.max_queued: must be a whole"),
         ("recovery: {min_share: 10%}", "recovery: needs ramp"),
         ("recovery: {ramp: 0s}", "recovery.ramp: must be greater than 0"),
         ("recovery: {ramp: 10s, min_share: 100%}", "recovery.min_share: must be below 100%"),

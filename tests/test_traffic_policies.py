@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.breaker import State
+from sidecar.breaker import Rejection, State
 from sidecar.cli import describe_route
 from sidecar.config import parse_config
 from tests.conftest import Running, StartSidecar, Upstream, eventually
@@ -307,6 +307,43 @@ async def test_a_breaker_rejection_never_waits_in_the_queue(
     upstream.release.set()
     upstream.entered.clear()
     assert (await probe)[0] == 200
+
+
+async def test_a_request_the_ramp_sheds_takes_no_slot_and_no_place_in_the_queue(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(
+        route(
+            upstream.url,
+            "    bulkhead: {max_concurrent: 2, max_queued: 1, queue_timeout: 5s}\n"
+            "    recovery: {ramp: 60s, min_share: 0%}\n"
+            "    timeouts: {request: 5m}",
+        ),
+        fake_timers=True,
+    )
+    assert (await fetch(http, sc, "/status/500"))[0] == 500
+    sc.clock.advance(30)
+    assert (await fetch(http, sc))[0] == 200  # the probe: CLOSED, recovering from 0 %
+    for _ in range(5):  # shed, with a slot free: none taken
+        code, _, body = await fetch(http, sc)
+        assert (code, json.loads(body)["error"]) == (503, "circuit_recovering")
+    assert s(sc, "sidecar_bulkhead_in_flight_requests") == 0
+    b = sc.breaker("api")
+    b.force(None)  # full traffic again: fill both slots
+    held = [asyncio.create_task(fetch(http, sc, "/hang")) for _ in range(2)]
+    await eventually(lambda: s(sc, "sidecar_bulkhead_in_flight_requests") == 2)
+    b.acquire().failed()  # type: ignore[union-attr]
+    sc.clock.advance(30)
+    probe = b.acquire()
+    assert not isinstance(probe, Rejection)
+    probe.succeeded()  # recovering again, from 0 %, both slots taken
+    for _ in range(3):  # shed on arrival: no place in the queue taken either
+        code, _, body = await fetch(http, sc)
+        assert (code, json.loads(body)["error"]) == (503, "circuit_recovering")
+    assert s(sc, "sidecar_bulkhead_queued_requests") == 0
+    assert s(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 0
+    upstream.release.set()
+    assert [r[0] for r in await asyncio.gather(*held)] == [200, 200]
 
 
 # -- fallback ---------------------------------------------------------------------------
