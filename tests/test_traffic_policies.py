@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -499,3 +500,26 @@ def test_check_prints_the_effective_policies() -> None:
     assert "    bulkhead: max_concurrent 4, max_queued 2, queue_timeout 1s" in text
     assert "    recovery: ramp 30s from 10 %" in text
     assert "    fallback: status 200, body of 13 bytes, for circuit_open" in text
+
+
+async def test_each_rejection_logs_one_debug_line_with_its_reason(
+    start_sidecar: StartSidecar,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sc = await start_sidecar(route(upstream.url, "    rate_limit: {rate: 1/m}"))
+    with caplog.at_level(logging.INFO, logger="sidecar"):
+        await fetch(http, sc)
+        await fetch(http, sc)  # a 429, not logged at info
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "rejected"]
+    with caplog.at_level(logging.DEBUG, logger="sidecar"):
+        await fetch(http, sc)
+        sc.breaker("api").force(State.FORCED_OPEN)
+        sc.clock.advance(60)
+        await fetch(http, sc)
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "rejected"]
+    assert [(r.levelno, r.fields) for r in lines] == [  # type: ignore[attr-defined]
+        (logging.DEBUG, {"route": "api", "reason": "rate_limited"}),
+        (logging.DEBUG, {"route": "api", "reason": "circuit_forced_open"}),
+    ]
