@@ -167,6 +167,7 @@ class Sidecar:
             route=request.route,
             status=status,
             duration_ms=round((time.monotonic() - request.started) * 1000, 3),
+            tries=request.tries,
         )
 
     async def reload(self) -> ReloadResult:

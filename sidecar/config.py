@@ -28,10 +28,12 @@ import yaml
 from sidecar.breaker import MODES, BreakerSettings, Mode, WindowSettings
 from sidecar.policies import (
     FALLBACK_REASONS,
+    RETRY_KINDS,
     BulkheadSettings,
     FallbackSettings,
     RateLimitSettings,
     RecoverySettings,
+    RetrySettings,
 )
 from sidecar.routing import Router, authority
 
@@ -83,6 +85,14 @@ DEFAULT_FALLBACK_STATUS = 200
 DEFAULT_FALLBACK_HEADERS = (("Content-Type", "application/json"),)
 DEFAULT_MIN_SHARE = Fraction(1, 10)
 MAX_FALLBACK_BODY = 1024 * 1024
+DEFAULT_RETRY_ATTEMPTS = 2
+DEFAULT_RETRY_ON = (frozenset({"connect"}), frozenset({502, 503, 504}))
+DEFAULT_RETRY_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+DEFAULT_RETRY_BACKOFF = (0.025, 0.25)
+DEFAULT_RETRY_BUDGET = (Fraction(1, 5), 10.0)
+DEFAULT_REPLAY_MAX_BODY = 64 * 1024
+MAX_RETRY_ATTEMPTS = 10
+MAX_REPLAY_BODY = 16 * 1024 * 1024
 
 MAX_DURATION = 366 * 24 * 3600.0
 """Longer than any sane timeout or open period; keeps the arithmetic finite."""
@@ -177,6 +187,7 @@ class Route:
     bulkhead: BulkheadSettings | None = None
     fallback: FallbackSettings | None = None
     recovery: RecoverySettings | None = None
+    retry: RetrySettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -902,6 +913,18 @@ class _Reader:
                 "body": _fallback_body,
                 "body_file": lambda value: _fallback_body_file(value, base),
             }
+        if name == "retry":
+            positive = _optional(_duration(minimum_exclusive=0.0))
+            return {
+                "attempts": _attempts,
+                "retry_on": _retry_on,
+                "methods": _methods,
+                "per_try_timeout": positive,
+                "deadline": positive,
+                "backoff": _backoff,
+                "budget": _budget,
+                "replay_max_body": _replay_max_body,
+            }
         return {"ramp": _duration(minimum_exclusive=0.0), "min_share": _min_share}
 
     def policies(
@@ -986,6 +1009,34 @@ class _Reader:
             body_file=body_file,
         )
 
+    def _build_retry(
+        self, p: _Layer, path: Path, written: _Layer, _breaker: BreakerSettings
+    ) -> RetrySettings | None:
+        kinds, statuses = p.get("retry_on", DEFAULT_RETRY_ON)
+        base, longest = p.get("backoff", DEFAULT_RETRY_BACKOFF)
+        ratio, floor = p.get("budget", DEFAULT_RETRY_BUDGET)
+        settings = RetrySettings(
+            attempts=p.get("attempts", DEFAULT_RETRY_ATTEMPTS),
+            retry_on_kinds=kinds,
+            retry_on_statuses=statuses,
+            methods=p.get("methods", DEFAULT_RETRY_METHODS),
+            per_try_timeout=p.get("per_try_timeout"),
+            deadline=p.get("deadline"),
+            backoff_base=base,
+            backoff_max=longest,
+            budget_ratio=ratio,
+            budget_min_per_second=floor,
+            replay_max_body=p.get("replay_max_body", DEFAULT_REPLAY_MAX_BODY),
+        )
+        per_try, deadline = settings.per_try_timeout, settings.deadline
+        if per_try is not None and deadline is not None and per_try > deadline:
+            self.error(
+                (*path, "per_try_timeout") if "per_try_timeout" in written else path,
+                f"per_try_timeout ({format_duration(per_try)}) is longer than the deadline "
+                f"({format_duration(deadline)}) of the whole call",
+            )
+        return settings
+
     def _build_recovery(
         self, p: _Layer, path: Path, _written: _Layer, _breaker: BreakerSettings
     ) -> RecoverySettings | None:
@@ -1046,6 +1097,7 @@ ROUTE_KEYS = [
     "bulkhead",
     "fallback",
     "recovery",
+    "retry",
 ]
 BREAKER_KEYS = [
     "failure_threshold",
@@ -1069,6 +1121,16 @@ POLICY_KEYS = {
     "bulkhead": ["max_concurrent", "max_queued", "queue_timeout"],
     "fallback": ["reasons", "status", "headers", "body", "body_file"],
     "recovery": ["ramp", "min_share"],
+    "retry": [
+        "attempts",
+        "retry_on",
+        "methods",
+        "per_try_timeout",
+        "deadline",
+        "backoff",
+        "budget",
+        "replay_max_body",
+    ],
 }
 
 _Layer = dict[str, Any]
@@ -1427,6 +1489,117 @@ def _min_share(value: Any) -> Fraction:
     if share >= 1:
         raise _Invalid("must be below 100%: a ramp that starts at 100% sheds nothing")
     return share
+
+
+def _attempts(value: Any) -> int:
+    count = _count(value)
+    if count > MAX_RETRY_ATTEMPTS:
+        raise _Invalid(
+            f"must be at most {MAX_RETRY_ATTEMPTS}: more tries than that multiply an outage"
+        )
+    return count
+
+
+def _retry_on(value: Any) -> tuple[frozenset[str], frozenset[int]]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(
+            "must be a list of failure kinds (connect, timeout, tls) and statuses, such as "
+            f"[connect, 503], not {_kind(value) if value != [] else 'an empty list'}"
+        )
+    kinds: set[str] = set()
+    statuses: set[int] = set()
+    for item in value:
+        if isinstance(item, str) and item in RETRY_KINDS:
+            kinds.add(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and 400 <= item <= 599:
+            statuses.add(item)
+        elif item == "reset":
+            raise _Invalid(
+                "'reset' is never retried: the answer's head has reached the client by then"
+            )
+        else:
+            shown = _short_repr(item) if isinstance(item, str) else _kind(item)
+            raise _Invalid(
+                f"{shown} is neither a failure kind (connect, timeout, tls) nor a status "
+                "from 400 to 599"
+            )
+    return frozenset(kinds), frozenset(statuses)
+
+
+_METHOD = re.compile(r"[A-Z][A-Z0-9_-]*")
+
+
+def _methods(value: Any) -> frozenset[bytes]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f"must be a list of methods such as [GET, PUT], not {_kind(value)}")
+    methods = set()
+    for item in value:
+        if not isinstance(item, str) or not _METHOD.fullmatch(item):
+            shown = _short_repr(item) if isinstance(item, str) else _kind(item)
+            raise _Invalid(f"{shown} is not a method (upper case, such as GET)")
+        if item in ("POST", "PATCH", "CONNECT"):
+            raise _Invalid(
+                f"{item} is not idempotent: retry it only per request, with an "
+                "Idempotency-Key header (which any method may carry)"
+            )
+        methods.add(item.encode())
+    return frozenset(methods)
+
+
+def _backoff(value: Any) -> tuple[float, float]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a mapping such as {{base: 25ms, max: 250ms}}, not {_kind(value)}")
+    unknown = sorted(set(value) - {"base", "max"}, key=str)
+    if unknown:
+        raise _Invalid(f"unknown key {unknown[0]!r} (known: base, max)")
+    positive = _duration(minimum_exclusive=0.0)
+    try:
+        base = positive(value["base"]) if "base" in value else DEFAULT_RETRY_BACKOFF[0]
+    except _Invalid as e:
+        raise _Invalid(f"base: {e}") from None
+    try:
+        longest = positive(value["max"]) if "max" in value else max(DEFAULT_RETRY_BACKOFF[1], base)
+    except _Invalid as e:
+        raise _Invalid(f"max: {e}") from None
+    if longest < base:
+        raise _Invalid(
+            f"max ({format_duration(longest)}) is shorter than base ({format_duration(base)})"
+        )
+    return base, longest
+
+
+def _budget(value: Any) -> tuple[Fraction, float]:
+    if not isinstance(value, dict):
+        raise _Invalid(
+            f"must be a mapping such as {{ratio: 20%, min_per_second: 10}}, not {_kind(value)}"
+        )
+    unknown = sorted(set(value) - {"ratio", "min_per_second"}, key=str)
+    if unknown:
+        raise _Invalid(f"unknown key {unknown[0]!r} (known: ratio, min_per_second)")
+    try:
+        ratio = parse_percentage(value["ratio"]) if "ratio" in value else DEFAULT_RETRY_BUDGET[0]
+    except _Invalid as e:
+        raise _Invalid(f"ratio: {e}") from None
+    floor = value.get("min_per_second", DEFAULT_RETRY_BUDGET[1])
+    if isinstance(floor, bool) or not isinstance(floor, int | float) or not math.isfinite(floor):
+        raise _Invalid(f"min_per_second: must be a number such as 10, not {_kind(floor)}")
+    if not 0 <= floor <= MAX_COUNT:
+        raise _Invalid(f"min_per_second: must be from 0 to {MAX_COUNT}, not {floor}")
+    if ratio == 0 and floor == 0:
+        raise _Invalid("ratio 0% and min_per_second 0 admit no retry at all: set attempts: 1")
+    return ratio, float(floor)
+
+
+def _replay_max_body(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value == 0:
+        return 0
+    size = parse_size(value)
+    if size > MAX_REPLAY_BODY:
+        raise _Invalid(
+            f"must be at most {MAX_REPLAY_BODY // (1024 * 1024)}MiB: every request in flight "
+            "may keep this much"
+        )
+    return size
 
 
 def _status_set(value: Any) -> frozenset[int]:

@@ -24,18 +24,22 @@ from __future__ import annotations
 import datetime
 import email.utils
 import logging
+import math
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sidecar.breaker import Breaker, Clock, Permit, State
 from sidecar.config import Route
 from sidecar.listener import CONNECTION, Request, date_line
 from sidecar.metrics import RouteMetrics
-from sidecar.policies import Bulkhead, TokenBucket
+from sidecar.policies import Bulkhead, RetryBudget, RetrySettings, TokenBucket
 from sidecar.responses import Answer, error_answer, fallback_answer
 from sidecar.timers import Ticker, Timer, Timers
 from sidecar.upstream import (
     CHUNKED,
+    IDEMPOTENT_METHODS,
     Call,
     UpstreamError,
     UpstreamRequest,
@@ -96,15 +100,25 @@ class Target:
     bucket: TokenBucket | None = None
     """The route's rate limit."""
     bulkhead: Bulkhead | None = None
+    budget: RetryBudget | None = None
+    """The route's retry budget (with its `retry` policy)."""
     policed: bool = False
     """A rate limit or a bulkhead stands before the breaker (set in `__post_init__`)."""
+    retry: RetrySettings | None = None
+    """The route's retry policy (set in `__post_init__`)."""
+    retry_statuses: frozenset[int] = frozenset()
 
     answers: dict[object, Answer] = field(default_factory=dict)
     """Sidecar-made answers for this route, made once: rejections by their `Retry-After`
     (so that rejecting formats nothing), errors by name."""
 
     def __post_init__(self) -> None:
-        self.judged = self.route.breaker.failure_status | self.retry_after_statuses
+        retry = self.retry = self.route.retry
+        if retry is not None:
+            self.retry_statuses = retry.retry_on_statuses
+        self.judged = (
+            self.route.breaker.failure_status | self.retry_after_statuses | self.retry_statuses
+        )
         self.policed = self.bucket is not None or self.bulkhead is not None
 
     def error(self, status: int, error: str) -> Answer:
@@ -134,11 +148,19 @@ class Target:
 class Env:
     """What every exchange of a proxy shares: the pool, the clocks, the deadline ticker."""
 
-    __slots__ = ("clock", "pool", "ticker", "timers")
+    __slots__ = ("clock", "pool", "rand", "ticker", "timers")
 
-    def __init__(self, pool: Pool, clock: Clock, timers: Timers) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        clock: Clock,
+        timers: Timers,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
         self.pool = pool
         self.clock = clock
+        self.rand = rand
+        """Uniform in [0, 1): the retries' jitter."""
         """The breakers' clock, which times the upstream for them (and the metrics)."""
         self.timers = timers
         """The deadlines'."""
@@ -237,6 +259,8 @@ class Exchange:
     _call: Call | None = None
     _deadline = 0.0
     """When (the timers' time) the upstream's time is up, unless it makes progress."""
+    _call_deadline = math.inf
+    """When (the timers' time) the whole call is up, retries included (`retry.deadline`)."""
     _timer: Timer | None = None
     _started = 0.0
     _body_done_at: float | None = None
@@ -248,6 +272,15 @@ class Exchange:
     _answered = False
     _client_behind = False
     _closed = False
+    _verdict: str | None = None
+    """What the breaker heard of the try in hand: "success", "failure", or None yet."""
+    _tries = 1
+    _kept: list[bytes] | None = None
+    """The request body as sent so far, kept for a retry (only up to `replay_max_body`)."""
+    _backoff: Timer | None = None
+    """While waiting to send the next try."""
+    _fresh = False
+    """The next try goes on a new connection, not an idle pooled one."""
 
     def __init__(
         self,
@@ -263,7 +296,7 @@ class Exchange:
         self._permit = permit
         self._env = env
         self._slot = slot
-        self._timeout = target.route.timeouts.request
+        self._timeout = self._head_timeout = target.route.timeouts.request
 
     def start(self, path: bytes, routed_host: bytes | None) -> None:
         """Send the request upstream for `path` (its target there, origin form);
@@ -275,7 +308,7 @@ class Exchange:
         self._started = env.clock()
         request.listener = self
         try:
-            upstream = UpstreamRequest(
+            upstream = self._upstream = UpstreamRequest(
                 target.origin,
                 request.method,
                 path,
@@ -283,21 +316,43 @@ class Exchange:
                 CHUNKED if request.chunked else request.content_length,
                 target.route.timeouts.connect,
             )
+            now = env.timers.time()
+            retry = target.retry
+            if retry is not None:
+                self._with_retries(retry, now)
             call = send(env.pool, upstream, self)
-            if self._closed:
-                return  # failed at once
+            if self._closed or self._call is not None:
+                return  # failed at once (and perhaps retried already)
             self._call = call
             if request.has_body:
                 request.read_body(self)
                 if self._closed:
                     return
-            self._deadline = env.timers.time() + self._timeout
-            if self._timeout > Ticker.INTERVAL:
+            self._deadline = deadline = min(now + self._head_timeout, self._call_deadline)
+            if deadline - now > Ticker.INTERVAL:
                 env.ticker.add(self)
             else:
-                self._timer = env.timers.call_at(self._deadline, self._check)
+                self._timer = env.timers.call_at(deadline, self._check)
         except Exception as e:
             self.crashed(e)
+
+    def _with_retries(self, retry: RetrySettings, now: float) -> None:
+        """Set up for a retry policy: the budget hears of the request; the deadlines; the
+        body kept for a replay if it may be."""
+        budget = self._target.budget
+        if budget is not None:
+            budget.deposit(self._started)
+        if retry.per_try_timeout is not None:
+            self._head_timeout = retry.per_try_timeout
+        if retry.deadline is not None:
+            self._call_deadline = now + retry.deadline
+        request = self._request
+        if (
+            request.has_body
+            and not request.chunked
+            and (request.content_length or 0) <= retry.replay_max_body
+        ):
+            self._kept = []
 
     # -- the end -----------------------------------------------------------------------
 
@@ -312,6 +367,9 @@ class Exchange:
             timer.cancel()
         else:
             self._env.ticker.discard(self)
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
         target = self._target
         metrics = target.metrics
         metrics.in_flight -= 1
@@ -319,11 +377,15 @@ class Exchange:
         if not permit.done:
             if outcome is True:
                 permit.succeeded(self._elapsed)
+                self._verdict = "success"
             elif isinstance(outcome, UpstreamError):
                 metrics.failures[outcome.kind] += 1
                 permit.failed(self._elapsed)
+                self._verdict = "failure"
             else:
                 permit.released()
+        if self._verdict is not None:
+            metrics.tries[self._verdict] += 1
         call = self._call
         if call is not None:
             self._call = None  # (the call holds this exchange too: no cycle left behind)
@@ -343,22 +405,139 @@ class Exchange:
         self._close(None)
         self._request.fail()
 
+    # -- retries -------------------------------------------------------------------------
+
+    def _retry(self, reason: str, stale: bool, asked: float | None) -> bool:
+        """Send the request again after the try in hand failed in a way its route retries
+        (`reason`: the failure kind, or the status), if everything allows it; True if so.
+
+        The breaker hears the failed try first (it may open the route, which then denies
+        the retry its permit). Then, in order: tries left, the method, the body, the
+        upstream's `Retry-After`, the deadline, the budget, the breaker's permit. A
+        denial is counted by its reason; the caller then answers as without retries.
+        """
+        target = self._target
+        metrics = target.metrics
+        permit = self._permit
+        if not permit.done:
+            if reason.isdigit():  # a status the breaker judged no failure
+                permit.succeeded(self._elapsed)
+                self._verdict = "success"
+            else:
+                metrics.failures[reason] += 1
+                permit.failed(self._elapsed)
+                self._verdict = "failure"
+        retry = target.retry
+        request = self._request
+        wait = 0.0
+        if retry is None:  # only the resend after a stale connection
+            if self._tries >= 2:
+                return False
+            denial = None
+            if request.method not in IDEMPOTENT_METHODS:
+                denial = "method"
+            elif request.has_body:
+                denial = "body"
+        else:
+            if self._tries >= retry.attempts:
+                return False
+            denial = None
+            if request.method not in retry.methods and not _idempotency_key(request):
+                denial = "method"
+            elif request.has_body and self._kept is None:
+                denial = "body"
+            elif asked is not None and asked > retry.backoff_max:
+                denial = "retry_after"
+            elif not stale:
+                if asked is not None:
+                    wait = asked
+                else:  # full jitter
+                    cap = min(retry.backoff_max, retry.backoff_base * 2 ** (self._tries - 1))
+                    wait = self._env.rand() * cap
+        now = self._env.timers.time()
+        if denial is None and now + wait >= self._call_deadline:
+            denial = "deadline"
+        budget = target.budget
+        if denial is None and budget is not None and not budget.admits():
+            denial = "budget"
+        if denial is None:
+            granted = target.breaker.acquire(ramp=False)
+            if isinstance(granted, Permit):
+                permit = granted
+            else:
+                denial = "breaker"
+        if denial is not None:
+            metrics.retries_denied[denial] += 1
+            return False
+        # The retry: the try in hand is over.
+        metrics.tries[self._verdict or "failure"] += 1
+        metrics.retries[reason] = metrics.retries.get(reason, 0) + 1
+        if budget is not None:
+            budget.withdraw()
+        self._permit = permit
+        self._verdict = None
+        self._tries += 1
+        request.tries = self._tries
+        call, self._call = self._call, None
+        if call is not None and not call.done:
+            call.abort()
+        self._fresh = stale
+        if wait > 0:
+            self._deadline = now + wait + self._head_timeout
+            self._backoff = self._env.timers.call_at(now + wait, self._next_try)
+        else:
+            self._next_try()
+        return True
+
+    def _next_try(self) -> None:
+        self._backoff = None
+        if self._closed:
+            return
+        env = self._env
+        try:
+            self._started = env.clock()
+            self._body_done_at = None
+            call = send(env.pool, self._upstream, self, self._fresh)
+            if self._closed or self._call is not None or call.done:
+                return  # failed at once (and perhaps retried already)
+            self._call = call
+            for chunk in self._kept or ():
+                call.write(chunk)
+            request = self._request
+            if request.body_complete or not request.has_body:
+                if request.has_body:
+                    call.end_body()
+                self._body_done_at = self._started
+            now = env.timers.time()
+            self._deadline = min(now + self._head_timeout, self._call_deadline)
+            if self._timer is None and self not in env.ticker:
+                self._timer = env.timers.call_at(self._deadline, self._check)
+        except Exception as e:
+            self.crashed(e)
+
     # -- the answer ----------------------------------------------------------------------
 
     def upstream_head(self, status: int, reason: bytes, block: bytes) -> None:
         if self._closed:
             return
-        self._answered = True
         elapsed = self._upstream_time()
         target = self._target
         metrics = target.metrics
         metrics.observe_duration(elapsed)
         permit = self._permit
-        judged = status in target.judged and self._judge(status, block)
+        judged = False
+        if status in target.judged:
+            judged = self._judge(status, block)
+            if status in target.retry_statuses:
+                asked = retry_after_seconds(header_value(block, b"retry-after"), time.time())
+                if self._retry(str(status), False, asked):
+                    return
         if not judged and permit.state is State.HALF_OPEN:
             # A probe is judged by its answer: its slot must not wait on a long body,
             # nor on a client that reads slowly (or not at all).
             permit.succeeded(elapsed)
+            self._verdict = "success"
+        self._answered = True
         lines, length, dated = client_lines(block)
         if not dated:
             lines += date_line()
@@ -385,6 +564,7 @@ class Exchange:
         if asked is None and status not in target.route.breaker.failure_status:
             return False
         self._permit.failed(self._elapsed, asked)
+        self._verdict = "failure"
         target.metrics.failures["status"] += 1
         return True
 
@@ -406,6 +586,11 @@ class Exchange:
         request = self._request
         if not self._answered:
             self._upstream_time()
+            retry = self._target.retry
+            if (error.stale or (retry is not None and error.kind in retry.retry_on_kinds)) and (
+                self._retry(error.kind, error.stale, None)
+            ):
+                return
             self._close(error)
             if isinstance(error, UpstreamTimeout):
                 self._answer(504, "upstream_timeout")
@@ -443,14 +628,18 @@ class Exchange:
                 # looks whole. The client's fault: no outcome.
                 self._client_failed(413, "body_too_large")
                 return
+        kept = self._kept
+        if kept is not None:
+            kept.append(chunk)  # (bounded: the body's length is at most replay_max_body)
         call = self._call
-        assert call is not None
+        if call is None:
+            return  # between tries: the next one sends what is kept
         call.write(chunk)
         if not self._answered:
             # Every chunk that moves pushes the deadline out, so it runs for real once
             # the body is whole, as Envoy's route timeout does: a slow uploader is not an
             # upstream timeout.
-            self._deadline = self._env.timers.time() + self._timeout
+            self._deadline = min(self._env.timers.time() + self._head_timeout, self._call_deadline)
         if not call.writable:
             self._request.pause_body()
 
@@ -458,11 +647,12 @@ class Exchange:
         if self._closed:
             return
         call = self._call
-        assert call is not None
+        if call is None:
+            return  # between tries: the next one ends the body
         call.end_body()
         self._body_done_at = self._env.clock()
         if not self._answered:
-            self._deadline = self._env.timers.time() + self._timeout
+            self._deadline = min(self._env.timers.time() + self._head_timeout, self._call_deadline)
 
     def request_body_failed(self, reason: str) -> None:
         self._client_failed(400, "bad_request")
@@ -498,10 +688,10 @@ class Exchange:
         if self._closed:
             return
         now = self._env.timers.time()
-        if self._client_behind:
-            # The sidecar waits on its client (whose write timeout the listener keeps):
-            # the upstream's time does not run.
-            self._deadline = now + self._timeout
+        if self._client_behind or self._call is None:
+            # The sidecar waits on its client (whose write timeout the listener keeps), or
+            # between tries: the upstream's time does not run.
+            self._deadline = max(self._deadline, now + self._timeout)
         if self._deadline - now > _TIMER_RESOLUTION:
             self._timer = self._env.timers.call_at(self._deadline, self._check)
             return
@@ -515,6 +705,11 @@ class Exchange:
             self.upstream_failed(UpstreamTimeout("the response body stalled"))
         else:
             self.upstream_failed(UpstreamTimeout("no response head in time"))
+
+
+def _idempotency_key(request: Request) -> bool:
+    """Whether the request carries an `Idempotency-Key` header (so may be sent again)."""
+    return any(line[:16].lower() == b"idempotency-key:" for line in request.lines)
 
 
 def retry_after_seconds(value: bytes | str | None, now: float) -> float | None:

@@ -246,6 +246,8 @@ class Request:
     """Why the listener refuses it, when its turn comes (a check left to llhttp first)."""
     route: str | None = None
     """The route it was matched to, for the access log."""
+    tries: int = 1
+    """Tries sent upstream for it (the access log's `tries`)."""
     status: int | None = None
     """The status it was answered with, once its head went out."""
     started: float = 0.0

@@ -24,7 +24,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from sidecar.breaker import MODES, Breaker, State
-from sidecar.policies import QUEUE_WAIT_BUCKETS, Bulkhead, FallbackSettings, TokenBucket
+from sidecar.policies import (
+    QUEUE_WAIT_BUCKETS,
+    RETRY_DENIALS,
+    Bulkhead,
+    FallbackSettings,
+    RetryBudget,
+    RetrySettings,
+    TokenBucket,
+)
 
 __all__ = ["FAILURE_KINDS", "REJECT_REASONS", "Metrics", "RouteMetrics"]
 
@@ -58,6 +66,7 @@ class RouteMetrics:
     __slots__ = (
         "breaker",
         "bucket",
+        "budget",
         "bulkhead",
         "duration_buckets",
         "duration_count",
@@ -68,8 +77,11 @@ class RouteMetrics:
         "name",
         "rejected",
         "requests",
+        "retries",
+        "retries_denied",
         "slow_calls",
         "transitions",
+        "tries",
     )
 
     def __init__(self, name: str) -> None:
@@ -90,6 +102,12 @@ class RouteMetrics:
         self.breaker: Breaker | None = None
         self.bucket: TokenBucket | None = None
         self.bulkhead: Bulkhead | None = None
+        self.budget: RetryBudget | None = None
+        self.tries = {"success": 0, "failure": 0}
+        """Tries sent upstream, by what the breaker heard of them."""
+        self.retries = {"connect": 0}
+        """Retries sent, by the failure kind or status that caused them."""
+        self.retries_denied = dict.fromkeys(RETRY_DENIALS, 0)
 
     def track(
         self,
@@ -97,13 +115,21 @@ class RouteMetrics:
         bucket: TokenBucket | None,
         bulkhead: Bulkhead | None,
         fallback: FallbackSettings | None,
+        retry: RetrySettings | None = None,
+        budget: RetryBudget | None = None,
     ) -> None:
         """Export the route's policies' figures (from start-up, and after each reload)."""
         self.breaker = breaker
         self.bucket = bucket
         self.bulkhead = bulkhead
+        self.budget = budget
         for reason in fallback.reasons if fallback is not None else ():
             self.fallbacks.setdefault(reason, 0)
+        if retry is not None:
+            for kind in retry.retry_on_kinds:
+                self.retries.setdefault(kind, 0)
+            for status in sorted(retry.retry_on_statuses):
+                self.retries.setdefault(str(status), 0)
 
     def count_response(self, status: int) -> None:
         self.requests[status] = self.requests.get(status, 0) + 1
@@ -283,8 +309,29 @@ class _Collector(Collector):
             "Time requests spent in the bulkhead queue, however they left it.",
             labels=["route"],
         )
+        tries = CounterMetricFamily(
+            "sidecar_upstream_tries",
+            "Tries sent upstream (first tries and retries), by the breaker's verdict.",
+            labels=["route", "result"],
+        )
+        retries = CounterMetricFamily(
+            "sidecar_retries",
+            "Retries sent, by the failure kind or status of the try they followed.",
+            labels=["route", "reason"],
+        )
+        retries_denied = CounterMetricFamily(
+            "sidecar_retries_denied",
+            "Tries that failed in a way the route retries, not retried, by why not.",
+            labels=["route", "reason"],
+        )
         for route in metrics.routes:
             name = route.name
+            for result, n in route.tries.items():
+                tries.add_metric([name, result], n)
+            for reason, n in route.retries.items():
+                retries.add_metric([name, reason], n)
+            for reason, n in route.retries_denied.items():
+                retries_denied.add_metric([name, reason], n)
             for reason, n in route.fallbacks.items():
                 fallbacks.add_metric([name, reason], n)
             bucket = route.bucket
@@ -342,4 +389,5 @@ class _Collector(Collector):
         yield from (requests, rejected, failures, duration, in_flight, slow_calls)
         yield from (recovery, fallbacks, shadow_limited, tokens)
         yield from (bulkhead_in_flight, bulkhead_queued, queue_wait)
+        yield from (tries, retries, retries_denied)
         yield from (unrouted, reloads, last_reload, build_info)

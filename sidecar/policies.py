@@ -22,11 +22,15 @@ from typing import Literal, Protocol
 __all__ = [
     "FALLBACK_REASONS",
     "QUEUE_WAIT_BUCKETS",
+    "RETRY_DENIALS",
+    "RETRY_KINDS",
     "Bulkhead",
     "BulkheadSettings",
     "FallbackSettings",
     "RateLimitSettings",
     "RecoverySettings",
+    "RetryBudget",
+    "RetrySettings",
     "TokenBucket",
     "Waiter",
 ]
@@ -44,6 +48,11 @@ FALLBACK_REASONS = (
 )
 """The sidecar-made answers a fallback may stand in for: rejections and the sidecar's
 own upstream errors, never an answer the upstream gave."""
+
+RETRY_KINDS = ("connect", "timeout", "tls")
+"""The failures before response headers that `retry.retry_on` may name (besides statuses)."""
+RETRY_DENIALS = ("budget", "breaker", "body", "method", "retry_after", "deadline")
+"""Why a retryable try was not retried: `sidecar_retries_denied_total`'s reasons."""
 
 QUEUE_WAIT_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -90,6 +99,84 @@ class RecoverySettings:
     """Seconds from `min_share` to every request, after HALF_OPEN -> CLOSED."""
     min_share: Fraction
     """The share of requests admitted as the ramp starts, 0 <= share < 1."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    attempts: int
+    """Tries in all, the first included."""
+    retry_on_kinds: frozenset[str]
+    """Failures before response headers that are retried: of `RETRY_KINDS`."""
+    retry_on_statuses: frozenset[int]
+    methods: frozenset[bytes]
+    """Methods retried (upper case); any with an `Idempotency-Key` header is too."""
+    per_try_timeout: float | None
+    """Each try's limit to its response headers; None: the route's `timeouts.request`."""
+    deadline: float | None
+    """The whole call, tries and waits included; None: no limit but each try's."""
+    backoff_base: float
+    backoff_max: float
+    budget_ratio: Fraction
+    budget_min_per_second: float
+    replay_max_body: int
+    """Request body bytes kept for a replay; a larger body (or a chunked one) is never
+    retried."""
+
+
+class RetryBudget:
+    """Retries in any `WINDOW` seconds <= ratio x the requests in them + min_per_second x
+    `WINDOW` (Finagle's and Linkerd's budget). Counted in one-second buckets: memory and
+    time O(1) at any rate; a bucket leaves the window whole, so a span of the window is
+    counted with up to a second more of requests and retries than it holds.
+    """
+
+    WINDOW = 10
+
+    __slots__ = ("_clock", "_den", "_floor", "_now", "_num", "_requests", "_retries", "settings")
+
+    def __init__(self, settings: RetrySettings, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self._clock = clock
+        ratio = settings.budget_ratio
+        self._num = ratio.numerator
+        self._den = ratio.denominator
+        # In the same units as requests x num: min_per_second x WINDOW retries' worth.
+        self._floor = Fraction(settings.budget_min_per_second * self.WINDOW) * ratio.denominator
+        self._requests = [0] * self.WINDOW
+        self._retries = [0] * self.WINDOW
+        self._now = math.floor(clock())
+        """The second whose bucket counts now."""
+
+    def _roll(self, now: float) -> int:
+        second = math.floor(now)
+        if second != self._now:
+            gone = min(second - self._now, self.WINDOW)
+            for i in range(1, gone + 1):
+                bucket = (self._now + i) % self.WINDOW
+                self._requests[bucket] = 0
+                self._retries[bucket] = 0
+            self._now = second
+        return second % self.WINDOW
+
+    def deposit(self, now: float) -> None:
+        """A client request (its first try) at `now` (the clock's time)."""
+        self._requests[self._roll(now)] += 1
+
+    def admits(self) -> bool:
+        """Whether one more retry now stays within the budget."""
+        self._roll(self._clock())
+        retries = sum(self._retries) + 1
+        return retries * self._den <= self._num * sum(self._requests) + self._floor
+
+    def withdraw(self) -> None:
+        self._retries[self._roll(self._clock())] += 1
+
+    def figures(self) -> tuple[int, int, int]:
+        """(requests, retries, retries still admitted) in the window now."""
+        self._roll(self._clock())
+        requests, retries = sum(self._requests), sum(self._retries)
+        allowed = math.floor((self._num * requests + self._floor) / self._den)
+        return requests, retries, max(allowed - retries, 0)
 
 
 class TokenBucket:

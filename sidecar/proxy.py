@@ -31,7 +31,7 @@ from sidecar.exchange import Env, Exchange, Target, retry_after_seconds
 from sidecar.listener import CONTENT_LENGTH, EXPECT, Request
 from sidecar.logs import event
 from sidecar.metrics import Metrics
-from sidecar.policies import Bulkhead, TokenBucket, retry_after
+from sidecar.policies import Bulkhead, RetryBudget, TokenBucket, retry_after
 from sidecar.responses import Answer, error_answer
 from sidecar.routing import Router, authority, upstream_target
 from sidecar.timers import Ticker, Timer, Timers
@@ -138,7 +138,17 @@ class Proxy:
                     self._bulkheads.add(bulkhead)
                 else:  # the slots held and the queue carry on, within the new limits
                     bulkhead.resize(route.bulkhead)
-            route_metrics.track(breaker, bucket, bulkhead, route.fallback)
+            budget = None
+            if route.retry is not None:
+                if (
+                    old is not None
+                    and old.budget is not None
+                    and old.budget.settings == route.retry
+                ):
+                    budget = old.budget  # unchanged: what it has counted is kept
+                else:
+                    budget = RetryBudget(route.retry, self._clock)
+            route_metrics.track(breaker, bucket, bulkhead, route.fallback, route.retry, budget)
             targets.append(
                 Target(
                     route=route,
@@ -153,6 +163,7 @@ class Proxy:
                     and (not route.strip_prefix or route.path_prefix in (None, "/")),
                     bucket=bucket,
                     bulkhead=bulkhead,
+                    budget=budget,
                 )
             )
         changes.removed = list(previous)
@@ -171,7 +182,7 @@ class Proxy:
 
     def attach(self, pool: Pool, timers: Timers) -> None:
         """Forward through `pool`, with deadlines on `timers`, from now on."""
-        self._env = Env(pool, self._clock, timers)
+        self._env = Env(pool, self._clock, timers, self._rand)
 
     @property
     def ticker(self) -> Ticker:

@@ -34,7 +34,8 @@ __all__ = [
 ]
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-"""Sent again, once, when the connection closes before any response (RFC 9112 9.3.1.1)."""
+"""Sent again, once, after a stale connection, even on a route without a retry policy
+(RFC 9112 9.3.1.1); see `sidecar.exchange`."""
 _NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 """Methods that get no `Content-Length: 0` when they have no body."""
 CHUNKED = -1
@@ -44,6 +45,9 @@ CHUNKED = -1
 class UpstreamError(Exception):
     kind = "connect"
     """The `kind` label of `sidecar_upstream_failures_total`."""
+    stale = False
+    """A reused pooled connection closed before any answer: the upstream was closing it as
+    the request went out, and may never have read it (RFC 9112 9.3.1.1)."""
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -116,21 +120,22 @@ class Receiver(Protocol):
         """One of the methods above raised (a bug): called in its `except` block."""
 
 
-def send(pool: Pool, request: UpstreamRequest, receiver: Receiver) -> Call:
-    """Send `request`: on an idle pooled connection at once, or on a new one. Everything
-    that follows reaches `receiver`, perhaps before this returns (a failure may)."""
+def send(pool: Pool, request: UpstreamRequest, receiver: Receiver, fresh: bool = False) -> Call:
+    """Send `request`: on an idle pooled connection at once, or on a new one (always, when
+    `fresh`). Everything that follows reaches `receiver`, perhaps before this returns (a
+    failure may)."""
     call = Call(pool, request, receiver)
-    call.start()
+    call.start(fresh)
     return call
 
 
 class Call:
-    """One request to an upstream, from its send to the end of its answer.
+    """One request to an upstream, from its send to the end of its answer (one try).
 
-    A request without a body whose method is idempotent, sent on a reused pooled
-    connection that closes before any answer (the upstream was closing it as the
-    request went out), is sent again, once, on a new connection, as RFC 9112 9.3.1.1
-    allows. One that fails on a new connection is not.
+    A reused pooled connection that closes before any answer fails the call with an
+    error marked `stale`: the upstream was closing it as the request went out. Whether
+    to send the request again (on a new connection) is the exchange's to decide, as a
+    try like any other.
     """
 
     # (No `__slots__`: most calls keep the class-level defaults below.)
@@ -142,7 +147,7 @@ class Call:
     _left = 0
     """Bytes of a body of known length not written yet."""
     _body_done = True
-    _resend = False
+    _reused = False
     answered = False
     """The response head is in: no byte of any other answer can come now."""
     done = False
@@ -174,14 +179,14 @@ class Call:
             framing,
         )
 
-    def start(self) -> None:
-        connection = self._pool.idle(self._origin)
+    def start(self, fresh: bool = False) -> None:
+        connection = None if fresh else self._pool.idle(self._origin)
         if connection is None or not self._send_on(connection):
             self._connect()
             return
         # Sent on a reused connection, which the upstream may have been closing as it went
-        # out: if it closes unanswered, the request goes again (see the class docstring).
-        self._resend = self._body_done and self._request.method in IDEMPOTENT_METHODS
+        # out (see the class docstring).
+        self._reused = True
 
     # -- for the proxy -----------------------------------------------------------------
 
@@ -333,11 +338,10 @@ class Call:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.abort()
-        if self._resend and not self.answered and isinstance(error, Disconnected):
-            self._resend = False
-            self._connect()  # on a new connection, not another pooled one
-            return
-        self._fail(translate(error, after_headers=self.answered))
+        failure = translate(error, after_headers=self.answered)
+        if self._reused and not self.answered and isinstance(error, Disconnected):
+            failure.stale = True
+        self._fail(failure)
 
     def wire_writable(self, writable: bool) -> None:
         if not self.done:

@@ -185,7 +185,7 @@ routes:
         "did you mean 'path_prefix'?",
         "c.yaml:9: routes[0].zzz: unknown key 'zzz' "
         "(known: name, match, upstream, strip_prefix, timeouts, breaker, max_body_size, "
-        "rate_limit, bulkhead, fallback, recovery)",
+        "rate_limit, bulkhead, fallback, recovery, retry)",
     ]
 
 

@@ -90,7 +90,8 @@ async def test_a_pooled_connection_dropped_unanswered_is_retried_on_a_new_one(
     raw_upstream: Callable[[RawHandler], Awaitable[str]],  # stopped after the sidecar
     start_sidecar: StartSidecar,
 ) -> None:
-    """A GET is sent again, once, on a new connection (RFC 9112 9.3.1.1): no failure."""
+    """A GET is sent again, once, on a new connection (RFC 9112 9.3.1.1), even without a
+    retry policy: a try like any other, the stale one a `connect` failure to the breaker."""
 
     async def answer(number: int, _line: bytes) -> bytes | None:
         if len(upstream.seen) == 2:
@@ -112,8 +113,11 @@ async def test_a_pooled_connection_dropped_unanswered_is_retried_on_a_new_one(
         (1, b"GET /second HTTP/1.1"),
         (2, b"GET /second HTTP/1.1"),
     ]
-    assert sc.breaker("api").consecutive_failures == 0
-    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="connect") == 0
+    assert sc.breaker("api").consecutive_failures == 0  # the resend's success reset it
+    assert sc.sample("sidecar_upstream_failures_total", route="api", kind="connect") == 1
+    assert sc.sample("sidecar_upstream_tries_total", route="api", result="failure") == 1
+    assert sc.sample("sidecar_upstream_tries_total", route="api", result="success") == 2
+    assert sc.sample("sidecar_retries_total", route="api", reason="connect") == 1
     assert settled(sc)
 
 
