@@ -877,6 +877,8 @@ class _Reader:
         path = (*path, name)
         value = self.mapping(table[name], path, POLICY_KEYS[name])
         if not value:
+            if value == {} and name == "retry":  # `retry: {}`: retries, every default
+                return {_WRITTEN: path}
             if value == {}:  # an empty mapping: a policy with nothing in it
                 self.error(path, f"is empty: set {POLICY_KEYS[name][0]}, or remove {name}")
             return {}

@@ -246,3 +246,59 @@ def test_an_inherited_bulkhead_too_small_for_a_routes_probes_is_reported_at_the_
         "c.yaml:8: routes[0].breaker.half_open_requests: max_concurrent (2) is below the "
         "breaker's half_open_requests (3): probes could never all be in flight"
     ]
+
+
+def test_retry_with_every_default_and_key_by_key() -> None:
+    from sidecar.policies import RetrySettings
+
+    (r,) = config(route("retry: {}")).routes
+    assert r.retry == RetrySettings(
+        attempts=2,
+        retry_on_kinds=frozenset({"connect"}),
+        retry_on_statuses=frozenset({502, 503, 504}),
+        methods=frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"}),
+        per_try_timeout=None,
+        deadline=None,
+        backoff_base=0.025,
+        backoff_max=0.25,
+        budget_ratio=Fraction(1, 5),
+        budget_min_per_second=10.0,
+        replay_max_body=64 * 1024,
+    )
+    (r,) = config(
+        route(
+            "retry: {attempts: 3, retry_on: [timeout, 429], budget: {ratio: 10%}}",
+            defaults="retry: {per_try_timeout: 2s, methods: [GET]}",
+        )
+    ).routes
+    assert r.retry is not None
+    assert (r.retry.attempts, r.retry.per_try_timeout, r.retry.methods) == (3, 2.0, {b"GET"})
+    assert (r.retry.retry_on_kinds, r.retry.retry_on_statuses) == ({"timeout"}, {429})
+    assert (r.retry.budget_ratio, r.retry.budget_min_per_second) == (Fraction(1, 10), 10.0)
+    assert config(route("retry: null", defaults="retry: {}")).routes[0].retry is None
+
+
+@pytest.mark.parametrize(
+    ("policies", "message"),
+    [
+        ("retry: {attempts: 0}", "retry.attempts: must be >= 1"),
+        ("retry: {attempts: 11}", "retry.attempts: must be at most 10"),
+        ("retry: {retry_on: [reset]}", "'reset' is never retried"),
+        ("retry: {retry_on: [conect]}", "'conect' is neither a failure kind"),
+        ("retry: {retry_on: [200]}", "neither a failure kind (connect, timeout, tls) nor a status"),
+        ("retry: {retry_on: []}", "retry.retry_on: must be a list"),
+        ("retry: {methods: [POST]}", "POST is not idempotent"),
+        ("retry: {methods: [get]}", "'get' is not a method"),
+        ("retry: {backoff: {base: 1s, max: 10ms}}", "max (10ms) is shorter than base (1s)"),
+        ("retry: {backoff: {bse: 1s}}", "unknown key 'bse'"),
+        ("retry: {budget: {ratio: 0%, min_per_second: 0}}", "admit no retry at all"),
+        ("retry: {budget: {ratio: 150%}}", "is more than 100%"),
+        ("retry: {replay_max_body: 1GiB}", "must be at most 16MiB"),
+        ("retry: {per_try_timeout: 5s, deadline: 2s}", "per_try_timeout (5s) is longer than"),
+        ("retry: {atempts: 2}", "unknown key 'atempts'; did you mean 'attempts'?"),
+    ],
+)
+def test_each_retry_mistake_is_one_clear_error(policies: str, message: str) -> None:
+    found = errors(route(policies))
+    assert len(found) == 1, found
+    assert message in found[0], found

@@ -17,6 +17,8 @@ from sidecar.policies import (
     BulkheadSettings,
     RateLimitSettings,
     RecoverySettings,
+    RetryBudget,
+    RetrySettings,
     TokenBucket,
     retry_after,
 )
@@ -304,3 +306,54 @@ def test_check_takes_nothing_and_the_ramp_decides_once() -> None:
     assert sum(v is None for v in verdicts) == 1
     # Granted after queueing: the ramp let it in already.
     assert isinstance(b.acquire(ramp=False), Permit)
+
+
+# -- the retry budget ------------------------------------------------------------------
+
+
+def budget(ratio: str = "1/5", floor: float = 1.0) -> tuple[RetryBudget, FakeClock]:
+    clock = FakeClock()
+    settings = RetrySettings(
+        attempts=3,
+        retry_on_kinds=frozenset({"connect"}),
+        retry_on_statuses=frozenset(),
+        methods=frozenset({b"GET"}),
+        per_try_timeout=None,
+        deadline=None,
+        backoff_base=0.025,
+        backoff_max=0.25,
+        budget_ratio=Fraction(ratio),
+        budget_min_per_second=floor,
+        replay_max_body=0,
+    )
+    return RetryBudget(settings, clock), clock
+
+
+def retries_admitted(b: RetryBudget, most: int = 10_000) -> int:
+    n = 0
+    while n < most and b.admits():
+        b.withdraw()
+        n += 1
+    return n
+
+
+def test_the_budget_admits_ratio_times_requests_plus_the_floor_over_ten_seconds() -> None:
+    b, clock = budget()
+    for _ in range(100):
+        b.deposit(clock.now)
+    assert retries_admitted(b) == 20 + 10  # 20 % of 100, and 1/s x 10 s
+    assert b.figures() == (100, 30, 0)
+    clock.advance(9)  # the same window still
+    assert retries_admitted(b) == 0
+    clock.advance(1)  # the first second has left it: its requests and retries with it
+    assert b.figures() == (0, 0, 10)
+    assert retries_admitted(b) == 10
+
+
+def test_an_idle_budget_forgets_in_constant_time() -> None:
+    b, clock = budget(floor=0)
+    for _ in range(50):
+        b.deposit(clock.now)
+    clock.advance(1e9)
+    assert b.figures() == (0, 0, 0)
+    assert retries_admitted(b) == 0
