@@ -146,6 +146,28 @@ def route_report(target: Target) -> dict[str, Any]:
             "served": dict(target.metrics.fallbacks),
         }
     )
+    retry = route.retry
+    budget = target.budget
+    if retry is None or budget is None:
+        report["retry"] = None
+    else:
+        requests, retries, left = budget.figures()
+        report["retry"] = {
+            "attempts": retry.attempts,
+            "retry_on": sorted(retry.retry_on_kinds) + sorted(retry.retry_on_statuses),
+            "methods": sorted(m.decode() for m in retry.methods),
+            "per_try_timeout": retry.per_try_timeout,
+            "deadline": retry.deadline,
+            "backoff": {"base": retry.backoff_base, "max": retry.backoff_max},
+            "budget": {
+                "ratio": float(retry.budget_ratio),
+                "min_per_second": retry.budget_min_per_second,
+                "requests_10s": requests,
+                "retries_10s": retries,
+                "retries_left": left,
+            },
+            "replay_max_body": retry.replay_max_body,
+        }
     recovery = route.recovery
     report["recovery"] = (
         None

@@ -176,6 +176,26 @@ def describe_route(route: Route) -> str:
             f"    recovery: ramp {format_duration(route.recovery.ramp)} "
             f"from {format_percent(route.recovery.min_share)}"
         )
+    if route.retry is not None:
+        t = route.retry
+        retry_on = ", ".join([*sorted(t.retry_on_kinds), *map(str, sorted(t.retry_on_statuses))])
+        methods = ", ".join(sorted(m.decode() for m in t.methods))
+        limits = [
+            f"per_try_timeout {format_duration(t.per_try_timeout)}"
+            if t.per_try_timeout is not None
+            else "per_try_timeout = timeouts.request",
+            f"deadline {format_duration(t.deadline)}" if t.deadline is not None else "no deadline",
+        ]
+        lines.append(
+            f"    retry: attempts {t.attempts}, on [{retry_on}], methods [{methods}] "
+            f"(or any with Idempotency-Key), {', '.join(limits)}"
+        )
+        lines.append(
+            f"           backoff {format_duration(t.backoff_base)} to "
+            f"{format_duration(t.backoff_max)} (full jitter), budget "
+            f"{format_percent(t.budget_ratio)} + {t.budget_min_per_second:g}/s, "
+            f"replay_max_body {t.replay_max_body} bytes"
+        )
     if route.fallback is not None:
         f = route.fallback
         source = f"body_file {f.body_file}" if f.body_file else f"body of {len(f.body)} bytes"

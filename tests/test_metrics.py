@@ -46,6 +46,11 @@ SERIES = {
         )
     ],
     "sidecar_recovery_share": [{}],
+    "sidecar_upstream_tries_total": [{"result": "success"}, {"result": "failure"}],
+    "sidecar_retries_total": [{"reason": "connect"}],
+    "sidecar_retries_denied_total": [
+        {"reason": r} for r in ("budget", "breaker", "body", "method", "retry_after", "deadline")
+    ],
     "sidecar_upstream_failures_total": [
         {"kind": k} for k in ("status", "connect", "timeout", "reset")
     ],
@@ -205,6 +210,7 @@ async def test_healthz_readyz_and_breakers(
         "bulkhead": None,
         "fallback": None,
         "recovery": None,
+        "retry": None,
         "settings": {
             "failure_threshold": 3,
             "open_duration": 60.0,

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from sidecar.breaker import State
+from sidecar.cli import describe_route
 from tests.conftest import RawHandler, Running, StartSidecar, Upstream, eventually
 
 NO_WAIT = 0.0
@@ -426,3 +427,36 @@ async def test_the_access_log_tells_the_tries(
         await fetch(http, sc, "/ok")
     tries = [r.fields["tries"] for r in caplog.records if getattr(r, "event", "") == "access"]  # type: ignore[attr-defined]
     assert tries == [3, 1]
+
+
+async def test_breakers_and_check_show_the_policy_and_the_budget_live(
+    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc = await start_sidecar(
+        route(upstream.url, "{attempts: 3, budget: {ratio: 50%, min_per_second: 0.1}}"),
+        rand=lambda: NO_WAIT,
+    )
+    await fetch(http, sc, "/ok")
+    await fetch(http, sc, "/status/503")  # 1 retry allowed: 50 % of 2 + 1
+    async with http.get(f"{sc.admin}/breakers") as response:
+        (report,) = (await response.json())["routes"]
+    assert report["retry"] == {
+        "attempts": 3,
+        "retry_on": ["connect", 502, 503, 504],
+        "methods": ["DELETE", "GET", "HEAD", "OPTIONS", "PUT"],
+        "per_try_timeout": None,
+        "deadline": None,
+        "backoff": {"base": 0.025, "max": 0.25},
+        "budget": {
+            "ratio": 0.5,
+            "min_per_second": 0.1,
+            "requests_10s": 2,
+            "retries_10s": 2,
+            "retries_left": 0,
+        },
+        "replay_max_body": 65536,
+    }
+    assert upstream.hits == 4  # 1, then 3 tries: 2 retries <= 50 % x 2 requests + 0.1 x 10
+    text = describe_route(sc.sidecar.config.routes[0])
+    assert "    retry: attempts 3, on [connect, 502, 503, 504]" in text
+    assert "budget 50 % + 0.1/s" in text

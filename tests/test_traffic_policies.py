@@ -448,6 +448,7 @@ ALL = """
     bulkhead: {max_concurrent: 4, max_queued: 2, queue_timeout: 1s}
     fallback: {reasons: [circuit_open], body: '{"items": []}'}
     recovery: {ramp: 30s}
+    retry: {}
 """
 
 
