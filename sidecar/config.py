@@ -1012,7 +1012,7 @@ class _Reader:
         )
 
     def _build_retry(
-        self, p: _Layer, path: Path, written: _Layer, _breaker: BreakerSettings
+        self, p: _Layer, path: Path, written: _Layer, breaker: BreakerSettings
     ) -> RetrySettings | None:
         kinds, statuses = p.get("retry_on", DEFAULT_RETRY_ON)
         base, longest = p.get("backoff", DEFAULT_RETRY_BACKOFF)
@@ -1031,6 +1031,14 @@ class _Reader:
             replay_max_body=p.get("replay_max_body", DEFAULT_REPLAY_MAX_BODY),
         )
         per_try, deadline = settings.per_try_timeout, settings.deadline
+        slow = breaker.slow_call_duration
+        if per_try is not None and slow is not None and slow >= per_try:
+            self.error(
+                (*path, "per_try_timeout") if "per_try_timeout" in written else path,
+                f"per_try_timeout ({format_duration(per_try)}) is not longer than the "
+                f"breaker's slow_call_duration ({format_duration(slow)}): a try that slow "
+                "has timed out, so no call could ever be slow",
+            )
         if per_try is not None and deadline is not None and per_try > deadline:
             self.error(
                 (*path, "per_try_timeout") if "per_try_timeout" in written else path,

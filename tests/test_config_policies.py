@@ -296,9 +296,15 @@ def test_retry_with_every_default_and_key_by_key() -> None:
         ("retry: {replay_max_body: 1GiB}", "must be at most 16MiB"),
         ("retry: {per_try_timeout: 5s, deadline: 2s}", "per_try_timeout (5s) is longer than"),
         ("retry: {atempts: 2}", "unknown key 'atempts'; did you mean 'attempts'?"),
+        (
+            "{breaker: {slow_call_duration: 1s}, retry: {per_try_timeout: 1s}}",
+            "per_try_timeout (1s) is not longer than the breaker's slow_call_duration (1s)",
+        ),
     ],
 )
 def test_each_retry_mistake_is_one_clear_error(policies: str, message: str) -> None:
+    if policies.startswith("{"):
+        policies = "\n".join(f"{k}: {v}" for k, v in _split(policies))
     found = errors(route(policies))
     assert len(found) == 1, found
     assert message in found[0], found
