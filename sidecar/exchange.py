@@ -510,8 +510,11 @@ class Exchange:
                 self._body_done_at = self._started
             now = env.timers.time()
             self._deadline = min(now + self._head_timeout, self._call_deadline)
-            if self._timer is None and self not in env.ticker:
-                self._timer = env.timers.call_at(self._deadline, self._check)
+            # A timer of its own, at this try's deadline (a retry is rare enough).
+            env.ticker.discard(self)
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = env.timers.call_at(self._deadline, self._check)
         except Exception as e:
             self.crashed(e)
 
@@ -687,11 +690,13 @@ class Exchange:
         self._timer = None
         if self._closed:
             return
+        if self._call is None:
+            return  # between tries: the next one sets its own deadline
         now = self._env.timers.time()
-        if self._client_behind or self._call is None:
-            # The sidecar waits on its client (whose write timeout the listener keeps), or
-            # between tries: the upstream's time does not run.
-            self._deadline = max(self._deadline, now + self._timeout)
+        if self._client_behind:
+            # The sidecar waits on its client (whose write timeout the listener keeps):
+            # the upstream's time does not run.
+            self._deadline = now + self._timeout
         if self._deadline - now > _TIMER_RESOLUTION:
             self._timer = self._env.timers.call_at(self._deadline, self._check)
             return

@@ -460,3 +460,48 @@ async def test_breakers_and_check_show_the_policy_and_the_budget_live(
     text = describe_route(sc.sidecar.config.routes[0])
     assert "    retry: attempts 3, on [connect, 502, 503, 504]" in text
     assert "budget 50 % + 0.1/s" in text
+
+
+async def test_a_try_after_a_long_wait_still_times_out_on_its_own_deadline(
+    start_sidecar: StartSidecar,
+    raw_upstream: Callable[[RawHandler], Awaitable[str]],
+    http: aiohttp.ClientSession,
+) -> None:
+    """The wait (an upstream's Retry-After of 3 s) outlasts the first try's deadline; the
+    second try still gets exactly per_try_timeout."""
+    seen = []
+    answer = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            seen.append(1)
+            if len(seen) == 1:
+                await answer.wait()
+                writer.write(b"HTTP/1.1 503 Busy\r\nRetry-After: 3\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+            await reader.read()  # the second: never answered (until the sidecar lets go)
+        finally:
+            writer.close()
+
+    sc = await start_sidecar(
+        route(
+            await raw_upstream(handler),
+            "{per_try_timeout: 1s, retry_on: [503, timeout], backoff: {max: 5s}}",
+        ),
+        rand=lambda: NO_WAIT,
+        fake_timers=True,
+    )
+    task = asyncio.create_task(fetch(http, sc))
+    await eventually(lambda: len(seen) == 1)
+    sc.clock.advance(0.5)  # the first try's deadline has its timer now
+    answer.set()
+    await eventually(lambda: sc.clock.set_for(3))
+    sc.clock.advance(1)  # past the first try's deadline, in the wait
+    sc.clock.advance(2)
+    await eventually(lambda: len(seen) == 2)
+    await eventually(lambda: sc.clock.set_for(1))
+    sc.clock.advance(1)
+    code, _, body = await task
+    assert (code, json.loads(body)["error"]) == (504, "upstream_timeout")
+    assert counts(sc) == {"ok": 0, "failed": 2}
