@@ -1591,6 +1591,8 @@ def _budget(value: Any) -> tuple[Fraction, float]:
     except _Invalid as e:
         raise _Invalid(f"ratio: {e}") from None
     floor = value.get("min_per_second", DEFAULT_RETRY_BUDGET[1])
+    if isinstance(floor, int) and not isinstance(floor, bool) and floor > MAX_COUNT:
+        raise _Invalid(f"min_per_second: must be from 0 to {MAX_COUNT}")
     if isinstance(floor, bool) or not isinstance(floor, int | float) or not math.isfinite(floor):
         raise _Invalid(f"min_per_second: must be a number such as 10, not {_kind(floor)}")
     if not 0 <= floor <= MAX_COUNT:

@@ -281,6 +281,8 @@ class Exchange:
     """While waiting to send the next try."""
     _fresh = False
     """The next try goes on a new connection, not an idle pooled one."""
+    _resent = False
+    """The request went again after a stale connection (which happens once at most)."""
 
     def __init__(
         self,
@@ -321,13 +323,18 @@ class Exchange:
             if retry is not None:
                 self._with_retries(retry, now)
             call = send(env.pool, upstream, self)
-            if self._closed or self._call is not None:
-                return  # failed at once (and perhaps retried already)
-            self._call = call
+            if self._closed:
+                return  # failed at once
+            if self._tries == 1:
+                self._call = call
+            # (Else it failed at once and was retried already: the retry's call, or its
+            # wait, is in hand.)
             if request.has_body:
                 request.read_body(self)
                 if self._closed:
                     return
+            if self._tries > 1:
+                return  # the retry has its own deadline
             self._deadline = deadline = min(now + self._head_timeout, self._call_deadline)
             if deadline - now > Ticker.INTERVAL:
                 env.ticker.add(self)
@@ -351,6 +358,7 @@ class Exchange:
             request.has_body
             and not request.chunked
             and (request.content_length or 0) <= retry.replay_max_body
+            and (request.method in retry.methods or _idempotency_key(request))
         ):
             self._kept = []
 
@@ -430,32 +438,39 @@ class Exchange:
         retry = target.retry
         request = self._request
         wait = 0.0
-        if retry is None:  # only the resend after a stale connection
-            if self._tries >= 2:
-                return False
-            denial = None
+        denial = None
+        if (
+            stale
+            and not self._resent
+            and (
+                retry is None
+                or self._tries >= retry.attempts
+                or request.method not in retry.methods
+            )
+        ):
+            # The one resend after a stale connection that every route makes, policy or
+            # not (RFC 9112 9.3.1.1): a GET, HEAD, OPTIONS, TRACE, PUT or DELETE, whose
+            # body (if any) was kept.
             if request.method not in IDEMPOTENT_METHODS:
-                denial = "method"
-            elif request.has_body:
-                denial = "body"
-        else:
-            if self._tries >= retry.attempts:
-                return False
-            denial = None
-            if request.method not in retry.methods and not _idempotency_key(request):
                 denial = "method"
             elif request.has_body and self._kept is None:
                 denial = "body"
-            elif asked is not None and asked > retry.backoff_max:
-                denial = "retry_after"
-            elif not stale:
-                if asked is not None:
-                    wait = asked
-                else:  # full jitter
-                    cap = min(retry.backoff_max, retry.backoff_base * 2 ** (self._tries - 1))
-                    wait = self._env.rand() * cap
+        elif retry is None or self._tries >= retry.attempts:
+            return False
+        elif request.method not in retry.methods and not _idempotency_key(request):
+            denial = "method"
+        elif request.has_body and self._kept is None:
+            denial = "body"
+        elif asked is not None and asked > retry.backoff_max:
+            denial = "retry_after"
+        elif not stale:
+            if asked is not None:
+                wait = asked
+            else:  # full jitter: uniform(0, min(max, base x 2^n)) before try n + 1
+                cap = min(retry.backoff_max, retry.backoff_base * 2**self._tries)
+                wait = self._env.rand() * cap
         now = self._env.timers.time()
-        if denial is None and now + wait >= self._call_deadline:
+        if denial is None and now + wait + _TIMER_RESOLUTION >= self._call_deadline:
             denial = "deadline"
         budget = target.budget
         if denial is None and budget is not None and not budget.admits():
@@ -482,6 +497,8 @@ class Exchange:
         if call is not None and not call.done:
             call.abort()
         self._fresh = stale
+        if stale:
+            self._resent = True
         if wait > 0:
             self._deadline = now + wait + self._head_timeout
             self._backoff = self._env.timers.call_at(now + wait, self._next_try)
@@ -508,6 +525,10 @@ class Exchange:
                 if request.has_body:
                     call.end_body()
                 self._body_done_at = self._started
+            elif call.writable:
+                request.resume_body()  # (the try before may have paused it)
+            else:
+                request.pause_body()
             now = env.timers.time()
             self._deadline = min(now + self._head_timeout, self._call_deadline)
             # A timer of its own, at this try's deadline (a retry is rare enough).
@@ -541,6 +562,7 @@ class Exchange:
             permit.succeeded(elapsed)
             self._verdict = "success"
         self._answered = True
+        self._kept = None  # no try follows an answer
         lines, length, dated = client_lines(block)
         if not dated:
             lines += date_line()

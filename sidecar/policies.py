@@ -125,12 +125,14 @@ class RetrySettings:
 
 class RetryBudget:
     """Retries in any `WINDOW` seconds <= ratio x the requests in them + min_per_second x
-    `WINDOW` (Finagle's and Linkerd's budget). Counted in one-second buckets: memory and
-    time O(1) at any rate; a bucket leaves the window whole, so a span of the window is
-    counted with up to a second more of requests and retries than it holds.
+    `WINDOW` (Finagle's and Linkerd's budget), counted in one-second buckets: memory and
+    time O(1) at any rate. Erring on the safe side: a retry is weighed against the retries
+    of the last 10 to 11 seconds (every second that overlaps the last 10) and the requests
+    of the last 9 to 10 (only the seconds inside them).
     """
 
     WINDOW = 10
+    _BUCKETS = WINDOW + 1
 
     __slots__ = ("_clock", "_den", "_floor", "_now", "_num", "_requests", "_retries", "settings")
 
@@ -142,39 +144,42 @@ class RetryBudget:
         self._den = ratio.denominator
         # In the same units as requests x num: min_per_second x WINDOW retries' worth.
         self._floor = Fraction(settings.budget_min_per_second * self.WINDOW) * ratio.denominator
-        self._requests = [0] * self.WINDOW
-        self._retries = [0] * self.WINDOW
+        self._requests = [0] * self._BUCKETS
+        self._retries = [0] * self._BUCKETS
         self._now = math.floor(clock())
         """The second whose bucket counts now."""
 
     def _roll(self, now: float) -> int:
         second = math.floor(now)
         if second != self._now:
-            gone = min(second - self._now, self.WINDOW)
+            gone = min(second - self._now, self._BUCKETS)
             for i in range(1, gone + 1):
-                bucket = (self._now + i) % self.WINDOW
+                bucket = (self._now + i) % self._BUCKETS
                 self._requests[bucket] = 0
                 self._retries[bucket] = 0
             self._now = second
-        return second % self.WINDOW
+        return second % self._BUCKETS
 
     def deposit(self, now: float) -> None:
         """A client request (its first try) at `now` (the clock's time)."""
         self._requests[self._roll(now)] += 1
 
+    def _counts(self) -> tuple[int, int]:
+        """(requests, retries) to weigh a retry against now."""
+        oldest = (self._roll(self._clock()) + 1) % self._BUCKETS
+        return sum(self._requests) - self._requests[oldest], sum(self._retries)
+
     def admits(self) -> bool:
         """Whether one more retry now stays within the budget."""
-        self._roll(self._clock())
-        retries = sum(self._retries) + 1
-        return retries * self._den <= self._num * sum(self._requests) + self._floor
+        requests, retries = self._counts()
+        return (retries + 1) * self._den <= self._num * requests + self._floor
 
     def withdraw(self) -> None:
         self._retries[self._roll(self._clock())] += 1
 
     def figures(self) -> tuple[int, int, int]:
         """(requests, retries, retries still admitted) in the window now."""
-        self._roll(self._clock())
-        requests, retries = sum(self._requests), sum(self._retries)
+        requests, retries = self._counts()
         allowed = math.floor((self._num * requests + self._floor) / self._den)
         return requests, retries, max(allowed - retries, 0)
 

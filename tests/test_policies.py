@@ -345,8 +345,23 @@ def test_the_budget_admits_ratio_times_requests_plus_the_floor_over_ten_seconds(
     assert b.figures() == (100, 30, 0)
     clock.advance(9)  # the same window still
     assert retries_admitted(b) == 0
-    clock.advance(1)  # the first second has left it: its requests and retries with it
+    clock.advance(1)  # 10 s on: its requests no longer count, its retries still do
+    assert b.figures() == (0, 30, 0)
+    assert retries_admitted(b) == 0
+    clock.advance(1)  # gone whole
     assert b.figures() == (0, 0, 10)
+    assert retries_admitted(b) == 10
+
+
+def test_no_ten_seconds_see_more_retries_than_the_budget_allows() -> None:
+    """The floor alone (ratio 0, 1/s): 10 retries in any 10 s, never 20 across a bucket's
+    edge."""
+    b, clock = budget(ratio="0", floor=1.0)
+    clock.advance(0.99)
+    assert retries_admitted(b) == 10
+    clock.advance(9.01)  # t = 10.0: 9.01 s after those ten
+    assert retries_admitted(b) == 0
+    clock.advance(1)
     assert retries_admitted(b) == 10
 
 

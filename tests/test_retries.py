@@ -194,7 +194,7 @@ async def test_the_backoff_is_full_jitter_doubling_to_its_cap(
         fake_timers=True,
     )
     task = asyncio.create_task(fetch(http, sc))
-    for expected in (0.0999, 0.1998, 0.2997):  # 100 ms, 200 ms, then the 300 ms cap
+    for expected in (0.1998, 0.2997, 0.2997):  # base x 2 = 200 ms, then the 300 ms cap
         await eventually(lambda: sc.clock.set_for(expected))  # noqa: B023
         sc.clock.advance(expected)
     assert (await task)[0] == 502
