@@ -18,7 +18,7 @@ and measures it three ways before stopping it:
 
 The order of the setups rotates from round to round so no setup always goes
 first; the report gives medians over the rounds and ratios of medians, with
-PASS/FAIL against the bars of issues 2, 5, 13 and 14. `sidecar-base` is the sidecar
+PASS/FAIL against the bars of issues 2, 5, 13, 14 and 15. `sidecar-base` is the sidecar
 at --base (default 7c06b95), extracted with `git archive` into the temporary
 directory and run from there with the same config as `sidecar-forward`; `floor`
 is shared/perf/floor_proxy.py, run from where it lies (skipped, in one line, when
@@ -102,6 +102,11 @@ RATE_LIMITED = ["    rate_limit: {rate: 1/h, burst: 1}"]
 """Issue 14: the one token spent before the load, every request gets a 429."""
 POLICY_RATIO = 1.05
 """Issue 14: the policies' added work at most 5 % of the forwarding CPU per request."""
+RETRY = ["    retry: {}"]
+"""Issue 15: a retry policy of every default on the route (a healthy upstream: nothing is
+retried; the budget hears of every request, which the sidecar keeps for a replay)."""
+RETRY_RATIO = 1.03
+"""Issue 15: a retry policy adds at most 3 % to the CPU per request."""
 """Routes configured before the catch-all in `sidecar-1000-routes`."""
 OPEN_FILES = 65536
 """RLIMIT_NOFILE wanted for the servers and wrk (1,000 client connections, nginx twice that)."""
@@ -576,6 +581,13 @@ SETUPS = [
         "request away: rate_limit 1000000/s, bulkhead 1000 (+16 queued), a fallback for "
         "circuit_open, recovery ramp 30s (not ramping)",
         _sidecar("sidecar-policies", route_settings=POLICIES),
+        expect_forwarded,
+    ),
+    Setup(
+        "sidecar-retry",
+        "sidecar-forward with issue 15's retry policy on the route, every default (retry: {}): "
+        "2 attempts, the budget 20 % + 10/s; the upstream healthy, nothing retried",
+        _sidecar("sidecar-retry", route_settings=RETRY),
         expect_forwarded,
     ),
     Setup(
@@ -1560,6 +1572,7 @@ def targets(results: Results, s: dict[str, Summary]) -> list[Target]:
     ratio("13", "floor", "nginx", float("nan"), "the floor", kind="info")
     cpu_ratio("14", "sidecar-policies", "sidecar-forward", POLICY_RATIO, "all four policies")
     cpu_ratio("14", "sidecar-rate-limited", "sidecar-open", 1.0, "a 429 against OPEN's 503")
+    cpu_ratio("15", "sidecar-retry", "sidecar-forward", RETRY_RATIO, "a retry policy")
     if "upstream-direct" in s:
         found += [added_cost(results, s, name) for name in ADDED_COST if name in s]
     return found
@@ -1754,7 +1767,7 @@ LEGEND = [
 
 def report(results: Results, args: argparse.Namespace, machine: list[str]) -> str:
     s = summarize(results)
-    lines = ["", "=" * 100, "sidecar comparison (issues 2, 5, 13 and 14)", *machine]
+    lines = ["", "=" * 100, "sidecar comparison (issues 2, 5, 13, 14 and 15)", *machine]
     lines += load_description(args)
     for title, table in tables(results, s, args):
         lines += ["", title, *("  " + row for row in table.text())]
@@ -1858,7 +1871,7 @@ def write_results(
             RESULTS_PNG.unlink()  # a chart from another run would not match these results
     s = summarize(results)
     lines = [
-        "# Benchmark results (issues 2, 5, 13 and 14)",
+        "# Benchmark results (issues 2, 5, 13, 14 and 15)",
         "",
         "Written by `python benchmarks/compare.py --write-results`; see `README.md` beside this",
         "file for what each setup is and how the figures are taken. Absolute figures depend on",

@@ -107,6 +107,8 @@ class Target:
     retry: RetrySettings | None = None
     """The route's retry policy (set in `__post_init__`)."""
     retry_statuses: frozenset[int] = frozenset()
+    retry_timed: bool = False
+    """The retry policy sets `per_try_timeout` or `deadline`."""
 
     answers: dict[object, Answer] = field(default_factory=dict)
     """Sidecar-made answers for this route, made once: rejections by their `Retry-After`
@@ -116,6 +118,7 @@ class Target:
         retry = self.retry = self.route.retry
         if retry is not None:
             self.retry_statuses = retry.retry_on_statuses
+            self.retry_timed = retry.per_try_timeout is not None or retry.deadline is not None
         self.judged = (
             self.route.breaker.failure_status | self.retry_after_statuses | self.retry_statuses
         )
@@ -321,7 +324,9 @@ class Exchange:
             now = env.timers.time()
             retry = target.retry
             if retry is not None:
-                self._with_retries(retry, now)
+                target.budget.deposit(self._started)  # type: ignore[union-attr]
+                if request.has_body or target.retry_timed:
+                    self._with_retries(retry, now)
             call = send(env.pool, upstream, self)
             if self._closed:
                 return  # failed at once
@@ -344,11 +349,8 @@ class Exchange:
             self.crashed(e)
 
     def _with_retries(self, retry: RetrySettings, now: float) -> None:
-        """Set up for a retry policy: the budget hears of the request; the deadlines; the
-        body kept for a replay if it may be."""
-        budget = self._target.budget
-        if budget is not None:
-            budget.deposit(self._started)
+        """Set up for a retry policy: the deadlines; the body kept for a replay if it may
+        be."""
         if retry.per_try_timeout is not None:
             self._head_timeout = retry.per_try_timeout
         if retry.deadline is not None:

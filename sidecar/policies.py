@@ -134,7 +134,18 @@ class RetryBudget:
     WINDOW = 10
     _BUCKETS = WINDOW + 1
 
-    __slots__ = ("_clock", "_den", "_floor", "_now", "_num", "_requests", "_retries", "settings")
+    __slots__ = (
+        "_bucket",
+        "_clock",
+        "_den",
+        "_floor",
+        "_now",
+        "_num",
+        "_requests",
+        "_retries",
+        "_until",
+        "settings",
+    )
 
     def __init__(self, settings: RetrySettings, clock: Callable[[], float]) -> None:
         self.settings = settings
@@ -148,6 +159,9 @@ class RetryBudget:
         self._retries = [0] * self._BUCKETS
         self._now = math.floor(clock())
         """The second whose bucket counts now."""
+        self._bucket = self._now % self._BUCKETS
+        self._until = self._now + 1.0
+        """When the current second ends (the clock's time)."""
 
     def _roll(self, now: float) -> int:
         second = math.floor(now)
@@ -158,11 +172,16 @@ class RetryBudget:
                 self._requests[bucket] = 0
                 self._retries[bucket] = 0
             self._now = second
-        return second % self._BUCKETS
+            self._bucket = second % self._BUCKETS
+            self._until = second + 1.0
+        return self._bucket
 
     def deposit(self, now: float) -> None:
         """A client request (its first try) at `now` (the clock's time)."""
-        self._requests[self._roll(now)] += 1
+        if self._now <= now < self._until:  # the same second: the common case
+            self._requests[self._bucket] += 1
+        else:
+            self._requests[self._roll(now)] += 1
 
     def _counts(self) -> tuple[int, int]:
         """(requests, retries) to weigh a retry against now."""

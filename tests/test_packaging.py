@@ -63,13 +63,29 @@ def test_the_breaker_micro_benchmark_runs() -> None:
 
 
 def test_the_policy_micro_benchmark_runs() -> None:
-    """A few requests only, so that the benchmark never rots; its figures (issue 14) go in
-    benchmarks/RESULTS.md."""
+    """A few requests only, so that the benchmark never rots; its figures (issues 14 and 15)
+    go in benchmarks/RESULTS.md."""
     result = run(sys.executable, "benchmarks/policy_micro.py", "--rounds", "1", "--requests", "200")
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line.split()[:2] for line in result.stdout.splitlines()[2:6]]
-    assert rows == [["plain", "200"], ["policies", "200"], ["rate-limited", "429"], ["open", "503"]]
-    assert "bar 1" in result.stdout and "bar 2" in result.stdout
+    rows = [line.split()[:2] for line in result.stdout.splitlines()[2:7]]
+    assert rows == [
+        ["plain", "200"],
+        ["policies", "200"],
+        ["retry", "200"],
+        ["rate-limited", "429"],
+        ["open", "503"],
+    ]
+    assert all(f"bar {n}" in result.stdout for n in (1, 2, 3))
+
+
+def test_the_retry_memory_benchmark_runs() -> None:
+    """A few uploads only, so that the benchmark never rots; its figures (issue 15's memory
+    bar, with 1,000) go in benchmarks/RESULTS.md."""
+    result = run(sys.executable, "benchmarks/retry_memory.py", "--requests", "20", "--hold", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split()[:2] for line in result.stdout.splitlines()[2:5]]
+    assert rows == [["retry", "64KiB"], ["plain", "64KiB"], ["retry", "1MiB"]]
+    assert result.stdout.count("bar, ") == 2
 
 
 def test_the_client_micro_benchmark_runs() -> None:
