@@ -360,7 +360,7 @@ def test_compose_prometheus_config_passes_promtool() -> None:
             timeout=60,
         )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 13 rules found" in result.stdout, result.stdout
+    assert "SUCCESS: 14 rules found" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("path", sorted((DEPLOY / "compose").glob("*.py")), ids=lambda p: p.name)

@@ -23,7 +23,8 @@ RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "sidecar-dashboard.json"
 SEVERITIES = {"critical", "warning", "info"}
 PER_ROUTE = re.compile(
-    r"\bsidecar_(breaker|requests|rejected|upstream|in_flight|rate_limit|bulkhead|recovery|fallback)"
+    r"\bsidecar_(breaker|requests|rejected|upstream|in_flight|rate_limit|bulkhead|recovery|fallback"
+    r"|retries)"
 )
 
 TARGET_LABELS = {"job", "instance"}
@@ -37,6 +38,7 @@ routes:
     match: {path_prefix: /search}
     upstream: UPSTREAM
     rate_limit: {rate: 100/s, mode: shadow}
+    retry: {}
     breaker:
       mode: shadow
       window: {duration: 30s, min_requests: 5}
@@ -55,7 +57,8 @@ routes:
       body: '{"items": []}'
 """
 """Every kind of route, so that the sidecar exports every series and label value it has
-(the rate-limit, bulkhead and fallback series exist only for routes that configure them)."""
+(the rate-limit, bulkhead and fallback series exist only for routes that configure them,
+and the retry reasons beyond connect only for a route with a retry policy)."""
 
 
 def promtool() -> str:
@@ -265,6 +268,19 @@ def test_the_dashboard_shows_the_traffic_policies() -> None:
     )
 
 
+def test_the_dashboard_shows_the_retries() -> None:
+    """Issue 15: retries by reason, denials by reason, and the retries' share of the tries."""
+    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+    everything = "\n".join(t["expr"] for p in panels for t in p["targets"])
+    assert re.search(r"by \(route, reason\) \(rate\(sidecar_retries_total", everything)
+    assert re.search(r"by \(route, reason\) \(rate\(sidecar_retries_denied_total", everything)
+    assert re.search(
+        r"sum by \(route\) \(rate\(sidecar_retries_total\{[^}]*\}\[\$__rate_interval\]\)\)"
+        r" / sum by \(route\) \(rate\(sidecar_upstream_tries_total\{",
+        everything,
+    )
+
+
 def test_each_rejection_reason_has_one_owning_alert() -> None:
     """A 429 or a full bulkhead never raises the breaker's alerts, and the other way round."""
     exprs = {rule["alert"]: rule["expr"] for rule in alert_rules()}
@@ -274,3 +290,12 @@ def test_each_rejection_reason_has_one_owning_alert() -> None:
     assert 'reason="rate_limited"' in exprs["SidecarRateLimited"]
     assert "unless on (job, instance, route)" in exprs["SidecarRateLimited"]
     assert 'reason="bulkhead_full"' in exprs["SidecarBulkheadFull"]
+    # A retry denial is no rejection: only the budget's own denials raise its alert.
+    budget = exprs["SidecarRetryBudgetExhausted"]
+    assert 'sidecar_retries_denied_total{reason="budget"}' in budget
+    assert "sidecar_rejected_requests_total" not in budget
+    assert not any(
+        "retries_denied" in expr
+        for name, expr in exprs.items()
+        if name != "SidecarRetryBudgetExhausted"
+    )
