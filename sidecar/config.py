@@ -886,7 +886,9 @@ class _Reader:
         layer: _Layer = {}
         before = len(self.problems)
         for key in value:
-            if key in parsers:
+            if key in _NESTED.get(name, {}):
+                layer[key] = self.nested(value[key], (*path, key), _NESTED[name][key])
+            elif key in parsers:
                 parsed = self.field(value, key, path, parsers[key], _MISSING)
                 if parsed is not _MISSING:
                     layer[key] = parsed
@@ -896,6 +898,21 @@ class _Reader:
             layer[_WRONG] = True  # built from what was right, it would only add noise
         layer[_WRITTEN] = path
         return layer
+
+    def nested(
+        self, value: Any, path: Path, keys: tuple[str, dict[str, Callable[[Any], Any]]]
+    ) -> dict[str, Any]:
+        """A policy's mapping within it (`retry.backoff`), parsed key by key as the policy
+        is: each mistake reported at its own key."""
+        example, parsers = keys
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping such as {example}, not {_kind(value)}")
+            return {}
+        table = self.mapping(value, path, parsers) or {}
+        parsed = {
+            key: self.field(table, key, path, parse, _MISSING) for key, parse in parsers.items()
+        }
+        return {key: item for key, item in parsed.items() if item is not _MISSING}
 
     def _policy_parsers(self, name: str) -> dict[str, Callable[[Any], Any]]:
         if name == "rate_limit":
@@ -923,8 +940,6 @@ class _Reader:
                 "methods": _methods,
                 "per_try_timeout": positive,
                 "deadline": positive,
-                "backoff": _backoff,
-                "budget": _budget,
                 "replay_max_body": _replay_max_body,
             }
         return {"ramp": _duration(minimum_exclusive=0.0), "min_share": _min_share}
@@ -1015,8 +1030,21 @@ class _Reader:
         self, p: _Layer, path: Path, written: _Layer, breaker: BreakerSettings
     ) -> RetrySettings | None:
         kinds, statuses = p.get("retry_on", DEFAULT_RETRY_ON)
-        base, longest = p.get("backoff", DEFAULT_RETRY_BACKOFF)
-        ratio, floor = p.get("budget", DEFAULT_RETRY_BUDGET)
+        backoff, budget = p.get("backoff", {}), p.get("budget", {})
+        base = backoff.get("base", DEFAULT_RETRY_BACKOFF[0])
+        longest = backoff.get("max", max(DEFAULT_RETRY_BACKOFF[1], base))
+        if longest < base:
+            self.error(
+                (*path, "backoff") if "backoff" in written else path,
+                f"max ({format_duration(longest)}) is shorter than base ({format_duration(base)})",
+            )
+        ratio = budget.get("ratio", DEFAULT_RETRY_BUDGET[0])
+        floor = budget.get("min_per_second", DEFAULT_RETRY_BUDGET[1])
+        if ratio == 0 and floor == 0:
+            self.error(
+                (*path, "budget") if "budget" in written else path,
+                "ratio 0% and min_per_second 0 admit no retry at all: set attempts: 1",
+            )
         settings = RetrySettings(
             attempts=p.get("attempts", DEFAULT_RETRY_ATTEMPTS),
             retry_on_kinds=kinds,
@@ -1556,50 +1584,14 @@ def _methods(value: Any) -> frozenset[bytes]:
     return frozenset(methods)
 
 
-def _backoff(value: Any) -> tuple[float, float]:
-    if not isinstance(value, dict):
-        raise _Invalid(f"must be a mapping such as {{base: 25ms, max: 250ms}}, not {_kind(value)}")
-    unknown = sorted(set(value) - {"base", "max"}, key=str)
-    if unknown:
-        raise _Invalid(f"unknown key {unknown[0]!r} (known: base, max)")
-    positive = _duration(minimum_exclusive=0.0)
-    try:
-        base = positive(value["base"]) if "base" in value else DEFAULT_RETRY_BACKOFF[0]
-    except _Invalid as e:
-        raise _Invalid(f"base: {e}") from None
-    try:
-        longest = positive(value["max"]) if "max" in value else max(DEFAULT_RETRY_BACKOFF[1], base)
-    except _Invalid as e:
-        raise _Invalid(f"max: {e}") from None
-    if longest < base:
-        raise _Invalid(
-            f"max ({format_duration(longest)}) is shorter than base ({format_duration(base)})"
-        )
-    return base, longest
-
-
-def _budget(value: Any) -> tuple[Fraction, float]:
-    if not isinstance(value, dict):
-        raise _Invalid(
-            f"must be a mapping such as {{ratio: 20%, min_per_second: 10}}, not {_kind(value)}"
-        )
-    unknown = sorted(set(value) - {"ratio", "min_per_second"}, key=str)
-    if unknown:
-        raise _Invalid(f"unknown key {unknown[0]!r} (known: ratio, min_per_second)")
-    try:
-        ratio = parse_percentage(value["ratio"]) if "ratio" in value else DEFAULT_RETRY_BUDGET[0]
-    except _Invalid as e:
-        raise _Invalid(f"ratio: {e}") from None
-    floor = value.get("min_per_second", DEFAULT_RETRY_BUDGET[1])
-    if isinstance(floor, int) and not isinstance(floor, bool) and floor > MAX_COUNT:
-        raise _Invalid(f"min_per_second: must be from 0 to {MAX_COUNT}")
-    if isinstance(floor, bool) or not isinstance(floor, int | float) or not math.isfinite(floor):
-        raise _Invalid(f"min_per_second: must be a number such as 10, not {_kind(floor)}")
-    if not 0 <= floor <= MAX_COUNT:
-        raise _Invalid(f"min_per_second: must be from 0 to {MAX_COUNT}, not {floor}")
-    if ratio == 0 and floor == 0:
-        raise _Invalid("ratio 0% and min_per_second 0 admit no retry at all: set attempts: 1")
-    return ratio, float(floor)
+def _min_per_second(value: Any) -> float:
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_COUNT:
+        raise _Invalid(f"must be from 0 to {MAX_COUNT}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Invalid(f"must be a number such as 10, not {_kind(value)}")
+    if not 0 <= value <= MAX_COUNT:
+        raise _Invalid(f"must be from 0 to {MAX_COUNT}, not {value}")
+    return float(value)
 
 
 def _replay_max_body(value: Any) -> int:
@@ -1743,3 +1735,18 @@ def parse_upstream(value: Any) -> Upstream:
         port=port or (443 if parts.scheme == "https" else 80),
         base_path=parts.path.rstrip("/"),
     )
+
+
+_NESTED: dict[str, dict[str, tuple[str, dict[str, Callable[[Any], Any]]]]] = {
+    "retry": {
+        "backoff": (
+            "{base: 25ms, max: 250ms}",
+            {"base": _duration(minimum_exclusive=0.0), "max": _duration(minimum_exclusive=0.0)},
+        ),
+        "budget": (
+            "{ratio: 20%, min_per_second: 10}",
+            {"ratio": parse_percentage, "min_per_second": _min_per_second},
+        ),
+    }
+}
+"""The policies' mappings within them, and their keys' parsers (each with an example)."""
