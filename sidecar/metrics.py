@@ -12,7 +12,7 @@ with no traffic at all.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from sidecar.breaker import MODES, Breaker, State
 from sidecar.policies import (
     QUEUE_WAIT_BUCKETS,
+    REJECT_REASONS,
     RETRY_DENIALS,
     Bulkhead,
     FallbackSettings,
@@ -37,14 +38,6 @@ from sidecar.policies import (
 __all__ = ["FAILURE_KINDS", "REJECT_REASONS", "Metrics", "RouteMetrics"]
 
 FAILURE_KINDS = ("status", "connect", "timeout", "reset")
-REJECT_REASONS = (
-    "circuit_open",
-    "circuit_half_open",
-    "circuit_forced_open",
-    "circuit_recovering",
-    "rate_limited",
-    "bulkhead_full",
-)
 TRANSITIONS = (
     (State.CLOSED, State.OPEN),
     (State.OPEN, State.HALF_OPEN),
@@ -342,11 +335,7 @@ class _Collector(Collector):
             if bulkhead is not None:
                 bulkhead_in_flight.add_metric([name], bulkhead.in_flight)
                 bulkhead_queued.add_metric([name], bulkhead.queued)
-                cumulative = 0
-                waits = []
-                for label, n in zip(_WAIT_LABELS, bulkhead.wait_buckets, strict=True):
-                    cumulative += n
-                    waits.append((label, cumulative))
+                waits = _cumulative(_WAIT_LABELS, bulkhead.wait_buckets)
                 queue_wait.add_metric([name], waits, bulkhead.wait_sum)
             for (a, b), n in route.transitions.items():
                 transitions.add_metric([name, a.value, b.value], n)
@@ -356,11 +345,7 @@ class _Collector(Collector):
                 rejected.add_metric([name, reason], n)
             for kind, n in route.failures.items():
                 failures.add_metric([name, kind], n)
-            cumulative = 0
-            buckets = []
-            for label, n in zip(_BUCKET_LABELS, route.duration_buckets, strict=True):
-                cumulative += n
-                buckets.append((label, cumulative))
+            buckets = _cumulative(_BUCKET_LABELS, route.duration_buckets)
             duration.add_metric([name], buckets, route.duration_sum)
             in_flight.add_metric([name], route.in_flight)
             slow_calls.add_metric([name], route.slow_calls)
@@ -391,3 +376,13 @@ class _Collector(Collector):
         yield from (bulkhead_in_flight, bulkhead_queued, queue_wait)
         yield from (tries, retries, retries_denied)
         yield from (unrouted, reloads, last_reload, build_info)
+
+
+def _cumulative(labels: Sequence[str], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """A histogram's buckets as Prometheus has them: `le` labels, counts added up."""
+    total = 0
+    buckets: list[tuple[str, float]] = []
+    for label, n in zip(labels, counts, strict=True):
+        total += n
+        buckets.append((label, total))
+    return buckets

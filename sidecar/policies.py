@@ -13,6 +13,7 @@ Standard library only; validation lives in `sidecar.config`.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Literal, Protocol
 __all__ = [
     "FALLBACK_REASONS",
     "QUEUE_WAIT_BUCKETS",
+    "REJECT_REASONS",
     "RETRY_DENIALS",
     "RETRY_KINDS",
     "Bulkhead",
@@ -35,13 +37,18 @@ __all__ = [
     "Waiter",
 ]
 
-FALLBACK_REASONS = (
+REJECT_REASONS = (
     "circuit_open",
     "circuit_half_open",
     "circuit_forced_open",
     "circuit_recovering",
     "rate_limited",
     "bulkhead_full",
+)
+"""Why a request was answered without contacting the upstream:
+`sidecar_rejected_requests_total`'s reasons."""
+FALLBACK_REASONS = (
+    *REJECT_REASONS,
     "upstream_unreachable",
     "upstream_timeout",
     "upstream_tls_error",
@@ -378,11 +385,6 @@ class Bulkhead:
             waiter.turn_away()
 
     def observe_wait(self, seconds: float) -> None:
-        i = 0
-        for bound in QUEUE_WAIT_BUCKETS:
-            if seconds <= bound:
-                break
-            i += 1
-        self.wait_buckets[i] += 1
+        self.wait_buckets[bisect_left(QUEUE_WAIT_BUCKETS, seconds)] += 1
         self.wait_sum += seconds
         self.wait_count += 1

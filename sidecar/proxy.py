@@ -23,6 +23,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from sidecar.breaker import Breaker, Clock, Rejection, State, StateListener
@@ -120,16 +121,10 @@ class Proxy:
                     breaker.add_listener(listener)
                 (changes.added if old is None else changes.reset).append(route.name)
             breaker.recovery = route.recovery
-            bucket = None
-            if route.rate_limit is not None:
-                if (
-                    old is not None
-                    and old.bucket is not None
-                    and old.bucket.settings == route.rate_limit
-                ):
-                    bucket = old.bucket  # unchanged: its tokens are kept
-                else:
-                    bucket = TokenBucket(route.rate_limit, self._clock)
+            # Unchanged settings keep their bucket (its tokens) and budget (its counts).
+            bucket = _kept_or_new(
+                old.bucket if old else None, route.rate_limit, TokenBucket, self._clock
+            )
             bulkhead = None
             if route.bulkhead is not None:
                 bulkhead = old.bulkhead if old is not None else None
@@ -138,16 +133,9 @@ class Proxy:
                     self._bulkheads.add(bulkhead)
                 else:  # the slots held and the queue carry on, within the new limits
                     bulkhead.resize(route.bulkhead)
-            budget = None
-            if route.retry is not None:
-                if (
-                    old is not None
-                    and old.budget is not None
-                    and old.budget.settings == route.retry
-                ):
-                    budget = old.budget  # unchanged: what it has counted is kept
-                else:
-                    budget = RetryBudget(route.retry, self._clock)
+            budget = _kept_or_new(
+                old.budget if old else None, route.retry, RetryBudget, self._clock
+            )
             route_metrics.track(breaker, bucket, bulkhead, route.fallback, route.retry, budget)
             targets.append(
                 Target(
@@ -287,6 +275,24 @@ class Proxy:
         if expect is not None and expect.lower() != b"100-continue":
             return target.error(417, "expectation_failed")
         return None
+
+
+_Settings = TypeVar("_Settings")
+_Counter = TypeVar("_Counter", TokenBucket, RetryBudget)
+
+
+def _kept_or_new(
+    old: _Counter | None,
+    settings: _Settings | None,
+    new: Callable[[_Settings, Clock], _Counter],
+    clock: Clock,
+) -> _Counter | None:
+    """`old` if its settings are `settings`, else one made anew; None without settings."""
+    if settings is None:
+        return None
+    if old is not None and old.settings == settings:
+        return old
+    return new(settings, clock)
 
 
 def _rejection(target: Target, rejection: Rejection) -> Answer:
