@@ -334,6 +334,23 @@ async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None
         await asyncio.sleep(0.005)
 
 
+async def fetch(
+    http: aiohttp.ClientSession,
+    sc: Running,
+    path: str = "/ok",
+    method: str = "GET",
+    **kwargs: object,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request through the proxy: its status, headers and body."""
+    async with http.request(method, sc.proxy + path, **kwargs) as response:  # type: ignore[arg-type]
+        return response.status, dict(response.headers), await response.read()
+
+
+def api_sample(sc: Running, name: str, **labels: str) -> float | None:
+    """A series of route `api`."""
+    return sc.sample(name, route="api", **labels)
+
+
 async def json_body(response: aiohttp.ClientResponse) -> object:
     return json.loads(await response.read())
 

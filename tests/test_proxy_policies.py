@@ -18,7 +18,7 @@ import pytest
 
 from sidecar.breaker import State
 from sidecar.proxy import retry_after_seconds
-from tests.conftest import Running, StartSidecar, Upstream, json_body
+from tests.conftest import Running, StartSidecar, Upstream, api_sample, json_body
 
 
 def route(url: str, breaker: str) -> str:
@@ -51,10 +51,6 @@ async def held(
     return code
 
 
-def s(sc: Running, name: str, **labels: str) -> float | None:
-    return sc.sample(name, route="api", **labels)
-
-
 async def test_a_failure_rate_opens_the_route(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
@@ -67,12 +63,12 @@ async def test_a_failure_rate_opens_the_route(
     )
     for i in range(9):  # F S S F S S F S S: below the floor, never a trip
         code, _ = await get(http, sc, "/status/500" if i % 3 == 0 else "/ok")
-    assert s(sc, "sidecar_breaker_failure_rate") == -1
+    assert api_sample(sc, "sidecar_breaker_failure_rate") == -1
     assert sc.breaker("api").state is State.CLOSED
     await get(http, sc, "/status/502")  # 4 of 10
     assert sc.breaker("api").state is State.OPEN
-    assert s(sc, "sidecar_breaker_failure_rate") == pytest.approx(0.4)
-    assert s(sc, "sidecar_breaker_slow_call_rate") == 0
+    assert api_sample(sc, "sidecar_breaker_failure_rate") == pytest.approx(0.4)
+    assert api_sample(sc, "sidecar_breaker_slow_call_rate") == 0
     hits = upstream.hits
     code, headers = await get(http, sc, "/ok")
     assert (code, headers["Retry-After"], upstream.hits) == (503, "30", hits)
@@ -101,16 +97,16 @@ async def test_slow_calls_open_the_route_and_are_timed_to_the_headers(
     assert await held(http, sc, upstream, 2.0) == 200  # 2 s is not longer than 2 s
     assert await held(http, sc, upstream, 3.0) == 200
     assert sc.breaker("api").state is State.CLOSED
-    assert s(sc, "sidecar_upstream_slow_calls_total") == 1
+    assert api_sample(sc, "sidecar_upstream_slow_calls_total") == 1
     assert await held(http, sc, upstream, 4.0, status=500) == 500  # slow and a failure
     assert sc.breaker("api").state is State.OPEN
     assert sc.breaker("api").reason == "slow-call rate 66.7 % >= 60 % over 3 requests"
-    assert s(sc, "sidecar_upstream_slow_calls_total") == 2
-    assert s(sc, "sidecar_upstream_failures_total", kind="status") == 1
+    assert api_sample(sc, "sidecar_upstream_slow_calls_total") == 2
+    assert api_sample(sc, "sidecar_upstream_failures_total", kind="status") == 1
     # The histogram has the same times, to the headers, on the same clock.
-    assert s(sc, "sidecar_upstream_request_duration_seconds_bucket", le="2.5") == 1
-    assert s(sc, "sidecar_upstream_request_duration_seconds_bucket", le="5.0") == 3
-    assert s(sc, "sidecar_upstream_request_duration_seconds_sum") == 9
+    assert api_sample(sc, "sidecar_upstream_request_duration_seconds_bucket", le="2.5") == 1
+    assert api_sample(sc, "sidecar_upstream_request_duration_seconds_bucket", le="5.0") == 3
+    assert api_sample(sc, "sidecar_upstream_request_duration_seconds_sum") == 9
 
 
 async def test_a_slow_upload_is_not_a_slow_call(
@@ -133,7 +129,7 @@ async def test_a_slow_upload_is_not_a_slow_call(
     async with http.post(f"{sc.proxy}/upload", data=dribble()) as response:
         assert response.status == 200
         assert (await response.json())["received"] == 300
-    assert s(sc, "sidecar_upstream_slow_calls_total") == 0
+    assert api_sample(sc, "sidecar_upstream_slow_calls_total") == 0
     assert sc.breaker("api").state is State.CLOSED
 
 
@@ -223,7 +219,7 @@ async def test_an_upstream_retry_after_opens_the_route_and_passes_through(
             "route": "api",
             "retry_after": 120,
         }
-    assert s(sc, "sidecar_upstream_failures_total", kind="status") == 1
+    assert api_sample(sc, "sidecar_upstream_failures_total", kind="status") == 1
 
 
 async def test_an_unreadable_upstream_retry_after_passes_through_as_a_plain_failure(
@@ -236,7 +232,7 @@ async def test_an_unreadable_upstream_retry_after_passes_through_as_a_plain_fail
         assert response.headers["Retry-After"] == odd
         assert await json_body(response) == {"status": "set"}
     assert sc.breaker("api").state is State.CLOSED
-    assert s(sc, "sidecar_upstream_failures_total", kind="status") == 1
+    assert api_sample(sc, "sidecar_upstream_failures_total", kind="status") == 1
 
 
 async def test_a_429_with_an_http_date_opens_the_route_capped(
@@ -270,21 +266,21 @@ async def test_shadow_mode_forwards_everything_and_counts_what_it_would_reject(
     sc = await start_sidecar(route(upstream.url, "{failure_threshold: 2, mode: shadow}"))
     for _ in range(2):
         assert (await get(http, sc, "/status/500"))[0] == 500
-    assert s(sc, "sidecar_breaker_state", state="open") == 1
+    assert api_sample(sc, "sidecar_breaker_state", state="open") == 1
     # ... and says it is only watching, so that an alert on OPEN can leave it out.
-    assert s(sc, "sidecar_breaker_mode", mode="shadow") == 1
-    assert s(sc, "sidecar_breaker_mode", mode="enforce") == 0
+    assert api_sample(sc, "sidecar_breaker_mode", mode="shadow") == 1
+    assert api_sample(sc, "sidecar_breaker_mode", mode="enforce") == 0
     hits = upstream.hits
     for _ in range(3):
         assert (await get(http, sc, "/ok"))[0] == 200  # enforcing would have said 503
     assert upstream.hits == hits + 3
-    assert s(sc, "sidecar_breaker_shadow_rejections_total") == 3
-    assert s(sc, "sidecar_rejected_requests_total", reason="circuit_open") == 0
-    assert s(sc, "sidecar_requests_total", code="503") == 0
-    assert s(sc, "sidecar_breaker_state", state="open") == 1  # the state it reports
+    assert api_sample(sc, "sidecar_breaker_shadow_rejections_total") == 3
+    assert api_sample(sc, "sidecar_rejected_requests_total", reason="circuit_open") == 0
+    assert api_sample(sc, "sidecar_requests_total", code="503") == 0
+    assert api_sample(sc, "sidecar_breaker_state", state="open") == 1  # the state it reports
     sc.clock.advance(30)
     assert (await get(http, sc, "/ok"))[0] == 200  # the probe
-    assert s(sc, "sidecar_breaker_state", state="closed") == 1
+    assert api_sample(sc, "sidecar_breaker_state", state="closed") == 1
     async with http.get(f"{sc.admin}/breakers") as response:
         (report,) = (await response.json())["routes"]
     assert (report["mode"], report["shadow_rejections"]) == ("shadow", 3)

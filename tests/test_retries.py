@@ -17,7 +17,15 @@ import pytest
 
 from sidecar.breaker import State
 from sidecar.cli import describe_route
-from tests.conftest import RawHandler, Running, StartSidecar, Upstream, eventually
+from tests.conftest import (
+    RawHandler,
+    Running,
+    StartSidecar,
+    Upstream,
+    api_sample,
+    eventually,
+    fetch,
+)
 
 NO_WAIT = 0.0
 
@@ -33,25 +41,10 @@ routes:
 {extra}"""
 
 
-async def fetch(
-    http: aiohttp.ClientSession,
-    sc: Running,
-    path: str = "/ok",
-    method: str = "GET",
-    **kwargs: object,
-) -> tuple[int, dict[str, str], bytes]:
-    async with http.request(method, sc.proxy + path, **kwargs) as response:  # type: ignore[arg-type]
-        return response.status, dict(response.headers), await response.read()
-
-
-def s(sc: Running, name: str, **labels: str) -> float | None:
-    return sc.sample(name, route="api", **labels)
-
-
 def counts(sc: Running) -> dict[str, float | None]:
     return {
-        "ok": s(sc, "sidecar_upstream_tries_total", result="success"),
-        "failed": s(sc, "sidecar_upstream_tries_total", result="failure"),
+        "ok": api_sample(sc, "sidecar_upstream_tries_total", result="success"),
+        "failed": api_sample(sc, "sidecar_upstream_tries_total", result="failure"),
     }
 
 
@@ -67,8 +60,8 @@ async def test_a_refused_connection_is_retried_up_to_attempts_then_502(
     code, _, body = await fetch(http, sc)
     assert (code, json.loads(body)["error"]) == (502, "upstream_unreachable")
     assert counts(sc) == {"ok": 0, "failed": 3}
-    assert s(sc, "sidecar_retries_total", reason="connect") == 2
-    assert s(sc, "sidecar_upstream_failures_total", kind="connect") == 3
+    assert api_sample(sc, "sidecar_retries_total", reason="connect") == 2
+    assert api_sample(sc, "sidecar_upstream_failures_total", kind="connect") == 3
     assert sc.breaker("api").consecutive_failures == 3  # every try is one outcome
 
 
@@ -93,7 +86,7 @@ async def test_a_reset_before_the_head_is_retried_and_the_second_try_answers(
     code, _, body = await fetch(http, sc)
     assert (code, body, len(seen)) == (200, b"ok", 2)
     assert counts(sc) == {"ok": 1, "failed": 1}
-    assert s(sc, "sidecar_retries_total", reason="connect") == 1
+    assert api_sample(sc, "sidecar_retries_total", reason="connect") == 1
 
 
 async def test_a_timeout_is_retried_only_when_retry_on_names_it(
@@ -111,7 +104,7 @@ async def test_a_timeout_is_retried_only_when_retry_on_names_it(
     code, _, body = await task
     assert (code, json.loads(body)["error"]) == (504, "upstream_timeout")
     assert counts(sc) == {"ok": 0, "failed": 3}
-    assert s(sc, "sidecar_retries_total", reason="timeout") == 2
+    assert api_sample(sc, "sidecar_retries_total", reason="timeout") == 2
 
     sc2 = await start_sidecar(
         route(upstream.url, "{attempts: 3, per_try_timeout: 1s}"),  # the default retry_on
@@ -134,8 +127,8 @@ async def test_a_503_is_retried_and_the_last_real_answer_reaches_the_client(
     code, _, body = await fetch(http, sc, "/status/503")
     assert (code, json.loads(body), upstream.hits) == (503, {"status": "set"}, 3)
     assert counts(sc) == {"ok": 0, "failed": 3}
-    assert s(sc, "sidecar_retries_total", reason="503") == 2
-    assert s(sc, "sidecar_requests_total", code="503") == 1  # one answer to the client
+    assert api_sample(sc, "sidecar_retries_total", reason="503") == 2
+    assert api_sample(sc, "sidecar_requests_total", code="503") == 1  # one answer to the client
 
 
 async def test_a_status_not_in_retry_on_is_answered_at_once(
@@ -148,7 +141,7 @@ async def test_a_status_not_in_retry_on_is_answered_at_once(
         sum(
             v
             for v in (
-                s(sc, "sidecar_retries_denied_total", reason=r)
+                api_sample(sc, "sidecar_retries_denied_total", reason=r)
                 for r in ("budget", "breaker", "body", "method", "retry_after", "deadline")
             )
             if v
@@ -179,7 +172,7 @@ async def test_retry_after_within_the_backoff_cap_is_the_wait_and_a_longer_one_e
     upstream.hits = 0
     code, headers, _ = await fetch(http, sc, "/status/503?retry_after=3")
     assert (code, headers["Retry-After"], upstream.hits) == (503, "3", 1)
-    assert s(sc, "sidecar_retries_denied_total", reason="retry_after") == 1
+    assert api_sample(sc, "sidecar_retries_denied_total", reason="retry_after") == 1
 
 
 async def test_the_backoff_is_full_jitter_doubling_to_its_cap(
@@ -198,7 +191,7 @@ async def test_the_backoff_is_full_jitter_doubling_to_its_cap(
         await eventually(lambda: sc.clock.set_for(expected))  # noqa: B023
         sc.clock.advance(expected)
     assert (await task)[0] == 502
-    assert s(sc, "sidecar_retries_total", reason="connect") == 3
+    assert api_sample(sc, "sidecar_retries_total", reason="connect") == 3
 
 
 async def test_a_reset_after_the_head_is_never_retried(
@@ -209,7 +202,7 @@ async def test_a_reset_after_the_head_is_never_retried(
         await fetch(http, sc, "/break")
     assert upstream.hits == 1
     assert counts(sc) == {"ok": 0, "failed": 1}
-    assert s(sc, "sidecar_upstream_failures_total", kind="reset") == 1
+    assert api_sample(sc, "sidecar_upstream_failures_total", kind="reset") == 1
 
 
 # -- methods and bodies -----------------------------------------------------------------
@@ -221,7 +214,7 @@ async def test_post_is_retried_only_with_an_idempotency_key_and_its_body_replaye
     sc = await start_sidecar(route(upstream.url, "{attempts: 2}"), rand=lambda: NO_WAIT)
     assert (await fetch(http, sc, "/status/503", "POST", data=b"pay"))[0] == 503
     assert upstream.hits == 1
-    assert s(sc, "sidecar_retries_denied_total", reason="method") == 1
+    assert api_sample(sc, "sidecar_retries_denied_total", reason="method") == 1
 
     upstream.hits = 0
     code, _, _ = await fetch(
@@ -255,7 +248,7 @@ async def test_a_body_is_replayed_whole_and_a_larger_one_is_never_retried(
     bodies.clear()
     assert (await fetch(http, sc, "/x", "PUT", data=body + b"!"))[0] == 503
     assert bodies == [body + b"!"]
-    assert s(sc, "sidecar_retries_denied_total", reason="body") == 1
+    assert api_sample(sc, "sidecar_retries_denied_total", reason="body") == 1
 
 
 async def test_a_chunked_body_is_never_buffered_so_never_retried(
@@ -269,7 +262,7 @@ async def test_a_chunked_body_is_never_buffered_so_never_retried(
 
     assert (await fetch(http, sc, "/status/503", "PUT", data=chunks()))[0] == 503
     assert upstream.hits == 1
-    assert s(sc, "sidecar_retries_denied_total", reason="body") == 1
+    assert api_sample(sc, "sidecar_retries_denied_total", reason="body") == 1
 
 
 # -- the breaker, the budget, the deadline ----------------------------------------------
@@ -288,7 +281,7 @@ async def test_each_try_is_one_breaker_outcome_so_the_route_opens_after_its_thre
     assert (upstream.hits, sc.breaker("api").state) == (3, State.CLOSED)
     assert (await fetch(http, sc, "/status/503"))[0] == 503  # the last real answer
     assert (upstream.hits, sc.breaker("api").state) == (5, State.OPEN)
-    assert s(sc, "sidecar_retries_denied_total", reason="breaker") == 1
+    assert api_sample(sc, "sidecar_retries_denied_total", reason="breaker") == 1
     code, _, body = await fetch(http, sc, "/status/503")
     assert (code, json.loads(body)["error"], upstream.hits) == (503, "circuit_open", 5)
 
@@ -311,11 +304,11 @@ async def test_a_storm_stays_within_the_budget(
     async with aiohttp.ClientSession(connector=connector) as http:
         results = await asyncio.gather(*(fetch(http, sc, "/status/503") for _ in range(200)))
     assert [r[0] for r in results] == [503] * 200
-    retries = s(sc, "sidecar_retries_total", reason="503")
+    retries = api_sample(sc, "sidecar_retries_total", reason="503")
     assert retries is not None and 0 < retries <= 50
     assert upstream.hits == 200 + retries <= 250
     # Every first try failed; those the budget could not retry were denied for it.
-    assert (s(sc, "sidecar_retries_denied_total", reason="budget") or 0) >= 200 - retries
+    assert (api_sample(sc, "sidecar_retries_denied_total", reason="budget") or 0) >= 200 - retries
     assert counts(sc) == {"ok": 0, "failed": 200 + retries}
 
 
@@ -337,7 +330,7 @@ async def test_no_try_starts_after_the_deadline(
     sc.clock.advance(0.4)
     code, _, _ = await task
     assert (code, upstream.hits) == (504, 2)
-    assert s(sc, "sidecar_retries_denied_total", reason="deadline") == 1
+    assert api_sample(sc, "sidecar_retries_denied_total", reason="deadline") == 1
 
 
 # -- beside the other policies ----------------------------------------------------------
@@ -357,15 +350,15 @@ async def test_a_retry_spends_no_token_and_keeps_its_bulkhead_slot_through_the_b
     )
     task = asyncio.create_task(fetch(http, sc, "/status/503"))
     await eventually(lambda: sc.clock.set_for(0.5))  # in its backoff
-    assert s(sc, "sidecar_bulkhead_in_flight_requests") == 1
+    assert api_sample(sc, "sidecar_bulkhead_in_flight_requests") == 1
     code, _, body = await fetch(http, sc)  # the slot is still the first request's
     assert (code, json.loads(body)["error"]) == (503, "bulkhead_full")
     sc.clock.advance(0.5)
     assert (await task)[0] == 503
     assert upstream.hits == 2
-    tokens = s(sc, "sidecar_rate_limit_tokens")  # two tokens: two client requests
+    tokens = api_sample(sc, "sidecar_rate_limit_tokens")  # two tokens: two client requests
     assert tokens is not None and tokens < 0.1
-    assert s(sc, "sidecar_bulkhead_in_flight_requests") == 0
+    assert api_sample(sc, "sidecar_bulkhead_in_flight_requests") == 0
 
 
 async def test_a_retry_is_not_shed_by_the_recovery_ramp(
@@ -408,8 +401,8 @@ routes:
     )
     assert (await fetch(http, sc, "/status/503"))[0] == 503
     assert upstream.hits == 1
-    assert s(sc, "sidecar_retries_total", reason="connect") == 0
-    assert s(sc, "sidecar_retries_total", reason="503") is None
+    assert api_sample(sc, "sidecar_retries_total", reason="connect") == 0
+    assert api_sample(sc, "sidecar_retries_total", reason="503") is None
 
 
 async def test_the_access_log_tells_the_tries(

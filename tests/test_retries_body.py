@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from sidecar.upstream_pool import Pool
-from tests.conftest import RawHandler, StartSidecar, connect, eventually, read_request_head
+from tests.conftest import RawHandler, Running, StartSidecar, connect, eventually, read_request_head
 
 
 class Keeping:
@@ -60,16 +60,10 @@ def refuse_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-async def test_body_stays_paused_when_the_retry_goes_on_a_pooled_connection(
-    raw_upstream: Callable[[RawHandler], Awaitable[str]],
-    start_sidecar: StartSidecar,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Try 1 connects (not writable: the client's body is paused at its first chunk), is
-    refused; during the backoff another request hands its connection back to the pool;
-    try 2 is sent on it, writable at once, so no `upstream_writable(True)` ever comes and
-    the client's body stays paused: the upload stalls and ends in a 408 blamed on the
-    client (no outcome), where a 200 was due."""
+async def keeping_sidecar(
+    raw_upstream: Callable[[RawHandler], Awaitable[str]], start_sidecar: StartSidecar
+) -> tuple[Keeping, Running]:
+    """A sidecar retrying once after 0.5 s (on the fake clock), to a `Keeping` upstream."""
     upstream = Keeping()
     url = await raw_upstream(upstream)
     sc = await start_sidecar(
@@ -84,6 +78,19 @@ routes:
         rand=lambda: 0.5,
         fake_timers=True,
     )
+    return upstream, sc
+
+
+async def test_the_body_resumes_when_the_retry_goes_on_a_pooled_connection(
+    raw_upstream: Callable[[RawHandler], Awaitable[str]],
+    start_sidecar: StartSidecar,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Try 1 connects (not writable: the client's body is paused at its first chunk), is
+    refused; during the backoff another request hands its connection back to the pool;
+    try 2 is sent on it, writable at once, so no `upstream_writable(True)` will come: the
+    retry itself resumes the client's body, and the upload ends whole (not in a 408)."""
+    upstream, sc = await keeping_sidecar(raw_upstream, start_sidecar)
     r1, w1 = await connect(sc.proxy)
     w1.write(b"GET /warm HTTP/1.1\r\nHost: x\r\n\r\n")
     await r1.readuntil(b"ok")
@@ -119,20 +126,7 @@ async def test_body_replayed_then_continued_when_the_retry_connects(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Control: the same, but try 2 connects anew (its connect resumes the body): whole."""
-    upstream = Keeping()
-    url = await raw_upstream(upstream)
-    sc = await start_sidecar(
-        f"""
-routes:
-  - name: api
-    match: {{path_prefix: /}}
-    upstream: {url}
-    timeouts: {{request: 5s}}
-    retry: {{attempts: 2, backoff: {{base: 1s, max: 1s}}}}
-""",
-        rand=lambda: 0.5,
-        fake_timers=True,
-    )
+    upstream, sc = await keeping_sidecar(raw_upstream, start_sidecar)
     refused = refuse_once(monkeypatch)
     r2, w2 = await connect(sc.proxy)
     w2.write(b"PUT /put HTTP/1.1\r\nHost: x\r\nContent-Length: 61440\r\n\r\n" + b"a" * 1024)

@@ -5,15 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from tests.conftest import RawHandler, StartSidecar, connect, eventually, read_request_head
-from tests.test_retries import fetch, route
+from tests.conftest import (
+    RawHandler,
+    StartSidecar,
+    connect,
+    eventually,
+    fetch,
+    read_request_head,
+)
+from tests.test_retries import route
 
 
 async def test_first_backoff_cap_is_base_times_2_as_the_contract_writes(
     start_sidecar: StartSidecar, closed_port: int, http: object
 ) -> None:
-    """CONTRACT: "wait uniform(0, min(max, base * 2^n)) before try n+1": before try 2
-    (n = 1) the cap is 2 x base = 200 ms; the code caps it at base (100 ms)."""
+    """The contract: "wait uniform(0, min(max, base * 2^n)) before try n+1": before try 2
+    (n = 1) the cap is 2 x base = 200 ms, not base."""
     sc = await start_sidecar(
         route(f"http://127.0.0.1:{closed_port}", "{attempts: 2, backoff: {base: 100ms, max: 1s}}"),
         rand=lambda: 0.5,
@@ -31,8 +38,8 @@ async def test_first_backoff_cap_is_base_times_2_as_the_contract_writes(
 async def test_a_body_that_can_never_be_replayed_is_not_kept(
     raw_upstream: Callable[[RawHandler], Awaitable[str]], start_sidecar: StartSidecar
 ) -> None:
-    """A POST without Idempotency-Key is never retried, yet its body is kept; and a kept
-    body stays referenced after the answer's head, for as long as the answer streams."""
+    """A POST without Idempotency-Key is never retried, so its body is not kept; nor is
+    any body kept after the answer's head, while the answer streams."""
     go = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

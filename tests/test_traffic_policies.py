@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from sidecar.breaker import Rejection, State
 from sidecar.cli import describe_route
 from sidecar.config import parse_config
-from tests.conftest import Running, StartSidecar, Upstream, eventually
+from tests.conftest import Running, StartSidecar, Upstream, api_sample, eventually, fetch
 
 
 def route(
@@ -37,17 +37,6 @@ routes:
     breaker: {breaker}
 {policies}
 """
-
-
-async def fetch(
-    http: aiohttp.ClientSession, sc: Running, path: str = "/ok"
-) -> tuple[int, dict[str, str], bytes]:
-    async with http.get(sc.proxy + path) as response:
-        return response.status, dict(response.headers), await response.read()
-
-
-def s(sc: Running, name: str, **labels: str) -> float | None:
-    return sc.sample(name, route="api", **labels)
 
 
 async def breakers(http: aiohttp.ClientSession, sc: Running) -> dict[str, object]:
@@ -73,9 +62,9 @@ async def test_a_rate_limit_admits_exactly_its_burst_then_its_rate(
     assert json.loads(body) == {"error": "rate_limited", "route": "api", "retry_after": 1}
     assert headers["RateLimit-Policy"] == '"api";q=10;w=1'
     assert headers["RateLimit"] == '"api";r=0;t=1'
-    assert s(sc, "sidecar_rejected_requests_total", reason="rate_limited") == 90
-    assert s(sc, "sidecar_requests_total", code="429") == 90
-    assert s(sc, "sidecar_rate_limit_tokens") == 0
+    assert api_sample(sc, "sidecar_rejected_requests_total", reason="rate_limited") == 90
+    assert api_sample(sc, "sidecar_requests_total", code="429") == 90
+    assert api_sample(sc, "sidecar_rate_limit_tokens") == 0
     sc.clock.advance(1)
     codes = [c for c, _, _ in await asyncio.gather(*(fetch(http, sc) for _ in range(100)))]
     assert (codes.count(200), upstream.hits) == (10, 20)
@@ -103,8 +92,8 @@ async def test_a_shadow_rate_limit_forwards_everything_and_counts(
     sc = await start_sidecar(route(upstream.url, "    rate_limit: {rate: 2/s, mode: shadow}"))
     codes = [c for c, _, _ in await asyncio.gather(*(fetch(http, sc) for _ in range(5)))]
     assert codes == [200] * 5 and upstream.hits == 5
-    assert s(sc, "sidecar_rate_limit_shadow_limited_total") == 3
-    assert s(sc, "sidecar_rejected_requests_total", reason="rate_limited") == 0
+    assert api_sample(sc, "sidecar_rate_limit_shadow_limited_total") == 3
+    assert api_sample(sc, "sidecar_rejected_requests_total", reason="rate_limited") == 0
 
 
 async def test_a_reload_keeps_an_unchanged_bucket_and_refills_a_changed_one(
@@ -187,13 +176,13 @@ async def test_500_clients_never_put_more_than_max_concurrent_at_the_upstream(
     assert 0 < seen["most"] <= 8
     full = codes.count(503)
     assert codes.count(200) == seen["hits"] == 500 - full
-    assert s(sc, "sidecar_rejected_requests_total", reason="bulkhead_full") == full
-    assert s(sc, "sidecar_requests_total", code="200") == 500 - full
-    assert s(sc, "sidecar_bulkhead_in_flight_requests") == 0
-    assert s(sc, "sidecar_bulkhead_queued_requests") == 0
-    assert s(sc, "sidecar_in_flight_requests") == 0
+    assert api_sample(sc, "sidecar_rejected_requests_total", reason="bulkhead_full") == full
+    assert api_sample(sc, "sidecar_requests_total", code="200") == 500 - full
+    assert api_sample(sc, "sidecar_bulkhead_in_flight_requests") == 0
+    assert api_sample(sc, "sidecar_bulkhead_queued_requests") == 0
+    assert api_sample(sc, "sidecar_in_flight_requests") == 0
     # Every request that queued left the queue once: granted, or (none here) timed out.
-    queued = s(sc, "sidecar_bulkhead_queue_wait_seconds_count")
+    queued = api_sample(sc, "sidecar_bulkhead_queue_wait_seconds_count")
     assert queued is not None and queued <= 500 - full
 
 
@@ -207,7 +196,7 @@ async def test_a_queued_request_waits_at_most_queue_timeout(
     held = asyncio.create_task(fetch(http, sc, "/hang"))
     await upstream.entered.wait()
     queued = asyncio.create_task(fetch(http, sc))
-    await eventually(lambda: s(sc, "sidecar_bulkhead_queued_requests") == 1)
+    await eventually(lambda: api_sample(sc, "sidecar_bulkhead_queued_requests") == 1)
     code, headers, body = await fetch(http, sc)  # the queue is full
     assert (code, headers["Retry-After"]) == (503, "1")
     assert json.loads(body) == {"error": "bulkhead_full", "route": "api", "retry_after": 1}
@@ -216,9 +205,9 @@ async def test_a_queued_request_waits_at_most_queue_timeout(
     sc.clock.advance(0.1)
     code, _, body = await queued
     assert (code, json.loads(body)["error"]) == (503, "bulkhead_full")
-    assert s(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 1
-    assert s(sc, "sidecar_bulkhead_queue_wait_seconds_sum") == pytest.approx(2.0)
-    assert s(sc, "sidecar_rejected_requests_total", reason="bulkhead_full") == 2
+    assert api_sample(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 1
+    assert api_sample(sc, "sidecar_bulkhead_queue_wait_seconds_sum") == pytest.approx(2.0)
+    assert api_sample(sc, "sidecar_rejected_requests_total", reason="bulkhead_full") == 2
     upstream.release.set()
     assert (await held)[0] == 200
     assert (await fetch(http, sc))[0] == 200
@@ -234,7 +223,7 @@ async def test_a_queued_request_gets_the_slot_when_it_frees(
     held = asyncio.create_task(fetch(http, sc, "/hang"))
     await upstream.entered.wait()
     waiting = [asyncio.create_task(fetch(http, sc, f"/n{i}")) for i in range(3)]
-    await eventually(lambda: s(sc, "sidecar_bulkhead_queued_requests") == 3)
+    await eventually(lambda: api_sample(sc, "sidecar_bulkhead_queued_requests") == 3)
     report = await breakers(http, sc)
     assert report["bulkhead"] == {
         "max_concurrent": 1,
@@ -247,8 +236,8 @@ async def test_a_queued_request_gets_the_slot_when_it_frees(
     upstream.release.set()
     assert [r[0] for r in await asyncio.gather(held, *waiting)] == [200] * 4
     assert [r["path"] for r in upstream.requests] == ["/n0", "/n1", "/n2"]  # in order
-    assert s(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 3
-    assert s(sc, "sidecar_bulkhead_in_flight_requests") == 0
+    assert api_sample(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 3
+    assert api_sample(sc, "sidecar_bulkhead_in_flight_requests") == 0
 
 
 async def test_a_client_that_leaves_the_queue_takes_no_slot(
@@ -261,13 +250,13 @@ async def test_a_client_that_leaves_the_queue_takes_no_slot(
     held = asyncio.create_task(fetch(http, sc, "/hang"))
     await upstream.entered.wait()
     gone = asyncio.create_task(fetch(http, sc, "/gone"))
-    await eventually(lambda: s(sc, "sidecar_bulkhead_queued_requests") == 1)
+    await eventually(lambda: api_sample(sc, "sidecar_bulkhead_queued_requests") == 1)
     gone.cancel()  # the client hangs up while it waits
-    await eventually(lambda: s(sc, "sidecar_bulkhead_queued_requests") == 0)
-    assert s(sc, "sidecar_bulkhead_in_flight_requests") == 1
+    await eventually(lambda: api_sample(sc, "sidecar_bulkhead_queued_requests") == 0)
+    assert api_sample(sc, "sidecar_bulkhead_in_flight_requests") == 1
     upstream.release.set()
     assert (await held)[0] == 200
-    assert s(sc, "sidecar_bulkhead_in_flight_requests") == 0
+    assert api_sample(sc, "sidecar_bulkhead_in_flight_requests") == 0
     assert "/gone" not in [r["path"] for r in upstream.requests]
     assert (await fetch(http, sc))[0] == 200
 
@@ -282,13 +271,13 @@ async def test_a_route_that_opened_while_a_request_queued_rejects_it_then(
     held = asyncio.create_task(fetch(http, sc, "/hang?status=500"))
     await upstream.entered.wait()
     queued = asyncio.create_task(fetch(http, sc))
-    await eventually(lambda: s(sc, "sidecar_bulkhead_queued_requests") == 1)
+    await eventually(lambda: api_sample(sc, "sidecar_bulkhead_queued_requests") == 1)
     upstream.release.set()  # the held one fails: the route opens; the slot frees
     assert (await held)[0] == 500
     code, headers, body = await queued
     assert (code, json.loads(body)["error"], headers["Retry-After"]) == (503, "circuit_open", "30")
     assert upstream.hits == 1
-    assert s(sc, "sidecar_bulkhead_in_flight_requests") == 0
+    assert api_sample(sc, "sidecar_bulkhead_in_flight_requests") == 0
 
 
 async def test_a_breaker_rejection_never_waits_in_the_queue(
@@ -304,7 +293,7 @@ async def test_a_breaker_rejection_never_waits_in_the_queue(
     await upstream.entered.wait()
     code, _, body = await fetch(http, sc)  # no probe slot: rejected, not queued
     assert (code, json.loads(body)["error"]) == (503, "circuit_half_open")
-    assert s(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 0
+    assert api_sample(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 0
     upstream.release.set()
     upstream.entered.clear()
     assert (await probe)[0] == 200
@@ -328,11 +317,11 @@ async def test_a_request_the_ramp_sheds_takes_no_slot_and_no_place_in_the_queue(
     for _ in range(5):  # shed, with a slot free: none taken
         code, _, body = await fetch(http, sc)
         assert (code, json.loads(body)["error"]) == (503, "circuit_recovering")
-    assert s(sc, "sidecar_bulkhead_in_flight_requests") == 0
+    assert api_sample(sc, "sidecar_bulkhead_in_flight_requests") == 0
     b = sc.breaker("api")
     b.force(None)  # full traffic again: fill both slots
     held = [asyncio.create_task(fetch(http, sc, "/hang")) for _ in range(2)]
-    await eventually(lambda: s(sc, "sidecar_bulkhead_in_flight_requests") == 2)
+    await eventually(lambda: api_sample(sc, "sidecar_bulkhead_in_flight_requests") == 2)
     b.acquire().failed()  # type: ignore[union-attr]
     sc.clock.advance(30)
     probe = b.acquire()
@@ -341,8 +330,8 @@ async def test_a_request_the_ramp_sheds_takes_no_slot_and_no_place_in_the_queue(
     for _ in range(3):  # shed on arrival: no place in the queue taken either
         code, _, body = await fetch(http, sc)
         assert (code, json.loads(body)["error"]) == (503, "circuit_recovering")
-    assert s(sc, "sidecar_bulkhead_queued_requests") == 0
-    assert s(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 0
+    assert api_sample(sc, "sidecar_bulkhead_queued_requests") == 0
+    assert api_sample(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 0
     upstream.release.set()
     assert [r[0] for r in await asyncio.gather(*held)] == [200, 200]
 
@@ -385,9 +374,9 @@ routes:
     assert headers["Cache-Control"] == "no-store"
     assert headers["Content-Type"] == "application/json"
     assert upstream.hits == 1
-    assert s(sc, "sidecar_fallback_responses_total", reason="circuit_open") == 1
-    assert s(sc, "sidecar_rejected_requests_total", reason="circuit_open") == 1
-    assert s(sc, "sidecar_requests_total", code="200") == 1
+    assert api_sample(sc, "sidecar_fallback_responses_total", reason="circuit_open") == 1
+    assert api_sample(sc, "sidecar_rejected_requests_total", reason="circuit_open") == 1
+    assert api_sample(sc, "sidecar_requests_total", code="200") == 1
     async with http.get(sc.proxy + "/", headers={"Host": "down.internal"}) as response:
         assert response.status == 503 and await response.read() == b"later"
         assert response.headers["X-Sidecar-Fallback"] == "upstream_unreachable"
@@ -406,11 +395,11 @@ async def test_after_recovery_the_ramp_admits_a_rising_share(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
     sc = await start_sidecar(route(upstream.url, "    recovery: {ramp: 10s, min_share: 10%}"))
-    assert s(sc, "sidecar_recovery_share") == 1
+    assert api_sample(sc, "sidecar_recovery_share") == 1
     assert (await fetch(http, sc, "/status/500"))[0] == 500
     sc.clock.advance(30)
     assert (await fetch(http, sc))[0] == 200  # the probe: CLOSED, recovering
-    assert s(sc, "sidecar_recovery_share") == pytest.approx(0.1)
+    assert api_sample(sc, "sidecar_recovery_share") == pytest.approx(0.1)
     report = await breakers(http, sc)
     assert (report["state"], report["recovering"]) == ("closed", True)
     assert report["recovery"] == {"ramp": 10.0, "min_share": 0.1}
@@ -421,9 +410,9 @@ async def test_after_recovery_the_ramp_admits_a_rising_share(
     _, headers, body = next(r for r in results if r[0] == 503)
     assert headers["Retry-After"] == "1"
     assert json.loads(body) == {"error": "circuit_recovering", "route": "api", "retry_after": 1}
-    assert s(sc, "sidecar_rejected_requests_total", reason="circuit_recovering") == 90
+    assert api_sample(sc, "sidecar_rejected_requests_total", reason="circuit_recovering") == 90
     sc.clock.advance(10)
-    assert s(sc, "sidecar_recovery_share") == 1
+    assert api_sample(sc, "sidecar_recovery_share") == 1
     assert [(await fetch(http, sc))[0] for _ in range(10)] == [200] * 10
 
 
@@ -437,7 +426,7 @@ async def test_an_admin_reset_skips_the_ramp(
     assert (await fetch(http, sc))[0] == 503
     async with http.post(f"{sc.admin}/breakers/api/reset") as response:
         assert response.status == 200
-    assert s(sc, "sidecar_recovery_share") == 1
+    assert api_sample(sc, "sidecar_recovery_share") == 1
     assert (await fetch(http, sc))[0] == 200
 
 
@@ -456,17 +445,17 @@ async def test_every_policy_series_exists_from_start_up_and_passes_promtool(
     start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
     sc = await start_sidecar(route(upstream.url, ALL))
-    assert s(sc, "sidecar_rate_limit_tokens") == 100
-    assert s(sc, "sidecar_rate_limit_shadow_limited_total") == 0
-    assert s(sc, "sidecar_bulkhead_in_flight_requests") == 0
-    assert s(sc, "sidecar_bulkhead_queued_requests") == 0
-    assert s(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 0
-    assert s(sc, "sidecar_recovery_share") == 1
-    assert s(sc, "sidecar_fallback_responses_total", reason="circuit_open") == 0
+    assert api_sample(sc, "sidecar_rate_limit_tokens") == 100
+    assert api_sample(sc, "sidecar_rate_limit_shadow_limited_total") == 0
+    assert api_sample(sc, "sidecar_bulkhead_in_flight_requests") == 0
+    assert api_sample(sc, "sidecar_bulkhead_queued_requests") == 0
+    assert api_sample(sc, "sidecar_bulkhead_queue_wait_seconds_count") == 0
+    assert api_sample(sc, "sidecar_recovery_share") == 1
+    assert api_sample(sc, "sidecar_fallback_responses_total", reason="circuit_open") == 0
     for reason in ("rate_limited", "bulkhead_full", "circuit_recovering"):
-        assert s(sc, "sidecar_rejected_requests_total", reason=reason) == 0
+        assert api_sample(sc, "sidecar_rejected_requests_total", reason=reason) == 0
     assert (await fetch(http, sc))[0] == 200
-    assert s(sc, "sidecar_rate_limit_tokens") == 99
+    assert api_sample(sc, "sidecar_rate_limit_tokens") == 99
     report = await breakers(http, sc)
     assert report["rate_limit"] == {
         "rate": "100/60s",
