@@ -346,6 +346,18 @@ async def fetch(
         return response.status, dict(response.headers), await response.read()
 
 
+def api_route(upstream: str, breaker: str, more: str = "") -> str:
+    """Config of one route `api`, matching every path, to `upstream`; `more`: further
+    keys of the route, as lines indented four spaces."""
+    return f"""
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: {upstream}
+    breaker: {breaker}
+{more}"""
+
+
 def api_sample(sc: Running, name: str, **labels: str) -> float | None:
     """A series of route `api`."""
     return sc.sample(name, route="api", **labels)

@@ -18,17 +18,11 @@ import pytest
 
 from sidecar.breaker import State
 from sidecar.proxy import retry_after_seconds
-from tests.conftest import Running, StartSidecar, Upstream, api_sample, json_body
+from tests.conftest import Running, StartSidecar, Upstream, api_route, api_sample, json_body
 
 
 def route(url: str, breaker: str) -> str:
-    return f"""
-routes:
-  - name: api
-    match: {{path_prefix: /}}
-    upstream: {url}
-    breaker: {breaker}
-"""
+    return api_route(url, breaker)
 
 
 async def get(http: aiohttp.ClientSession, sc: Running, path: str) -> tuple[int, dict[str, str]]:

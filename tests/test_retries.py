@@ -22,6 +22,7 @@ from tests.conftest import (
     Running,
     StartSidecar,
     Upstream,
+    api_route,
     api_sample,
     eventually,
     fetch,
@@ -31,14 +32,7 @@ NO_WAIT = 0.0
 
 
 def route(url: str, retry: str, extra: str = "", breaker: str = "{failure_threshold: 100}") -> str:
-    return f"""
-routes:
-  - name: api
-    match: {{path_prefix: /}}
-    upstream: {url}
-    breaker: {breaker}
-    retry: {retry}
-{extra}"""
+    return api_route(url, breaker, f"    retry: {retry}\n{extra}")
 
 
 def counts(sc: Running) -> dict[str, float | None]:

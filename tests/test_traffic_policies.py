@@ -23,20 +23,21 @@ from aiohttp.test_utils import TestServer
 from sidecar.breaker import Rejection, State
 from sidecar.cli import describe_route
 from sidecar.config import parse_config
-from tests.conftest import Running, StartSidecar, Upstream, api_sample, eventually, fetch
+from tests.conftest import (
+    Running,
+    StartSidecar,
+    Upstream,
+    api_route,
+    api_sample,
+    eventually,
+    fetch,
+)
 
 
 def route(
     url: str, policies: str, breaker: str = "{failure_threshold: 1, open_duration: 30s}"
 ) -> str:
-    return f"""
-routes:
-  - name: api
-    match: {{path_prefix: /}}
-    upstream: {url}
-    breaker: {breaker}
-{policies}
-"""
+    return api_route(url, breaker, policies + "\n")
 
 
 async def breakers(http: aiohttp.ClientSession, sc: Running) -> dict[str, object]:
