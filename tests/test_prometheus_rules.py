@@ -203,6 +203,12 @@ def test_the_dashboard_names_only_series_the_sidecar_exports(
 # -- the dashboard ----------------------------------------------------------------------------
 
 
+def dashboard_queries(kind: str | None = None) -> str:
+    """Every query of the dashboard's panels (of type `kind` only, if given), a line each."""
+    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+    return "\n".join(t["expr"] for p in panels if kind in (None, p["type"]) for t in p["targets"])
+
+
 def test_the_dashboard_has_its_variables_and_the_panels_an_operator_needs() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
@@ -219,13 +225,8 @@ def test_the_dashboard_has_its_variables_and_the_panels_an_operator_needs() -> N
             if PER_ROUTE.search(target["expr"]):  # the route variable filters it
                 assert 'route=~"$route"' in target["expr"], panel["title"]
 
-    def exprs(kind: str | None = None) -> str:
-        return "\n".join(
-            t["expr"] for p in panels if kind in (None, p["type"]) for t in p["targets"]
-        )
-
-    assert "sidecar_breaker_state" in exprs("state-timeline")
-    everything = exprs()
+    assert "sidecar_breaker_state" in dashboard_queries("state-timeline")
+    everything = dashboard_queries()
     assert re.search(r"by \(route, reason\) \(rate\(sidecar_rejected_requests_total", everything)
     assert re.search(r"by \(route, kind\) \(rate\(sidecar_upstream_failures_total", everything)
     assert re.search(r"by \(route, code\) \(rate\(sidecar_requests_total", everything)
@@ -240,8 +241,7 @@ def test_the_dashboard_has_its_variables_and_the_panels_an_operator_needs() -> N
 
 def test_the_dashboard_shows_the_traffic_policies() -> None:
     """Issue 14: rejections by reason, tokens, the bulkhead, the recovery ramp, fallbacks."""
-    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
-    everything = "\n".join(t["expr"] for p in panels for t in p["targets"])
+    everything = dashboard_queries()
     # The three owners of a rejection, as the alerts tell them apart.
     for reasons in (
         'reason=~"circuit_open|circuit_half_open|circuit_recovering"',
@@ -270,8 +270,7 @@ def test_the_dashboard_shows_the_traffic_policies() -> None:
 
 def test_the_dashboard_shows_the_retries() -> None:
     """Issue 15: retries by reason, denials by reason, and the retries' share of the tries."""
-    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
-    everything = "\n".join(t["expr"] for p in panels for t in p["targets"])
+    everything = dashboard_queries()
     assert re.search(r"by \(route, reason\) \(rate\(sidecar_retries_total", everything)
     assert re.search(r"by \(route, reason\) \(rate\(sidecar_retries_denied_total", everything)
     assert re.search(
