@@ -30,7 +30,6 @@ from sidecar.policies import (
     RETRY_DENIALS,
     Bulkhead,
     FallbackSettings,
-    RetryBudget,
     RetrySettings,
     TokenBucket,
 )
@@ -57,9 +56,7 @@ class RouteMetrics:
     """One route's numbers, updated by the proxy without locks or label look-ups."""
 
     __slots__ = (
-        "breaker",
         "bucket",
-        "budget",
         "bulkhead",
         "duration_buckets",
         "duration_count",
@@ -92,10 +89,8 @@ class RouteMetrics:
         self.duration_count = 0
         self.fallbacks: dict[str, int] = {}
         """Fallbacks served, by the reason they stood in for."""
-        self.breaker: Breaker | None = None
         self.bucket: TokenBucket | None = None
         self.bulkhead: Bulkhead | None = None
-        self.budget: RetryBudget | None = None
         self.tries = {"success": 0, "failure": 0}
         """Tries sent upstream, by what the breaker heard of them."""
         self.retries = {"connect": 0}
@@ -104,18 +99,14 @@ class RouteMetrics:
 
     def track(
         self,
-        breaker: Breaker,
         bucket: TokenBucket | None,
         bulkhead: Bulkhead | None,
         fallback: FallbackSettings | None,
-        retry: RetrySettings | None = None,
-        budget: RetryBudget | None = None,
+        retry: RetrySettings | None,
     ) -> None:
         """Export the route's policies' figures (from start-up, and after each reload)."""
-        self.breaker = breaker
         self.bucket = bucket
         self.bulkhead = bulkhead
-        self.budget = budget
         for reason in fallback.reasons if fallback is not None else ():
             self.fallbacks.setdefault(reason, 0)
         if retry is not None:

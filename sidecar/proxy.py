@@ -136,7 +136,7 @@ class Proxy:
             budget = _kept_or_new(
                 old.budget if old else None, route.retry, RetryBudget, self._clock
             )
-            route_metrics.track(breaker, bucket, bulkhead, route.fallback, route.retry, budget)
+            route_metrics.track(bucket, bulkhead, route.fallback, route.retry)
             targets.append(
                 Target(
                     route=route,
