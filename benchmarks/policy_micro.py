@@ -105,6 +105,7 @@ class StubRequest:
     target = b"/api/item?id=7"
     host = b"127.0.0.1:8080"
     noted = 0
+    upgrade_tail = None
     route: str | None = None
     status = 200
     """What it was answered; 200: nothing answered it, it was forwarded (the stand-in ended it)."""

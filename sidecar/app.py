@@ -118,6 +118,7 @@ class Sidecar:
 
     async def start(self) -> None:
         """Listen on both addresses, or raise `StartupError` having opened neither."""
+        _warn(self.config)
         timers = self._timers or LoopTimers(asyncio.get_running_loop())
         # The pool needs a running loop, so it is made here; it is closed in stop(),
         # after the proxy listener has let its requests finish.
@@ -224,6 +225,7 @@ class Sidecar:
                 **by_kind,
                 restart_required=restart,
             )
+            _warn(config)
             for key, new, listener in moved:
                 log.warning(
                     "%s changed to %s: still listening on %s until restarted",
@@ -261,6 +263,12 @@ class Sidecar:
         if pool is not None:
             await pool.close()
             self.proxy.detach()
+
+
+def _warn(config: Config) -> None:
+    """Log what the config allows but users should know is unwise (at start and reload)."""
+    for warning in config.warnings:
+        event(log, logging.WARNING, "config_warning", warning, warning=warning)
 
 
 async def _drain(runner: web.BaseRunner, deadline: float) -> None:

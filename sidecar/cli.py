@@ -114,6 +114,8 @@ def _check(args: argparse.Namespace) -> int:
     )
     for route in config.routes:
         print(describe_route(route))
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -129,7 +131,10 @@ def describe_route(route: Route) -> str:
         f"- {route.name}: {match} -> {route.upstream.url}"
         + (" (strip_prefix)" if route.strip_prefix else ""),
         f"    timeouts: connect {format_duration(route.timeouts.connect)}, "
-        f"request {format_duration(route.timeouts.request)}",
+        f"request {format_duration(route.timeouts.request)}, "
+        f"websocket_idle {format_duration(route.timeouts.websocket_idle)}; "
+        f"max_websocket_sessions {route.max_websocket_sessions}"
+        + ("; CONNECT tunnels allowed" if route.connect else ""),
         f"    breaker: failure_threshold {b.failure_threshold or 'off'}, "
         f"open_duration {format_duration(b.open_duration)}, "
         f"half_open_requests {b.half_open_requests}, "
@@ -158,6 +163,17 @@ def describe_route(route: Route) -> str:
         f"jitter {format_percent(b.jitter)}, "
         f"respect_retry_after {str(b.respect_retry_after).lower()}, mode {b.mode}"
     )
+    if route.tls is not None:
+        tls = route.tls
+        parts = [f"ca_file {tls.ca_file}" if tls.ca_file else "system CAs"]
+        if tls.cert_file:
+            parts.append(f"client cert {tls.cert_file}")
+        if tls.server_name:
+            parts.append(f"server_name {tls.server_name}")
+        parts.append(f"min_version {tls.min_version}")
+        if not tls.verify:
+            parts.append("verify OFF")
+        lines.append(f"    tls: {', '.join(parts)}")
     if route.rate_limit is not None:
         r = route.rate_limit
         lines.append(

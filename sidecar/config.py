@@ -16,7 +16,6 @@ import ipaddress
 import math
 import os
 import re
-import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +25,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from sidecar.breaker import MODES, BreakerSettings, Mode, WindowSettings
+from sidecar.files import FileProblem, read_small_file
 from sidecar.policies import (
     FALLBACK_REASONS,
     RETRY_KINDS,
@@ -36,6 +36,7 @@ from sidecar.policies import (
     RetrySettings,
 )
 from sidecar.routing import Router, authority
+from sidecar.tls import TLS_VERSIONS, TlsSettings, TlsSetupError, build_context, resolve_path
 
 __all__ = [
     "Address",
@@ -62,6 +63,10 @@ DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_CLIENT_HEADER_TIMEOUT = 10.0
 DEFAULT_CLIENT_IDLE_TIMEOUT = 75.0
 DEFAULT_CLIENT_WRITE_TIMEOUT = 60.0
+DEFAULT_WEBSOCKET_IDLE_TIMEOUT = 3600.0
+"""Seconds a WebSocket session or CONNECT tunnel may stay silent both ways."""
+DEFAULT_MAX_WEBSOCKET_SESSIONS = 1000
+"""Per route: WebSocket sessions and CONNECT tunnels open at once."""
 DEFAULT_SHUTDOWN_GRACE = 15.0
 """Seconds in-flight requests get to finish after SIGTERM."""
 LOG_FORMATS = ("json", "text")
@@ -139,6 +144,8 @@ class Timeouts:
     """Seconds for the TCP connect to the upstream."""
     request: float
     """Seconds for the whole upstream exchange until its response headers."""
+    websocket_idle: float = DEFAULT_WEBSOCKET_IDLE_TIMEOUT
+    """Seconds a WebSocket session or CONNECT tunnel may stay silent both ways."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +195,11 @@ class Route:
     fallback: FallbackSettings | None = None
     recovery: RecoverySettings | None = None
     retry: RetrySettings | None = None
+    max_websocket_sessions: int = DEFAULT_MAX_WEBSOCKET_SESSIONS
+    connect: bool = False
+    """CONNECT to `host`:the upstream's port is tunnelled to the upstream."""
+    tls: TlsSettings | None = None
+    """For an https upstream: the settings in force, with their context."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +224,8 @@ class Config:
     log: LogSettings = LogSettings()
     admin_allowed_hosts: tuple[str, ...] = DEFAULT_ADMIN_ALLOWED_HOSTS
     """Lower-case host names, port-less, that an admin POST's Host header may name."""
+    warnings: tuple[str, ...] = ()
+    """Valid but unwise settings, each a line for the log at every start and reload."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +321,11 @@ class _Reader:
         self.problems: list[Problem] = []
         self.lines: dict[Path, int] = {}
         self._nodes = 0
+        self.warnings: list[str] = []
+        """What is valid but unwise, for the log (`verify: false`)."""
+        self._contexts: dict[TlsSettings, TlsSettings] = {}
+        """TLS contexts built so far, by their settings: routes that share settings share
+        a context (and its TLS sessions)."""
 
     def error(self, path: Path, message: str) -> None:
         probe = path
@@ -517,7 +536,14 @@ class _Reader:
             self.mapping(
                 top.get("defaults"),
                 ("defaults",),
-                ["timeouts", "breaker", "max_body_size", *POLICY_KEYS],
+                [
+                    "timeouts",
+                    "breaker",
+                    "max_body_size",
+                    "max_websocket_sessions",
+                    "tls",
+                    *POLICY_KEYS,
+                ],
             )
             or {}
         )
@@ -529,6 +555,14 @@ class _Reader:
             ("defaults", "timeouts"),
             Timeouts(DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT),
         )
+        base_sessions = self.field(
+            defaults,
+            "max_websocket_sessions",
+            ("defaults",),
+            _count,
+            DEFAULT_MAX_WEBSOCKET_SESSIONS,
+        )
+        base_tls = self.tls_layer(defaults, ("defaults",)) or {}
         base_breaker = self.breaker(
             defaults.get("breaker"),
             ("defaults", "breaker"),
@@ -580,6 +614,8 @@ class _Reader:
                 base_max_body_size,
                 defaults_valid,
                 base_policies,
+                base_sessions,
+                base_tls,
             )
             if route is not None:
                 routes.append((i, route))
@@ -594,6 +630,7 @@ class _Reader:
             shutdown_grace,
             log,
             admin_allowed_hosts=admin_allowed_hosts,
+            warnings=tuple(dict.fromkeys(self.warnings)),
         )
 
     def allowed_hosts(self, table: dict[str, Any], path: Path) -> tuple[str, ...]:
@@ -620,11 +657,12 @@ class _Reader:
         return tuple(hosts)
 
     def timeouts(self, value: Any, path: Path, base: Timeouts) -> Timeouts:
-        table = self.mapping(value, path, ["connect", "request"]) or {}
+        table = self.mapping(value, path, ["connect", "request", "websocket_idle"]) or {}
         positive = _duration(minimum_exclusive=0.0)
         return Timeouts(
             connect=self.field(table, "connect", path, positive, base.connect),
             request=self.field(table, "request", path, positive, base.request),
+            websocket_idle=self.field(table, "websocket_idle", path, positive, base.websocket_idle),
         )
 
     def breaker(self, value: Any, path: Path, base: BreakerSettings) -> BreakerSettings:
@@ -801,6 +839,8 @@ class _Reader:
         base_max_body_size: int | None,
         defaults_valid: bool,
         base_policies: dict[str, _Layer],
+        base_sessions: int,
+        base_tls: _Layer,
     ) -> Route | None:
         table = self.mapping(value, path, ROUTE_KEYS)
         if table is None:
@@ -837,6 +877,16 @@ class _Reader:
             )
         layers = {name: self.policy_layer(table, name, path) for name in POLICY_KEYS}
         policies = self.policies(base_policies, layers, path, breaker)
+        sessions = self.field(table, "max_websocket_sessions", path, _count, base_sessions)
+        connect = self.field(table, "connect", path, _bool, False)
+        if connect and host is None and "match" in table:
+            self.error(
+                (*path, "connect"),
+                "needs match.host: a CONNECT names the host it is tunnelled for",
+            )
+        tls = None
+        if upstream is not None:
+            tls = self.tls(base_tls, self.tls_layer(table, path), path, upstream)
         if not ok or name is None or upstream is None or (host is None and path_prefix is None):
             return None
         return Route(
@@ -850,6 +900,9 @@ class _Reader:
             max_body_size=max_body_size,
             line=self.lines.get(path, 1),
             **policies,
+            max_websocket_sessions=sessions,
+            connect=connect,
+            tls=tls,
         )
 
     def match(self, value: Any, path: Path) -> tuple[str | None, str | None]:
@@ -863,6 +916,72 @@ class _Reader:
         host = self.field(table, "host", path, _match_host, None)
         prefix = self.field(table, "path_prefix", path, _path_prefix, None)
         return host, prefix
+
+    # -- TLS to the upstream --
+
+    def tls_layer(self, table: dict[str, Any], path: Path) -> _Layer | None:
+        """What one level writes of `tls:`, parsed key by key, each key with the path it
+        was written at; None for `tls: null`."""
+        if "tls" not in table:
+            return {}
+        if table["tls"] is None:
+            return None
+        path = (*path, "tls")
+        value = self.mapping(table["tls"], path, TLS_KEYS) or {}
+        base = self.file
+        parsers: dict[str, Callable[[Any], Any]] = {
+            "ca_file": lambda v: resolve_path(_file_path(v), base),
+            "cert_file": lambda v: resolve_path(_file_path(v), base),
+            "key_file": lambda v: resolve_path(_file_path(v), base),
+            "server_name": _match_host,
+            "verify": _bool,
+            "min_version": _tls_version,
+        }
+        layer: _Layer = {}
+        for key in value:
+            if key in parsers:
+                parsed = self.field(value, key, path, parsers[key], _MISSING)
+                layer[key] = (parsed, (*path, key))
+        layer[_WRITTEN] = path
+        return layer
+
+    def tls(
+        self, base: _Layer, layer: _Layer | None, path: Path, upstream: Upstream
+    ) -> TlsSettings | None:
+        """The route's TLS settings in force, with their context: `defaults:` under the
+        route's own keys; None for an http upstream."""
+        if upstream.scheme != "https":
+            if layer:
+                self.error(
+                    layer[_WRITTEN],
+                    f"applies to https upstreams only; this route's upstream is {upstream.url!r}",
+                )
+            return None
+        merged = {**base, **(layer or {})} if layer is not None else {}
+        merged.pop(_WRITTEN, None)
+        if any(parsed is _MISSING for parsed, _ in merged.values()):
+            return None  # reported already
+        values = {key: parsed for key, (parsed, _) in merged.items()}
+        for one, other in (("cert_file", "key_file"), ("key_file", "cert_file")):
+            if one in values and other not in values:
+                self.error(merged[one][1], f"needs {other} too: a client certificate and its key")
+                return None
+        settings = TlsSettings(**values)
+        if not settings.verify:
+            self.warnings.append(
+                f"{_dotted(path)}: tls.verify is false: the upstream's certificate and name "
+                f"are not checked"
+            )
+        cached = self._contexts.get(settings)
+        if cached is not None:
+            return cached
+        try:
+            built = build_context(settings)
+        except TlsSetupError as e:
+            self.error(merged[e.key][1] if e.key in merged else (*path, "tls"), str(e))
+            return None
+        self._contexts[settings] = built
+        return built
 
     # -- traffic policies: rate_limit, bulkhead, fallback, recovery --
 
@@ -1123,6 +1242,7 @@ class _Reader:
                 )
 
 
+TLS_KEYS = ["ca_file", "cert_file", "key_file", "server_name", "verify", "min_version"]
 ROUTE_KEYS = [
     "name",
     "match",
@@ -1131,6 +1251,9 @@ ROUTE_KEYS = [
     "timeouts",
     "breaker",
     "max_body_size",
+    "max_websocket_sessions",
+    "connect",
+    "tls",
     "rate_limit",
     "bulkhead",
     "fallback",
@@ -1505,21 +1628,25 @@ def _fallback_body_file(value: Any, base: str) -> tuple[bytes, str | None]:
         raise _Invalid(f"must be a file path, not {_kind(value)}")
     path = os.path.join(base, value)
     try:
-        # Not blocking: a FIFO (or a device) must be refused, never waited on.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise _Invalid(f"{path}: is not a regular file")
-            body = f.read(MAX_FALLBACK_BODY + 1)
-    except FileNotFoundError:
-        raise _Invalid(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise _Invalid(f"{path}: is a directory, not a file") from None
-    except OSError as e:
-        raise _Invalid(f"{path}: cannot read: {e.strerror}") from None
-    if len(body) > MAX_FALLBACK_BODY:
-        raise _Invalid(f"{path}: over {MAX_FALLBACK_BODY} bytes; a fallback is a short answer")
+        body = read_small_file(path, MAX_FALLBACK_BODY)
+    except FileProblem as e:
+        if str(e).endswith(f"over {MAX_FALLBACK_BODY} bytes"):
+            raise _Invalid(f"{e}; a fallback is a short answer") from None
+        raise _Invalid(str(e)) from None
     return body, path
+
+
+def _file_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"must be a file path, not {_kind(value)}")
+    return value
+
+
+def _tls_version(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value) if isinstance(value, float) else None
+    if text not in TLS_VERSIONS:
+        raise _Invalid(f"must be one of {', '.join(map(repr, TLS_VERSIONS))}, not {value!r}")
+    return text
 
 
 def _min_share(value: Any) -> Fraction:

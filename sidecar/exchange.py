@@ -21,6 +21,7 @@ no outcome at all.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email.utils
 import logging
@@ -36,7 +37,9 @@ from sidecar.listener import CONNECTION, Request, date_line
 from sidecar.metrics import RouteMetrics
 from sidecar.policies import Bulkhead, RetryBudget, RetrySettings, TokenBucket
 from sidecar.responses import Answer, error_answer, fallback_answer
+from sidecar.routing import authority
 from sidecar.timers import Ticker, Timer, Timers
+from sidecar.tunnel import Tunnel
 from sidecar.upstream import (
     CHUNKED,
     IDEMPOTENT_METHODS,
@@ -45,16 +48,19 @@ from sidecar.upstream import (
     UpstreamRequest,
     UpstreamTimeout,
     send,
+    translate,
 )
 from sidecar.upstream_pool import Pool
 
 __all__ = [
     "HOP_BY_HOP",
+    "Connect",
     "Env",
     "Exchange",
     "Target",
     "client_lines",
     "header_value",
+    "is_websocket",
     "retry_after_seconds",
     "upstream_lines",
 ]
@@ -286,6 +292,9 @@ class Exchange:
     """The next try goes on a new connection, not an idle pooled one."""
     _resent = False
     """The request went again after a stale connection (which happens once at most)."""
+    _upgrade = False
+    """A WebSocket handshake, holding a place among the route's sessions until its 101
+    (or its end)."""
 
     def __init__(
         self,
@@ -309,9 +318,13 @@ class Exchange:
         request = self._request
         target = self._target
         env = self._env
-        target.metrics.in_flight += 1
+        metrics = target.metrics
+        metrics.in_flight += 1
         self._started = env.clock()
         request.listener = self
+        if request.upgrade_tail is not None and is_websocket(request):
+            self._upgrade = True
+            metrics.sessions += 1
         try:
             upstream = self._upstream = UpstreamRequest(
                 target.origin,
@@ -320,6 +333,8 @@ class Exchange:
                 upstream_lines(request, routed_host),
                 CHUNKED if request.chunked else request.content_length,
                 target.route.timeouts.connect,
+                target.route.tls,
+                self._upgrade,
             )
             now = env.timers.time()
             retry = target.retry
@@ -383,6 +398,9 @@ class Exchange:
         target = self._target
         metrics = target.metrics
         metrics.in_flight -= 1
+        if self._upgrade:
+            self._upgrade = False
+            metrics.sessions -= 1  # (no 101: no session)
         permit = self._permit
         if not permit.done:
             if outcome is True:
@@ -558,6 +576,9 @@ class Exchange:
                 asked = retry_after_seconds(header_value(block, b"retry-after"), time.time())
                 if self._retry(str(status), False, asked):
                     return
+        if status == 101:
+            self._switch(reason, block)
+            return
         if not judged and permit.state is State.HALF_OPEN:
             # A probe is judged by its answer: its slot must not wait on a long body,
             # nor on a client that reads slowly (or not at all).
@@ -571,6 +592,36 @@ class Exchange:
         metrics.count_response(status)
         self._request.respond(status, reason, lines, length)
         self._deadline = self._env.timers.time() + self._timeout
+
+    def _switch(self, reason: bytes, block: bytes) -> None:
+        """The upstream took the WebSocket handshake (101): a success; the exchange ends,
+        and a `Tunnel` relays the session's bytes from now on, on both connections."""
+        target = self._target
+        metrics = target.metrics
+        call = self._call
+        connection = None if call is None else call.detach()
+        self._upgrade = False  # the session keeps its place: the tunnel gives it back
+        self._close(True)
+        if connection is None:  # (cannot be: a 101 comes on a connection)
+            metrics.sessions -= 1
+            self._request.abort()
+            return
+
+        def ended() -> None:
+            metrics.sessions -= 1
+            metrics.websocket_sessions -= 1
+
+        tunnel = Tunnel(self._env.timers, target.route.timeouts.websocket_idle, ended)
+        tunnel.upstream = connection
+        connection.take_over(tunnel.upstream_side)
+        metrics.websocket_sessions += 1
+        metrics.count_response(101)
+        lines, _length, _dated = client_lines(block)
+        head = b"HTTP/1.1 101 %b\r\n%bUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" % (
+            reason,
+            lines,
+        )
+        self._request.upgrade(head, tunnel.client_side)
 
     def _upstream_time(self) -> float:
         """Seconds the upstream took, to its answer's head or its failure, counted from the
@@ -619,10 +670,7 @@ class Exchange:
             ):
                 return
             self._close(error)
-            if isinstance(error, UpstreamTimeout):
-                self._answer(504, "upstream_timeout")
-            else:
-                self._answer(502, "upstream_unreachable")
+            self._answer(error.status, error.error)
         else:
             self._close(error)
             request.abort()  # never end an answer as if it were whole
@@ -734,6 +782,117 @@ class Exchange:
             self.upstream_failed(UpstreamTimeout("the response body stalled"))
         else:
             self.upstream_failed(UpstreamTimeout("no response head in time"))
+
+
+def is_websocket(request: Request) -> bool:
+    """Whether an upgrade request asks for WebSocket (a GET whose `Upgrade` names it)."""
+    protocols = request.upgrade_protocols
+    return (
+        request.method == b"GET"
+        and protocols is not None
+        and b"websocket" in (p.strip() for p in protocols.lower().split(b","))
+    )
+
+
+class Connect:
+    """An admitted CONNECT, until its tunnel is open or it failed: the TCP connect to the
+    route's upstream address is the breaker's outcome (the tunnel's bytes are opaque)."""
+
+    __slots__ = ("_env", "_opened", "_permit", "_request", "_slot", "_target", "_task", "_tunnel")
+
+    def __init__(
+        self, request: Request, target: Target, permit: Permit, env: Env, slot: Bulkhead | None
+    ) -> None:
+        self._request = request
+        self._target = target
+        self._permit = permit
+        self._env = env
+        self._slot = slot
+        self._opened = False
+        self._task: asyncio.Task[None] | None = None
+        self._tunnel = Tunnel(env.timers, target.route.timeouts.websocket_idle, self._ended)
+
+    def start(self) -> None:
+        metrics = self._target.metrics
+        metrics.in_flight += 1
+        metrics.sessions += 1
+        self._request.listener = self
+        self._task = asyncio.get_running_loop().create_task(self._connecting())
+
+    async def _connecting(self) -> None:
+        target = self._target
+        env = self._env
+        started = env.clock()
+        pool = env.pool
+        upstream = target.route.upstream
+        origin = pool.origin(f"http://{authority(upstream.host, upstream.port)}")
+        try:
+            connection = await pool.connect(
+                origin, target.route.timeouts.connect, self._tunnel.upstream_side
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # OSError, TimeoutError, a closed pool
+            self._task = None
+            self._failed(translate(e, after_headers=False), env.clock() - started)
+            return
+        self._task = None
+        request = self._request
+        self._done()
+        self._permit.succeeded(env.clock() - started)
+        target.metrics.tries["success"] += 1
+        if not request.connected:  # gone while connecting
+            connection.close()
+            self._tunnel.close()
+            return
+        self._tunnel.upstream = connection
+        self._opened = True
+        target.metrics.connect_tunnels += 1
+        target.metrics.count_response(200)
+        request.upgrade(b"HTTP/1.1 200 Connection Established\r\n\r\n", self._tunnel.client_side)
+
+    def _failed(self, error: UpstreamError, elapsed: float) -> None:
+        target = self._target
+        self._done()
+        target.metrics.failures[error.kind] += 1
+        target.metrics.tries["failure"] += 1
+        self._permit.failed(elapsed)
+        self._tunnel.close()
+        answer = target.error(error.status, error.error)
+        target.count_answer(answer, error.error)
+        self._request.answer(*answer, close=True)
+
+    def _done(self) -> None:
+        """The connect is over, however it went: the in-flight count and the slot go back."""
+        self._target.metrics.in_flight -= 1
+        self._request.listener = None
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
+
+    def _ended(self) -> None:
+        metrics = self._target.metrics
+        metrics.sessions -= 1
+        if self._opened:
+            metrics.connect_tunnels -= 1
+
+    # -- the client's side (while connecting) ------------------------------------------
+
+    def client_gone(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            self._done()
+            self._permit.released()
+            self._tunnel.close()
+
+    def client_writable(self, writable: bool) -> None:
+        pass
+
+    def crashed(self, error: Exception) -> None:
+        log.exception("error handling a CONNECT", exc_info=error)
+        self.client_gone()
+        self._request.fail()
 
 
 def _idempotency_key(request: Request) -> bool:

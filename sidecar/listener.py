@@ -14,8 +14,9 @@ What the listener refuses itself, it answers as the sidecar answers anything:
 JSON, an `HTTP/1.1` status line, `Connection: close`, and never the client's
 bytes or a dependency's message echoed back (the reason goes to the log):
 malformed requests 400 `bad_request`, versions other than 1.0 and 1.1 505,
-CONNECT 501 (a tunnel is no reverse proxy's business yet), a head that does
-not arrive within the header timeout 408.
+a head that does not arrive within the header timeout 408. An upgrade request
+(WebSocket) and CONNECT go to the handler like any other, which may answer
+them with `Request.upgrade`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sidecar.timers import Timer, Timers
 
 __all__ = [
     "COALESCE_BELOW",
+    "UPGRADE",
     "BodySink",
     "ClientConnection",
     "Handler",
@@ -72,6 +74,8 @@ HOST, CONTENT_LENGTH, TRANSFER_ENCODING, EXPECT, CONNECTION, X_FORWARDED_FOR = (
     1 << bit for bit in range(6)
 )
 """Bits of `Request.noted`: the headers the request path asks about."""
+UPGRADE = 1 << 14
+"""`Request.noted`'s bit for an `Upgrade` header (hop-by-hop: never passed on)."""
 _FORWARD = 1 << 30
 """A header whose line goes on in `Request.lines`."""
 _DROPPED = 0
@@ -88,10 +92,11 @@ _NOTABLE = {
     b"expect": EXPECT,
     b"connection": CONNECTION,
     b"x-forwarded-for": X_FORWARDED_FOR,
+    b"upgrade": UPGRADE,
     # Hop-by-hop (RFC 9110 7.6.1; `Proxy-*` too, in `on_header`), or an intermediary's
     # own to set:
     **dict.fromkeys(
-        (b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy", b"x-forwarded-proto",
+        (b"keep-alive", b"te", b"trailer", b"proxy", b"x-forwarded-proto",
          b"x-forwarded-host"),
         _DROPPED,
     ),
@@ -231,6 +236,8 @@ class Request:
     `CONTENT_LENGTH`, `TRANSFER_ENCODING`, `EXPECT`, `CONNECTION`, `X_FORWARDED_FOR`."""
     host: bytes | None = None
     """The Host header's value, as sent."""
+    upgrade_protocols: bytes | None = None
+    """The `Upgrade` headers' values, comma-joined (the protocols the client asks for)."""
     expect: bytes | None = None
     content_length: int | None = None
     chunked: bool = False
@@ -822,6 +829,9 @@ class ClientConnection(asyncio.Protocol):
         request.noted |= bits & ~_FORWARD
         if bits == HOST:
             request.host = value
+        elif bits == UPGRADE:
+            prior = request.upgrade_protocols
+            request.upgrade_protocols = value if prior is None else prior + b"," + value
         elif bits and bits <= X_FORWARDED_FOR:
             self._noted(request, bits, value)
 
@@ -865,9 +875,7 @@ class ClientConnection(asyncio.Protocol):
             request.http10 = True
         elif request.host is None:
             raise _bad("no Host header")
-        method = request.method = parser.get_method()
-        if method == b"CONNECT":
-            raise Refusal(501, "not_implemented", "CONNECT")
+        request.method = parser.get_method()
         request.target = self._url
         request.keep_alive = parser.should_keep_alive()
         if self._listener.finished is not None:

@@ -33,10 +33,11 @@ from sidecar.policies import (
     RetrySettings,
     TokenBucket,
 )
+from sidecar.tls import TlsSettings
 
 __all__ = ["FAILURE_KINDS", "REJECT_REASONS", "Metrics", "RouteMetrics"]
 
-FAILURE_KINDS = ("status", "connect", "timeout", "reset")
+FAILURE_KINDS = ("status", "connect", "timeout", "tls", "reset")
 TRANSITIONS = (
     (State.CLOSED, State.OPEN),
     (State.OPEN, State.HALF_OPEN),
@@ -58,6 +59,7 @@ class RouteMetrics:
     __slots__ = (
         "bucket",
         "bulkhead",
+        "connect_tunnels",
         "duration_buckets",
         "duration_count",
         "duration_sum",
@@ -69,9 +71,13 @@ class RouteMetrics:
         "requests",
         "retries",
         "retries_denied",
+        "sessions",
         "slow_calls",
+        "tls",
+        "tls_server",
         "transitions",
         "tries",
+        "websocket_sessions",
     )
 
     def __init__(self, name: str) -> None:
@@ -96,6 +102,14 @@ class RouteMetrics:
         self.retries = {"connect": 0}
         """Retries sent, by the failure kind or status that caused them."""
         self.retries_denied = dict.fromkeys(RETRY_DENIALS, 0)
+        self.sessions = 0
+        """WebSocket sessions and CONNECT tunnels admitted and not ended (the cap's count:
+        handshakes and connects in progress too)."""
+        self.websocket_sessions = 0
+        self.connect_tunnels = 0
+        self.tls: TlsSettings | None = None
+        self.tls_server = ""
+        """The name the upstream's certificate is checked against."""
 
     def track(
         self,
@@ -103,8 +117,12 @@ class RouteMetrics:
         bulkhead: Bulkhead | None,
         fallback: FallbackSettings | None,
         retry: RetrySettings | None,
+        tls: TlsSettings | None = None,
+        tls_server: str = "",
     ) -> None:
         """Export the route's policies' figures (from start-up, and after each reload)."""
+        self.tls = tls
+        self.tls_server = tls_server
         self.bucket = bucket
         self.bulkhead = bulkhead
         for reason in fallback.reasons if fallback is not None else ():
@@ -308,8 +326,37 @@ class _Collector(Collector):
             "Tries that failed in a way the route retries, not retried, by why not.",
             labels=["route", "reason"],
         )
+        websocket_sessions = GaugeMetricFamily(
+            "sidecar_websocket_sessions",
+            "WebSocket sessions open now (after their 101).",
+            labels=["route"],
+        )
+        connect_tunnels = GaugeMetricFamily(
+            "sidecar_connect_tunnels",
+            "CONNECT tunnels open now.",
+            labels=["route"],
+        )
+        client_cert_expiry = GaugeMetricFamily(
+            "sidecar_tls_client_cert_expiry_timestamp_seconds",
+            "Unix time the route's configured client certificate expires.",
+            labels=["route"],
+        )
+        upstream_cert_expiry = GaugeMetricFamily(
+            "sidecar_upstream_tls_cert_expiry_timestamp_seconds",
+            "Unix time the upstream's certificate expires, as last seen on a new connection.",
+            labels=["route"],
+        )
         for route in metrics.routes:
             name = route.name
+            websocket_sessions.add_metric([name], route.websocket_sessions)
+            connect_tunnels.add_metric([name], route.connect_tunnels)
+            tls = route.tls
+            if tls is not None:
+                if tls.client_cert_expiry is not None:
+                    client_cert_expiry.add_metric([name], tls.client_cert_expiry)
+                seen = tls.context.not_after.get(route.tls_server) if tls.context else None
+                if seen is not None:
+                    upstream_cert_expiry.add_metric([name], seen)
             for result, n in route.tries.items():
                 tries.add_metric([name, result], n)
             for reason, n in route.retries.items():
@@ -366,6 +413,7 @@ class _Collector(Collector):
         yield from (recovery, fallbacks, shadow_limited, tokens)
         yield from (bulkhead_in_flight, bulkhead_queued, queue_wait)
         yield from (tries, retries, retries_denied)
+        yield from (websocket_sessions, connect_tunnels, client_cert_expiry, upstream_cert_expiry)
         yield from (unrouted, reloads, last_reload, build_info)
 
 

@@ -44,6 +44,7 @@ REJECT_REASONS = (
     "circuit_recovering",
     "rate_limited",
     "bulkhead_full",
+    "websocket_sessions_full",
 )
 """Why a request was answered without contacting the upstream:
 `sidecar_rejected_requests_total`'s reasons."""

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from sidecar.breaker import Breaker, Clock, Rejection, State, StateListener
 from sidecar.config import Route
-from sidecar.exchange import Env, Exchange, Target, retry_after_seconds
+from sidecar.exchange import Connect, Env, Exchange, Target, is_websocket, retry_after_seconds
 from sidecar.listener import CONTENT_LENGTH, EXPECT, Request
 from sidecar.logs import event
 from sidecar.metrics import Metrics
@@ -58,6 +58,14 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 """Upstream answers whose `Retry-After` opens the route under `respect_retry_after`."""
 
 _NO_ROUTE = error_answer(404, "no_route")
+_status, _phrase, _lines, _body = error_answer(405, "connect_not_allowed")
+_CONNECT_NOT_ALLOWED = (
+    _status,
+    _phrase,
+    b"Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n" + _lines,
+    _body,
+)
+"""A CONNECT no route tunnels: the methods a route does take."""
 _UNUSUAL = CONTENT_LENGTH | EXPECT
 """Headers that call for `Proxy._refusal`'s checks."""
 
@@ -95,6 +103,8 @@ class Proxy:
         """Every bulkhead still in use, a reload's old ones too (their requests queue on)."""
         self.targets: list[Target] = []
         self._router: Router[Target] = Router([])
+        self._tunnels: dict[tuple[str, int], Target] = {}
+        """The routes that CONNECT may open a tunnel for, by (host, port)."""
         self.reconfigure(routes)
         metrics.watch(lambda: [t.breaker for t in self.targets])
 
@@ -136,13 +146,21 @@ class Proxy:
             budget = _kept_or_new(
                 old.budget if old else None, route.retry, RetryBudget, self._clock
             )
-            route_metrics.track(bucket, bulkhead, route.fallback, route.retry)
+            tls = route.tls
+            route_metrics.track(
+                bucket,
+                bulkhead,
+                route.fallback,
+                route.retry,
+                tls,
+                (tls.server_name if tls is not None else None) or route.upstream.host,
+            )
             targets.append(
                 Target(
                     route=route,
                     breaker=breaker,
                     metrics=route_metrics,
-                    origin=route.upstream.origin,
+                    origin=origin_key(route),
                     slow_after=settings.slow_after,
                     retry_after_statuses=(
                         RETRY_AFTER_STATUSES if settings.respect_retry_after else frozenset()
@@ -156,9 +174,19 @@ class Proxy:
             )
         changes.removed = list(previous)
         router = Router([(t.route, t) for t in targets])
+        tunnels: dict[tuple[str, int], Target] = {}
+        for target in targets:
+            route = target.route
+            if route.connect and route.host is not None:
+                tunnels.setdefault((route.host, route.upstream.port), target)
         # The swap: no await in between, so every request sees the old set or the new.
-        self.targets, self._router = targets, router
+        self.targets, self._router, self._tunnels = targets, router, tunnels
         self._metrics.routes = [t.metrics for t in targets]
+        env = getattr(self, "_env", None)
+        if env is not None:  # connections to what no route names any more, or by old TLS
+            env.pool.retain(
+                {t.origin for t in targets} | {tunnel_origin(t.route) for t in tunnels.values()}
+            )
         return changes
 
     def add_transition_listener(self, listener: StateListener) -> None:
@@ -198,12 +226,23 @@ class Proxy:
 
     def handle(self, request: Request) -> None:
         """Answer `request` (the listener's handler): at once, or through an `Exchange`."""
+        upgrade = request.upgrade_tail is not None  # an upgrade request, or CONNECT
+        if upgrade and request.method == b"CONNECT":
+            self._connect(request)
+            return
         target, path, host = self.match(request)
         if target is None:
             self._metrics.unrouted += 1
             request.answer(*_NO_ROUTE)
             return
         request.route = target.route.name
+        if (
+            upgrade
+            and target.metrics.sessions >= target.route.max_websocket_sessions
+            and is_websocket(request)
+        ):
+            request.answer(*_sessions_full(target))
+            return
         if request.noted & _UNUSUAL:  # a body, `Expect`: checks most requests need not make
             refused = self._refusal(request, target)
             if refused is not None:
@@ -240,6 +279,38 @@ class Proxy:
         # From here the exchange owns the permit (and the slot): every end of the request
         # is its to make.
         Exchange(request, target, permit, self._env, bulkhead).start(upstream_path, host)
+
+    def _connect(self, request: Request) -> None:
+        """CONNECT host:port: a tunnel to the route's own upstream address, for a route
+        with `connect: true` whose host and upstream port those are; else 405. Admitted
+        as any request is (the rate limit, the breaker, a bulkhead slot while it
+        connects, but no queue), then `Connect` opens it."""
+        where = _authority(request.target)
+        target = self._tunnels.get(where) if where is not None else None
+        if target is None:
+            request.answer(*_CONNECT_NOT_ALLOWED, close=True)
+            return
+        request.route = target.route.name
+        if target.metrics.sessions >= target.route.max_websocket_sessions:
+            request.answer(*_sessions_full(target), close=True)
+            return
+        bucket = target.bucket
+        if bucket is not None:
+            wait = bucket.take()
+            if wait:
+                request.answer(*_rate_limited(target, retry_after(wait)), close=True)
+                return
+        bulkhead = target.bulkhead
+        if bulkhead is not None and not bulkhead.try_enter():
+            request.answer(*_bulkhead_full(target), close=True)
+            return
+        permit = target.breaker.acquire()
+        if isinstance(permit, Rejection):
+            if bulkhead is not None:
+                bulkhead.in_flight -= 1
+            request.answer(*_rejection(target, permit), close=True)
+            return
+        Connect(request, target, permit, self._env, bulkhead).start()
 
     def turn_away_queued(self) -> None:
         """Answer every request waiting for a bulkhead slot (the sidecar is stopping): 503
@@ -361,6 +432,17 @@ def _rate_limited(target: Target, seconds: int) -> Answer:
     return _rejected(target, "rate_limited", answer)
 
 
+def _sessions_full(target: Target) -> Answer:
+    """503 `websocket_sessions_full`, `Retry-After: 1` (or the route's fallback)."""
+    answers = target.answers
+    answer = answers.get("websocket_sessions_full")
+    if answer is None:
+        answer = answers["websocket_sessions_full"] = target.make_answer(
+            503, "websocket_sessions_full", 1
+        )
+    return _rejected(target, "websocket_sessions_full", answer)
+
+
 def _bulkhead_full(target: Target) -> Answer:
     """503 `bulkhead_full`, `Retry-After: 1` (or the route's fallback), made once."""
     answers = target.answers
@@ -458,6 +540,30 @@ class Queued:
         log.exception("error handling a queued request", exc_info=error)
         self._bulkhead.leave(self, self._waited())  # (if it is still in the queue)
         self._request.fail()
+
+
+def origin_key(route: Route) -> str:
+    """The pool's key for a route's upstream: its origin, and for https, which TLS
+    settings (a reload's new certificates make new connections)."""
+    tls = route.tls
+    origin = route.upstream.origin
+    return origin if tls is None or tls.context is None else f"{origin}#{id(tls.context)}"
+
+
+def tunnel_origin(route: Route) -> str:
+    """Where a CONNECT for `route` goes: its upstream's address, as plain TCP."""
+    return f"http://{authority(route.upstream.host, route.upstream.port)}"
+
+
+def _authority(target: bytes) -> tuple[str, int] | None:
+    """A CONNECT's `host:port` (the host lower case, without brackets), if it is one."""
+    text = target.decode("latin-1").strip().lower()
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not (port.isascii() and port.isdigit()) or len(port) > 5:
+        return None
+    return host.rstrip("."), int(port)
 
 
 def _absolute_form(target: str) -> tuple[str, bytes | None]:

@@ -9,14 +9,18 @@ exception:
     UpstreamError               the upstream exchange failed; `kind` is the failure label
      +-- UpstreamUnreachable    refused, unresolvable, or reset before response headers (502)
      +-- UpstreamTimeout        connect or response deadline passed (504)
+     +-- UpstreamTlsError       the TLS handshake failed, or a TLS alert came before
+                                response headers (502)
      +-- UpstreamReset          broke off after its response headers (client aborted)
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Protocol
 
+from sidecar.tls import TlsSettings
 from sidecar.upstream_pool import Connection, Disconnected, Pool
 
 __all__ = [
@@ -28,6 +32,7 @@ __all__ = [
     "UpstreamRequest",
     "UpstreamReset",
     "UpstreamTimeout",
+    "UpstreamTlsError",
     "UpstreamUnreachable",
     "send",
     "translate",
@@ -45,6 +50,9 @@ CHUNKED = -1
 class UpstreamError(Exception):
     kind = "connect"
     """The `kind` label of `sidecar_upstream_failures_total`."""
+    status = 502
+    error = "upstream_unreachable"
+    """The client's answer, when it comes before response headers: status and error."""
     stale = False
     """A reused pooled connection closed before any answer: the upstream was closing it as
     the request went out, and may never have read it (RFC 9112 9.3.1.1)."""
@@ -56,6 +64,13 @@ class UpstreamUnreachable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     kind = "timeout"
+    status = 504
+    error = "upstream_timeout"
+
+
+class UpstreamTlsError(UpstreamError):
+    kind = "tls"
+    error = "upstream_tls_error"
 
 
 class UpstreamReset(UpstreamError):
@@ -69,13 +84,26 @@ def translate(error: BaseException, *, after_headers: bool) -> UpstreamError:
     if isinstance(error, TimeoutError):
         return UpstreamTimeout(str(error) or "timed out")
     message = str(error) or type(error).__name__
-    return UpstreamReset(message) if after_headers else UpstreamUnreachable(message)
+    if after_headers:
+        return UpstreamReset(message)
+    if isinstance(error, ssl.SSLError):
+        return UpstreamTlsError(message)
+    return UpstreamUnreachable(message)
 
 
 class UpstreamRequest:
     """What to send, and where: the proxy's request as the upstream will see it."""
 
-    __slots__ = ("body", "connect_timeout", "header_lines", "method", "origin", "target")
+    __slots__ = (
+        "body",
+        "connect_timeout",
+        "header_lines",
+        "method",
+        "origin",
+        "target",
+        "tls",
+        "upgrade",
+    )
 
     def __init__(
         self,
@@ -85,9 +113,14 @@ class UpstreamRequest:
         header_lines: bytes,
         body: int | None,
         connect_timeout: float | None,
+        tls: TlsSettings | None = None,
+        upgrade: bool = False,
     ) -> None:
         self.origin = origin
-        """"scheme://host:port"."""
+        """"scheme://host:port" (and which TLS settings: see `Pool.origin`)."""
+        self.tls = tls
+        self.upgrade = upgrade
+        """A WebSocket handshake: sent with its upgrade headers, and a 101 is an answer."""
         self.method = method
         self.target = target
         """Origin form: the path and query."""
@@ -158,7 +191,7 @@ class Call:
         self._pool = pool
         self._request = request
         self._receiver = receiver
-        origin = self._origin = pool.origin(request.origin)
+        origin = self._origin = pool.origin(request.origin, request.tls)
         body = request.body
         method = request.method
         if body is None:
@@ -171,6 +204,8 @@ class Call:
             else:
                 self._left = body
                 framing = b"Content-Length: %d\r\n" % body
+        if request.upgrade:
+            framing += b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
         self._head = b"%b %b HTTP/1.1\r\nHost: %b\r\n%b%b\r\n" % (
             method,
             request.target,
@@ -220,6 +255,13 @@ class Call:
     def resume_reading(self) -> None:
         if self._connection is not None:
             self._connection.resume_reading()
+
+    def detach(self) -> Connection | None:
+        """Let go, keeping the connection open for the caller (after a 101): no more
+        events."""
+        self.done = True
+        connection, self._connection = self._connection, None
+        return connection
 
     def abort(self) -> None:
         """Let go: no more events. The connection is closed: the upstream never sees a
@@ -295,7 +337,7 @@ class Call:
     def wire_head(self, status: int, reason: bytes, block: bytes) -> None:
         if self.done:
             return
-        if not 200 <= status <= 599:
+        if not 200 <= status <= 599 and not (status == 101 and self._request.upgrade):
             # 1xx were skipped; a 101 nobody asked for, or a status out of range, is not
             # an answer a client can use.
             self._fail(UpstreamUnreachable(f"unusable status {status}"))

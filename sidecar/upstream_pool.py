@@ -14,13 +14,17 @@ import asyncio
 import ipaddress
 import socket
 import ssl
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import httptools
 
 from sidecar.routing import authority
 from sidecar.timers import Timer, Timers
+from sidecar.tls import TlsContext, TlsSettings
+
+if TYPE_CHECKING:
+    from sidecar.listener import Relay
 
 __all__ = [
     "DNS_TTL",
@@ -87,9 +91,17 @@ def _ends_with_the_connection(block: bytes) -> bool:
 class Origin:
     """Where requests go: parsed once, with its idle connections."""
 
-    __slots__ = ("addresses", "host", "host_header", "idle", "port", "ssl")
+    __slots__ = ("addresses", "host", "host_header", "idle", "key", "port", "server_name", "ssl")
 
-    def __init__(self, text: str, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        text: str,
+        ssl_context: ssl.SSLContext | None,
+        server_name: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.key = text if key is None else key
+        """The pool's key for it: its text, and which TLS settings it is reached with."""
         parts = urlsplit(text)
         host = parts.hostname
         if not host or parts.scheme not in ("http", "https"):
@@ -99,6 +111,8 @@ class Origin:
         self.host = host
         self.port = parts.port or default
         self.ssl = ssl_context if secure else None
+        self.server_name = server_name or host
+        """The name the upstream's certificate must have (and SNI's)."""
         self.host_header = authority(host, None if self.port == default else self.port).encode()
         """The port only when it is not the scheme's default."""
         self.idle: list[Connection] = []
@@ -132,7 +146,9 @@ class Connection(asyncio.Protocol):
         "keep",
         "origin",
         "reading_paused",
+        "relay",
         "released",
+        "session_kept",
         "transport",
         "writing_paused",
     )
@@ -165,6 +181,10 @@ class Connection(asyncio.Protocol):
         """The parser is in the middle of a read (its callbacks are running)."""
         self.released = False
         """Handed back to the pool while `feeding`: it goes back once the read is parsed."""
+        self.relay: Relay | None = None
+        """Who takes the connection's bytes, both ways, after `take_over`."""
+        self.session_kept = False
+        """Its TLS session was offered to the next connections."""
 
     # -- the request side ----------------------------------------------------------------
 
@@ -229,7 +249,19 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # (uvloop's is no subclass)
 
+    def take_over(self, relay: Relay) -> None:
+        """No more HTTP: from now on the connection's bytes go to `relay` (a WebSocket
+        session after a 101, a CONNECT tunnel). It is closed with the pool still."""
+        self.relay = relay
+        self.events = None
+        self.keep = False
+        self._in_body = False
+
     def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay.relay_data(data)
+            return
         if self.events is None:
             if data:  # idle: an upstream may not speak unasked
                 self.close()
@@ -244,9 +276,14 @@ class Connection(asyncio.Protocol):
         self.feeding = True
         try:
             parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # A 101: its head went to `events` already, which refused it. No HTTP follows.
-            self.close()
+        except httptools.HttpParserUpgrade as e:
+            # A 101: its head went to `events` already, which took the connection over
+            # (what came after the head is the relay's), or refused it. No HTTP follows.
+            relay = self.relay
+            if relay is None:
+                self.close()
+            elif len(data) > e.args[0]:
+                relay.relay_data(data[e.args[0] :])
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             self._fail(cause if isinstance(cause, BadResponse) else BadResponse(str(e)))
@@ -268,6 +305,10 @@ class Connection(asyncio.Protocol):
         self.keep = False
         self._pool.lost(self)
         self._parser = None  # (it refers back to this object: no cycle left behind)
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.relay_closed()
+            return
         events = self.events
         if events is None:
             return
@@ -276,6 +317,8 @@ class Connection(asyncio.Protocol):
             # A body that ends with the connection (no length, not chunked): this is its end.
             self._in_body = False
             events.wire_end()
+        elif isinstance(exc, ssl.SSLError):
+            events.wire_lost(exc)  # (a TLS alert: the upstream refused us, say)
         elif exc is not None:
             events.wire_lost(Disconnected(f"the upstream broke the connection: {exc}"))
         else:
@@ -283,12 +326,16 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
-        if self.events is not None:
+        if self.relay is not None:
+            self.relay.relay_writable(False)
+        elif self.events is not None:
             self.events.wire_writable(False)
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if self.events is not None:
+        if self.relay is not None:
+            self.relay.relay_writable(True)
+        elif self.events is not None:
             self.events.wire_writable(True)
 
     # -- the parser's callbacks ----------------------------------------------------------
@@ -390,15 +437,32 @@ class Pool:
         self._sweeper: Timer | None = None
         self._closed = False
 
-    def origin(self, text: str) -> Origin:
-        """The `Origin` of "scheme://host:port", parsed the first time only."""
-        origin = self._origins.get(text)
+    def origin(self, key: str, tls: TlsSettings | None = None) -> Origin:
+        """The `Origin` of `key` ("scheme://host:port", and for an https origin with
+        `tls` settings, `#` and which: see `origin_key`), parsed the first time only."""
+        origin = self._origins.get(key)
         if origin is None:
-            secure = text.startswith("https:")
-            if secure and self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            origin = self._origins[text] = Origin(text, self._ssl if secure else None)
+            text = key.partition("#")[0]
+            context: ssl.SSLContext | None = None
+            if text.startswith("https:"):
+                if tls is not None and tls.context is not None:
+                    context = tls.context
+                else:
+                    if self._ssl is None:
+                        self._ssl = ssl.create_default_context()
+                    context = self._ssl
+            server_name = tls.server_name if tls is not None else None
+            origin = self._origins[key] = Origin(text, context, server_name, key)
         return origin
+
+    def retain(self, keys: set[str]) -> None:
+        """Forget every origin but those of `keys` (a reload dropped or changed the
+        others): their idle connections close now, and those in use when they are done."""
+        for key in [key for key in self._origins if key not in keys]:
+            origin = self._origins.pop(key)
+            for connection in origin.idle:
+                connection.close()
+            origin.idle.clear()
 
     @property
     def open_connections(self) -> int:
@@ -417,8 +481,11 @@ class Pool:
             connection.close()
         return None
 
-    async def connect(self, origin: Origin, timeout: float | None) -> Connection:
-        """A new connection, within `timeout` seconds (resolving the name not counted).
+    async def connect(
+        self, origin: Origin, timeout: float | None, relay: Relay | None = None
+    ) -> Connection:
+        """A new connection, within `timeout` seconds (resolving the name not counted);
+        with `relay`, one whose bytes are `relay`'s from the start (a CONNECT tunnel).
 
         Raises `TimeoutError` when the time runs out, `OSError` (and `ssl.SSLError`)
         when the connection cannot be made.
@@ -444,17 +511,23 @@ class Pool:
             for family, _type, proto, _name, address in addresses:
                 try:
                     _transport, connection = await loop.create_connection(
-                        lambda: Connection(self, origin),
+                        lambda: self._new_connection(origin, relay),
                         address[0],
                         address[1],
                         ssl=origin.ssl,
                         family=family,
                         proto=proto,
-                        server_hostname=origin.host if origin.ssl is not None else None,
+                        server_hostname=origin.server_name if origin.ssl is not None else None,
                     )
                 except OSError as e:
                     error = e
+                    if isinstance(e, ssl.SSLError):
+                        break  # (the TLS handshake failed: no other address would pass it)
                     continue
+                if isinstance(origin.ssl, TlsContext) and connection.transport is not None:
+                    origin.ssl.connected(
+                        connection.transport.get_extra_info("ssl_object"), origin.server_name
+                    )
                 if self._closed:
                     connection.close()
                     raise Disconnected("the pool is closed")
@@ -469,6 +542,12 @@ class Pool:
                 timer.cancel()
         assert error is not None
         raise error
+
+    def _new_connection(self, origin: Origin, relay: Relay | None) -> Connection:
+        connection = Connection(self, origin)
+        if relay is not None:
+            connection.take_over(relay)
+        return connection
 
     async def _resolve(self, origin: Origin) -> list[tuple[Any, ...]]:
         cached = origin.addresses
@@ -490,12 +569,19 @@ class Pool:
             connection.released = True  # see `Connection.data_received`
             return
         connection.resume_reading()  # (paused for a client that was behind: the answer is in)
-        if self._closed or not connection.reusable():
+        origin = connection.origin
+        if not connection.session_kept and isinstance(origin.ssl, TlsContext):
+            connection.session_kept = True
+            if connection.transport is not None:
+                origin.ssl.used(
+                    connection.transport.get_extra_info("ssl_object"), origin.server_name
+                )
+        if self._closed or not connection.reusable() or self._origins.get(origin.key) is not origin:
             connection.close()
             return
         connection.events = None
         connection.idle_since = self._timers.time()
-        connection.origin.idle.append(connection)
+        origin.idle.append(connection)
         if self._sweeper is None:
             self._sweeper = self._timers.call_at(
                 connection.idle_since + self._keepalive, self._sweep

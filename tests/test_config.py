@@ -185,6 +185,7 @@ routes:
         "did you mean 'path_prefix'?",
         "c.yaml:9: routes[0].zzz: unknown key 'zzz' "
         "(known: name, match, upstream, strip_prefix, timeouts, breaker, max_body_size, "
+        "max_websocket_sessions, connect, tls, "
         "rate_limit, bulkhead, fallback, recovery, retry)",
     ]
 

@@ -866,14 +866,15 @@ async def test_absolute_form_is_routed_by_the_host_it_names_not_the_host_header(
     await assert_still_serving(sc, upstream, [("GET", "/x", "")], host="api.internal")
 
 
-async def test_connect_for_an_unrouted_host_is_501(
+async def test_connect_for_an_unrouted_host_is_405(
     start_sidecar: StartSidecar, upstream: Upstream, elsewhere: Elsewhere
 ) -> None:
     sc = await start_sidecar(host_only(upstream.url))
     authority = elsewhere.authority
     request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
     [reply] = await talk(sc.proxy, request.encode())
-    assert (reply.status, reply.json()) == (501, {"error": "not_implemented"})
+    assert (reply.status, reply.json()) == (405, {"error": "connect_not_allowed"})
+    assert reply.header("Allow") == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
     assert elsewhere.connections == 0
     await assert_still_serving(sc, upstream, host="api.internal")
 
@@ -898,7 +899,7 @@ async def test_connect_is_never_forwarded(
     # It was once forwarded to the route's upstream, whose 200 read as an open tunnel.
     assert elsewhere.connections == 0
     assert bytes(received) == b""
-    assert (reply.status, reply.json()) == (501, {"error": "not_implemented"})
+    assert (reply.status, reply.json()) == (405, {"error": "connect_not_allowed"})
 
 
 async def test_asterisk_form_is_400_bad_request_and_never_forwarded(

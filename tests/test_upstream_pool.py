@@ -14,7 +14,13 @@ import pytest
 from aiohttp import web
 
 from sidecar.timers import LoopTimers, Timers
-from sidecar.upstream import UpstreamError, UpstreamRequest, UpstreamUnreachable, send
+from sidecar.upstream import (
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamTlsError,
+    UpstreamUnreachable,
+    send,
+)
 from sidecar.upstream_pool import Pool
 from tests.conftest import (
     RawHandler,
@@ -174,7 +180,7 @@ async def test_https_upstreams_are_verified_and_pooled(certificate: tuple[Path, 
     untrusting = pool_on()
     trusting = pool_on(ssl_context=ssl.create_default_context(cafile=str(cert)))
     try:
-        with pytest.raises(UpstreamUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(UpstreamTlsError, match="CERTIFICATE_VERIFY_FAILED"):
             await exchange(untrusting, origin)
         assert await exchange(trusting, origin) == (200, f"hi localhost:{port}".encode())
         assert await exchange(trusting, origin) == (200, f"hi localhost:{port}".encode())
