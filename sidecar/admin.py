@@ -174,6 +174,30 @@ def route_report(target: Target) -> dict[str, Any]:
         if recovery is None
         else {"ramp": recovery.ramp, "min_share": float(recovery.min_share)}
     )
+    metrics = target.metrics
+    report["sessions"] = {
+        "max_websocket_sessions": route.max_websocket_sessions,
+        "websocket_idle": route.timeouts.websocket_idle,
+        "websocket_sessions": metrics.websocket_sessions,
+        "connect": route.connect,
+        "connect_tunnels": metrics.connect_tunnels,
+    }
+    tls = route.tls
+    report["tls"] = (
+        None
+        if tls is None
+        else {
+            "ca_file": tls.ca_file,
+            "cert_file": tls.cert_file,
+            "server_name": tls.server_name,
+            "verify": tls.verify,
+            "min_version": tls.min_version,
+            "client_cert_expiry": tls.client_cert_expiry,
+            "upstream_cert_expiry": (
+                tls.context.not_after.get(metrics.tls_server) if tls.context else None
+            ),
+        }
+    )
     return report
 
 

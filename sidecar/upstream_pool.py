@@ -91,7 +91,17 @@ def _ends_with_the_connection(block: bytes) -> bool:
 class Origin:
     """Where requests go: parsed once, with its idle connections."""
 
-    __slots__ = ("addresses", "host", "host_header", "idle", "key", "port", "server_name", "ssl")
+    __slots__ = (
+        "addresses",
+        "host",
+        "host_header",
+        "idle",
+        "key",
+        "port",
+        "retired",
+        "server_name",
+        "ssl",
+    )
 
     def __init__(
         self,
@@ -100,6 +110,8 @@ class Origin:
         server_name: str | None = None,
         key: str | None = None,
     ) -> None:
+        self.retired = False
+        """No route uses it any more (`Pool.retain`): its connections are not kept."""
         self.key = text if key is None else key
         """The pool's key for it: its text, and which TLS settings it is reached with."""
         parts = urlsplit(text)
@@ -460,6 +472,7 @@ class Pool:
         others): their idle connections close now, and those in use when they are done."""
         for key in [key for key in self._origins if key not in keys]:
             origin = self._origins.pop(key)
+            origin.retired = True
             for connection in origin.idle:
                 connection.close()
             origin.idle.clear()
@@ -570,13 +583,13 @@ class Pool:
             return
         connection.resume_reading()  # (paused for a client that was behind: the answer is in)
         origin = connection.origin
-        if not connection.session_kept and isinstance(origin.ssl, TlsContext):
+        if origin.ssl is not None and not connection.session_kept:
             connection.session_kept = True
-            if connection.transport is not None:
+            if connection.transport is not None and isinstance(origin.ssl, TlsContext):
                 origin.ssl.used(
                     connection.transport.get_extra_info("ssl_object"), origin.server_name
                 )
-        if self._closed or not connection.reusable() or self._origins.get(origin.key) is not origin:
+        if self._closed or not connection.reusable() or origin.retired:
             connection.close()
             return
         connection.events = None

@@ -486,3 +486,33 @@ async def test_an_upload_given_up_lets_its_upstream_connection_go_at_once(
         release.set()
         writer.close()
     assert sc.sample("sidecar_upstream_failures_total", route="a", kind="timeout") == 1
+
+
+async def test_a_retired_origin_keeps_no_connection(
+    raw_upstream: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    """`Pool.retain` (a reload that dropped a route, or changed its TLS settings): the
+    origins it does not name close their idle connections at once, and a connection in
+    use when it came goes when its answer is done, never back to the pool."""
+    upstream = Counted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    url = await raw_upstream(upstream)
+    pool = pool_on()
+    try:
+        assert await exchange(pool, url) == (200, b"ok")
+        origin = pool.origin(url)
+        assert len(origin.idle) == 1
+        idle = origin.idle[0]
+        pool.retain({url})  # named: kept
+        assert origin.idle == [idle] and not idle.closed
+        in_use = Collected()
+        send(pool, UpstreamRequest(url, b"GET", b"/x", b"", None, 2.0), in_use)
+        assert origin.idle == []  # the idle connection carries it
+        pool.retain(set())
+        assert origin.retired
+        await asyncio.wait_for(in_use.done, 5)
+        assert in_use.status == 200
+        assert origin.idle == []
+        await eventually(lambda: idle.closed)
+        assert pool.origin(url) is not origin  # a new one, for a route that names it again
+    finally:
+        await pool.close()

@@ -1,0 +1,96 @@
+"""What issue 16's settings look like from outside the request path: `sidecar check`'s
+lines and warnings, and each route's entry in `/breakers`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.certs import make_pki, tls_upstream
+from tests.conftest import StartSidecar
+
+
+def check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_prints_the_protocol_settings_and_warns_of_verify_false(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(f"""
+defaults:
+  timeouts: {{websocket_idle: 10m}}
+routes:
+  - name: provider
+    match: {{host: provider.test}}
+    upstream: https://127.0.0.1:8443
+    connect: true
+    max_websocket_sessions: 50
+    tls: {{ca_file: {pki.ca.cert}, cert_file: {pki.client.cert}, key_file: {pki.client.key},
+           server_name: localhost, min_version: "1.3"}}
+  - name: careless
+    match: {{path_prefix: /careless}}
+    upstream: https://127.0.0.1:9443
+    tls: {{verify: false}}
+""")
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "    timeouts: connect 2s, request 30s, websocket_idle 10m; max_websocket_sessions 50; "
+        "CONNECT tunnels allowed\n" in result.stdout
+    )
+    assert (
+        f"    tls: ca_file {pki.ca.cert}, client cert {pki.client.cert}, server_name localhost, "
+        "min_version 1.3\n" in result.stdout
+    )
+    assert "    tls: system CAs, min_version 1.2, verify OFF\n" in result.stdout
+    assert result.stderr == (
+        "warning: routes[1]: tls.verify is false: the upstream's certificate and name are "
+        "not checked\n"
+    )
+
+
+async def test_breakers_shows_sessions_tunnels_and_tls(
+    start_sidecar: StartSidecar, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path)
+    upstream = await tls_upstream(pki.server)
+    try:
+        sc = await start_sidecar(f"""
+routes:
+  - name: provider
+    match: {{host: localhost}}
+    upstream: {upstream.url}
+    connect: true
+    tls: {{ca_file: {pki.ca.cert}, cert_file: {pki.client.cert}, key_file: {pki.client.key}}}
+""")
+        async with http.get(sc.proxy + "/x", headers={"Host": "localhost"}) as response:
+            assert response.status == 200
+        async with http.get(sc.admin + "/breakers") as response:
+            [route] = (await response.json())["routes"]
+        assert route["sessions"] == {
+            "max_websocket_sessions": 1000,
+            "websocket_idle": 3600.0,
+            "websocket_sessions": 0,
+            "connect": True,
+            "connect_tunnels": 0,
+        }
+        assert route["tls"] == {
+            "ca_file": str(pki.ca.cert),
+            "cert_file": str(pki.client.cert),
+            "server_name": None,
+            "verify": True,
+            "min_version": "1.2",
+            "client_cert_expiry": pki.client.not_after_timestamp,
+            "upstream_cert_expiry": pki.server.not_after_timestamp,
+        }
+    finally:
+        await upstream.close()
