@@ -845,11 +845,13 @@ class Connect:
             connection.close()
             self._tunnel.close()
             return
-        self._tunnel.upstream = connection
-        self._opened = True
-        target.metrics.connect_tunnels += 1
+        tunnel = self._tunnel
+        tunnel.upstream = connection
+        if not tunnel.ended:  # (the upstream may have closed already: the client hears it)
+            self._opened = True
+            target.metrics.connect_tunnels += 1
         target.metrics.count_response(200)
-        request.upgrade(b"HTTP/1.1 200 Connection Established\r\n\r\n", self._tunnel.client_side)
+        request.upgrade(b"HTTP/1.1 200 Connection Established\r\n\r\n", tunnel.client_side)
 
     def _failed(self, error: UpstreamError, elapsed: float) -> None:
         target = self._target

@@ -198,6 +198,10 @@ class Relay(Protocol):
 
     def relay_data(self, data: bytes) -> None: ...
 
+    def relay_eof(self) -> bool:
+        """The client will send no more (a half-close); True: the connection stays open
+        for what goes the other way (False: it closes, and `relay_closed` follows)."""
+
     def relay_closed(self) -> None:
         """The client closed (or the listener stopped) the connection."""
 
@@ -749,7 +753,11 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # A client that closes its side is gone, as for aiohttp and nginx (499): the
-        # transport closes, and the request in hand is let go.
+        # transport closes, and the request in hand is let go. After an upgrade, the
+        # relay decides: a tunnel passes the half-close on.
+        relay = self._relay
+        if relay is not None and relay.relay_eof():
+            return True
         return None
 
     def connection_lost(self, exc: BaseException | None) -> None:

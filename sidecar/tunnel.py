@@ -7,7 +7,10 @@ more than one read in hand: when one side cannot take more (its socket's buffer
 is full), reading from the other side pauses until it drains. It ends when
 either side closes or resets (the other side is then closed, once what was
 written to it is out), or when neither side has sent a byte for the idle
-timeout. It knows nothing of WebSocket frames: the bytes are opaque, so
+timeout. A client's half-close (its last byte sent, its reading side still
+open) is passed on where the upstream's transport can (plain TCP; not TLS), so
+a client that says "that was all" still hears the answer; the upstream's end,
+half or whole, ends the tunnel. It knows nothing of WebSocket frames: the bytes are opaque, so
 extensions, pings and close codes pass as they are.
 """
 
@@ -62,11 +65,18 @@ class Tunnel:
 
     # -- the client's side -------------------------------------------------------------
 
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
     def client_open(self, channel: Channel) -> None:
-        self._channel = channel
         pending, self._pending = self._pending, None
         for data in pending or ():
             channel.write(data)
+        if self._ended:
+            channel.close()  # the upstream has been and gone: what it said, then the end
+            return
+        self._channel = channel
         if pending is not None and self.upstream is not None:
             self.upstream.resume_reading()
 
@@ -75,6 +85,12 @@ class Tunnel:
         upstream = self.upstream
         if upstream is not None:
             upstream.write(data)
+
+    def client_eof(self) -> bool:
+        """The client half-closed: so does the upstream's side, if it can (else the
+        whole tunnel closes), and the upstream's answer still comes back."""
+        upstream = self.upstream
+        return upstream is not None and upstream.write_eof()
 
     def client_closed(self) -> None:
         self._channel = None
@@ -170,6 +186,9 @@ class _ClientSide:
     def relay_data(self, data: bytes) -> None:
         self._tunnel.from_client(data)
 
+    def relay_eof(self) -> bool:
+        return self._tunnel.client_eof()
+
     def relay_closed(self) -> None:
         self._tunnel.client_closed()
 
@@ -190,6 +209,9 @@ class _UpstreamSide:
 
     def relay_data(self, data: bytes) -> None:
         self._tunnel.from_upstream(data)
+
+    def relay_eof(self) -> bool:
+        return False  # the upstream's end is the tunnel's (it closes with either side)
 
     def relay_closed(self) -> None:
         self._tunnel.upstream_closed()

@@ -310,7 +310,19 @@ class Connection(asyncio.Protocol):
             self._pool.release(self)
 
     def eof_received(self) -> bool | None:
+        relay = self.relay
+        if relay is not None and relay.relay_eof():
+            return True  # a tunnel passes the half-close on
         return None  # close the transport: connection_lost follows
+
+    def write_eof(self) -> bool:
+        """Half-close (a tunnel's): send no more, keep reading. False if the transport
+        cannot (TLS)."""
+        transport = self.transport
+        if transport is None or self.closed or not transport.can_write_eof():
+            return False
+        transport.write_eof()
+        return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True

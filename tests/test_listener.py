@@ -206,6 +206,9 @@ class Echo:
         assert self.channel is not None
         self.channel.write(data.upper())
 
+    def relay_eof(self) -> bool:
+        return False  # a half-close closes it
+
     def relay_closed(self) -> None:
         self.closed.set()
 

@@ -3,6 +3,7 @@ lines and warnings, and each route's entry in `/breakers`."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.certs import make_pki, tls_upstream
-from tests.conftest import StartSidecar
+from tests.conftest import StartSidecar, connect, eventually
 
 
 def check(path: Path) -> subprocess.CompletedProcess[str]:
@@ -94,3 +95,40 @@ routes:
         }
     finally:
         await upstream.close()
+
+
+async def test_a_client_half_close_is_passed_on_and_the_answer_still_comes(
+    start_sidecar: StartSidecar,
+) -> None:
+    """A tunnelled protocol where the client says "that was all" by shutting its sending
+    side (as `nc -N` does): the upstream sees the end of the question, and its answer,
+    which it sends only then, still reaches the client before the tunnel ends."""
+
+    async def answers_at_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        question = await reader.read()  # until the client's half-close arrives
+        writer.write(b"answer to " + question)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answers_at_eof, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        sc = await start_sidecar(f"""
+routes:
+  - name: provider
+    match: {{host: provider.test}}
+    upstream: http://127.0.0.1:{port}
+    connect: true
+""")
+        reader, writer = await connect(sc.proxy)
+        writer.write(f"CONNECT provider.test:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        writer.write(b"question")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"answer to question"
+        await eventually(lambda: sc.sample("sidecar_connect_tunnels", route="provider") == 0)
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
