@@ -546,7 +546,13 @@ class Pool:
                     )
                 except OSError as e:
                     error = e
-                    if isinstance(e, ssl.SSLError):
+                    if origin.ssl is not None and isinstance(
+                        e, (ConnectionResetError, ConnectionAbortedError)
+                    ):
+                        # Connected, then cut off in the TLS handshake: the upstream
+                        # refused it without an alert (as asyncio's servers do).
+                        error = ssl.SSLError(f"reset during the TLS handshake: {e}")
+                    if isinstance(error, ssl.SSLError):
                         break  # (the TLS handshake failed: no other address would pass it)
                     continue
                 if isinstance(origin.ssl, TlsContext) and connection.transport is not None:

@@ -211,6 +211,14 @@ async def test_healthz_readyz_and_breakers(
         "fallback": None,
         "recovery": None,
         "retry": None,
+        "sessions": {
+            "max_websocket_sessions": 1000,
+            "websocket_idle": 3600.0,
+            "websocket_sessions": 0,
+            "connect": False,
+            "connect_tunnels": 0,
+        },
+        "tls": None,
         "settings": {
             "failure_threshold": 3,
             "open_duration": 60.0,

@@ -4,13 +4,15 @@ lines and warnings, and each route's entry in `/breakers`."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 
-from tests.certs import make_pki, tls_upstream
+from tests.certs import make_pki, server_context, tls_upstream
 from tests.conftest import StartSidecar, connect, eventually
 
 
@@ -132,3 +134,42 @@ routes:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_an_upstream_that_resets_the_tls_handshake_is_a_tls_error(
+    start_sidecar: StartSidecar, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """An asyncio (aiohttp) upstream that refuses a missing client certificate under TLS
+    1.2 cuts the connection off in the handshake without sending an alert: still 502
+    `upstream_tls_error`, kind `tls`, not a connect failure (TCP had connected)."""
+    pki = make_pki(tmp_path)
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    context = server_context(pki.server, pki.client_ca, max_version=ssl.TLSVersion.TLSv1_2)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        sc = await start_sidecar(f"""
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: https://127.0.0.1:{port}
+    tls: {{ca_file: {pki.ca.cert}}}
+""")
+        async with http.get(sc.proxy + "/") as response:
+            assert (response.status, await response.json()) == (
+                502,
+                {"error": "upstream_tls_error", "route": "api"},
+            )
+        failures = "sidecar_upstream_failures_total"
+        assert sc.sample(failures, route="api", kind="tls") == 1
+        assert sc.sample(failures, route="api", kind="connect") == 0
+    finally:
+        await runner.cleanup()
