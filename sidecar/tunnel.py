@@ -17,7 +17,7 @@ extensions, pings and close codes pass as they are.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.timers import Timer, Timers
 
@@ -94,18 +94,10 @@ class Tunnel:
 
     def client_closed(self) -> None:
         self._channel = None
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.close()  # what the client sent last still goes out first
-        self._end()
+        self._closed(self.upstream)
 
     def client_writable(self, writable: bool) -> None:
-        upstream = self.upstream
-        if upstream is not None:
-            if writable:
-                upstream.resume_reading()
-            else:
-                upstream.pause_reading()
+        _follow(self.upstream, writable)
 
     # -- the upstream's side -----------------------------------------------------------
 
@@ -123,20 +115,18 @@ class Tunnel:
 
     def upstream_closed(self) -> None:
         self.upstream = None
-        channel = self._channel
-        if channel is not None:
-            channel.close()  # what the upstream sent last still goes out first
-        self._end()
+        self._closed(self._channel)
 
     def upstream_writable(self, writable: bool) -> None:
-        channel = self._channel
-        if channel is not None:
-            if writable:
-                channel.resume_reading()
-            else:
-                channel.pause_reading()
+        _follow(self._channel, writable)
 
     # -- the end -----------------------------------------------------------------------
+
+    def _closed(self, other: _Side | None) -> None:
+        """One side closed: so does `other`, once what was written to it is out."""
+        if other is not None:
+            other.close()
+        self._end()
 
     def close(self) -> None:
         """End it from outside (a client that never got its answer): both sides closed."""
@@ -170,6 +160,25 @@ class Tunnel:
             self._timer.cancel()
             self._timer = None
         self._on_end()
+
+
+class _Side(Protocol):
+    """Either end of a tunnel: the client's `Channel`, the upstream's `Connection`."""
+
+    def close(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+def _follow(side: _Side | None, writable: bool) -> None:
+    """Reading from `side` follows whether the other side can take more."""
+    if side is not None:
+        if writable:
+            side.resume_reading()
+        else:
+            side.pause_reading()
 
 
 class _ClientSide:
