@@ -173,3 +173,43 @@ routes:
         assert sc.sample(failures, route="api", kind="connect") == 0
     finally:
         await runner.cleanup()
+
+
+async def test_a_websocket_session_to_an_https_upstream(
+    start_sidecar: StartSidecar, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The service speaks plain `ws://` to the sidecar; the sidecar speaks TLS to the
+    upstream (`wss://` there): the session's bytes go through the TLS connection it took
+    over after the 101."""
+    pki = make_pki(tmp_path)
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(f"{request.secure} {message.data}")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pki.server))
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        sc = await start_sidecar(f"""
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: https://127.0.0.1:{port}
+    tls: {{ca_file: {pki.ca.cert}}}
+""")
+        async with http.ws_connect(sc.proxy + "/ws") as ws:
+            for text in ("one", "two"):
+                await ws.send_str(text)
+                assert (await ws.receive_str()) == f"True {text}"
+            assert sc.sample("sidecar_websocket_sessions", route="api") == 1
+        await eventually(lambda: sc.sample("sidecar_websocket_sessions", route="api") == 0)
+    finally:
+        await runner.cleanup()
