@@ -178,9 +178,9 @@ def route_report(target: Target) -> dict[str, Any]:
     report["sessions"] = {
         "max_websocket_sessions": route.max_websocket_sessions,
         "websocket_idle": route.timeouts.websocket_idle,
-        "websocket_sessions": metrics.websocket_sessions,
+        "websocket_sessions": metrics.sessions.websocket,
         "connect": route.connect,
-        "connect_tunnels": metrics.connect_tunnels,
+        "connect_tunnels": metrics.sessions.tunnels,
     }
     tls = route.tls
     report["tls"] = (

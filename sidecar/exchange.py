@@ -324,7 +324,7 @@ class Exchange:
         request.listener = self
         if request.upgrade_tail is not None and is_websocket(request):
             self._upgrade = True
-            metrics.sessions += 1
+            metrics.sessions.admitted += 1
         try:
             upstream = self._upstream = UpstreamRequest(
                 target.origin,
@@ -400,7 +400,7 @@ class Exchange:
         metrics.in_flight -= 1
         if self._upgrade:
             self._upgrade = False
-            metrics.sessions -= 1  # (no 101: no session)
+            metrics.sessions.admitted -= 1  # (no 101: no session)
         permit = self._permit
         if not permit.done:
             if outcome is True:
@@ -598,23 +598,24 @@ class Exchange:
         and a `Tunnel` relays the session's bytes from now on, on both connections."""
         target = self._target
         metrics = target.metrics
+        sessions = metrics.sessions
         call = self._call
         connection = None if call is None else call.detach()
         self._upgrade = False  # the session keeps its place: the tunnel gives it back
         self._close(True)
         if connection is None:  # (cannot be: a 101 comes on a connection)
-            metrics.sessions -= 1
+            sessions.admitted -= 1
             self._request.abort()
             return
 
         def ended() -> None:
-            metrics.sessions -= 1
-            metrics.websocket_sessions -= 1
+            sessions.admitted -= 1
+            sessions.websocket -= 1
 
         tunnel = Tunnel(self._env.timers, target.route.timeouts.websocket_idle, ended)
         tunnel.upstream = connection
         connection.take_over(tunnel.upstream_side)
-        metrics.websocket_sessions += 1
+        sessions.websocket += 1
         metrics.count_response(101)
         lines, _length, _dated = client_lines(block)
         head = b"HTTP/1.1 101 %b\r\n%bUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" % (
@@ -798,7 +799,17 @@ class Connect:
     """An admitted CONNECT, until its tunnel is open or it failed: the TCP connect to the
     route's upstream address is the breaker's outcome (the tunnel's bytes are opaque)."""
 
-    __slots__ = ("_env", "_opened", "_permit", "_request", "_slot", "_target", "_task", "_tunnel")
+    __slots__ = (
+        "_env",
+        "_opened",
+        "_permit",
+        "_request",
+        "_sessions",
+        "_slot",
+        "_target",
+        "_task",
+        "_tunnel",
+    )
 
     def __init__(
         self, request: Request, target: Target, permit: Permit, env: Env, slot: Bulkhead | None
@@ -809,13 +820,13 @@ class Connect:
         self._env = env
         self._slot = slot
         self._opened = False
+        self._sessions = target.metrics.sessions
         self._task: asyncio.Task[None] | None = None
         self._tunnel = Tunnel(env.timers, target.route.timeouts.websocket_idle, self._ended)
 
     def start(self) -> None:
-        metrics = self._target.metrics
-        metrics.in_flight += 1
-        metrics.sessions += 1
+        self._target.metrics.in_flight += 1
+        self._sessions.admitted += 1
         self._request.listener = self
         self._task = asyncio.get_running_loop().create_task(self._connecting())
 
@@ -839,7 +850,10 @@ class Connect:
         self._task = None
         request = self._request
         self._done()
-        self._permit.succeeded(env.clock() - started)
+        elapsed = env.clock() - started
+        if elapsed > target.slow_after:  # (a connect that slow is a slow call to the breaker)
+            target.metrics.slow_calls += 1
+        self._permit.succeeded(elapsed)
         target.metrics.tries["success"] += 1
         if not request.connected:  # gone while connecting
             connection.close()
@@ -849,7 +863,7 @@ class Connect:
         tunnel.upstream = connection
         if not tunnel.ended:  # (the upstream may have closed already: the client hears it)
             self._opened = True
-            target.metrics.connect_tunnels += 1
+            self._sessions.tunnels += 1
         target.metrics.count_response(200)
         request.upgrade(b"HTTP/1.1 200 Connection Established\r\n\r\n", tunnel.client_side)
 
@@ -873,10 +887,10 @@ class Connect:
             slot.release()
 
     def _ended(self) -> None:
-        metrics = self._target.metrics
-        metrics.sessions -= 1
+        sessions = self._sessions
+        sessions.admitted -= 1
         if self._opened:
-            metrics.connect_tunnels -= 1
+            sessions.tunnels -= 1
 
     # -- the client's side (while connecting) ------------------------------------------
 

@@ -883,7 +883,9 @@ class ClientConnection(asyncio.Protocol):
             request.http10 = True
         elif request.host is None:
             raise _bad("no Host header")
-        request.method = parser.get_method()
+        method = request.method = parser.get_method()
+        if request.has_body and method == b"CONNECT":
+            raise _bad("a CONNECT with content")  # (RFC 9110 9.3.6: it has none)
         request.target = self._url
         request.keep_alive = parser.should_keep_alive()
         if self._listener.finished is not None:

@@ -35,7 +35,7 @@ from sidecar.policies import (
 )
 from sidecar.tls import TlsSettings
 
-__all__ = ["FAILURE_KINDS", "REJECT_REASONS", "Metrics", "RouteMetrics"]
+__all__ = ["FAILURE_KINDS", "REJECT_REASONS", "Metrics", "RouteMetrics", "Sessions"]
 
 FAILURE_KINDS = ("status", "connect", "timeout", "tls", "reset")
 TRANSITIONS = (
@@ -53,13 +53,27 @@ _BUCKET_LABELS = (*(repr(float(bound)) for bound in DURATION_BUCKETS), "+Inf")
 _WAIT_LABELS = (*(repr(float(bound)) for bound in QUEUE_WAIT_BUCKETS), "+Inf")
 
 
+class Sessions:
+    """A route's long-lived relays: WebSocket sessions and CONNECT tunnels."""
+
+    __slots__ = ("admitted", "tunnels", "websocket")
+
+    def __init__(self) -> None:
+        self.admitted = 0
+        """Admitted and not ended, handshakes and connects in progress too: the count
+        `max_websocket_sessions` caps."""
+        self.websocket = 0
+        """WebSocket sessions open (after their 101)."""
+        self.tunnels = 0
+        """CONNECT tunnels open (after their 200)."""
+
+
 class RouteMetrics:
     """One route's numbers, updated by the proxy without locks or label look-ups."""
 
     __slots__ = (
         "bucket",
         "bulkhead",
-        "connect_tunnels",
         "duration_buckets",
         "duration_count",
         "duration_sum",
@@ -77,7 +91,6 @@ class RouteMetrics:
         "tls_server",
         "transitions",
         "tries",
-        "websocket_sessions",
     )
 
     def __init__(self, name: str) -> None:
@@ -102,11 +115,9 @@ class RouteMetrics:
         self.retries = {"connect": 0}
         """Retries sent, by the failure kind or status that caused them."""
         self.retries_denied = dict.fromkeys(RETRY_DENIALS, 0)
-        self.sessions = 0
-        """WebSocket sessions and CONNECT tunnels admitted and not ended (the cap's count:
-        handshakes and connects in progress too)."""
-        self.websocket_sessions = 0
-        self.connect_tunnels = 0
+        self.sessions = Sessions()
+        """Handed on to the route's next metrics when a reload resets them: the sessions
+        open carry on."""
         self.tls: TlsSettings | None = None
         self.tls_server = ""
         """The name the upstream's certificate is checked against."""
@@ -348,8 +359,8 @@ class _Collector(Collector):
         )
         for route in metrics.routes:
             name = route.name
-            websocket_sessions.add_metric([name], route.websocket_sessions)
-            connect_tunnels.add_metric([name], route.connect_tunnels)
+            websocket_sessions.add_metric([name], route.sessions.websocket)
+            connect_tunnels.add_metric([name], route.sessions.tunnels)
             tls = route.tls
             if tls is not None:
                 if tls.client_cert_expiry is not None:

@@ -120,6 +120,10 @@ class Proxy:
         for route in routes:
             settings = route.breaker
             old = previous.pop(route.name, None)
+            if old is not None and route.tls is not None and old.route.tls == route.tls:
+                # The same settings and files: the same context, so its TLS sessions, the
+                # pooled connections (the same pool key) and the certificate last seen.
+                route = dataclasses.replace(route, tls=old.route.tls)
             if old is not None and old.route.breaker == settings:
                 breaker, route_metrics = old.breaker, old.metrics
                 same = old.route == dataclasses.replace(route, line=old.route.line)
@@ -127,6 +131,8 @@ class Proxy:
             else:
                 breaker = Breaker(route.name, settings, self._clock, self._rand, route.recovery)
                 route_metrics = self._metrics.new_route(breaker)
+                if old is not None:  # the sessions open carry on, counted
+                    route_metrics.sessions = old.metrics.sessions
                 for listener in self._listeners:
                     breaker.add_listener(listener)
                 (changes.added if old is None else changes.reset).append(route.name)
@@ -178,7 +184,14 @@ class Proxy:
         for target in targets:
             route = target.route
             if route.connect and route.host is not None:
-                tunnels.setdefault((route.host, route.upstream.port), target)
+                # No fallback ever answers a CONNECT: a client reads any 2xx as the tunnel
+                # open. The same breaker, policies and counts; its own answers.
+                tunnels.setdefault(
+                    (route.host, route.upstream.port),
+                    dataclasses.replace(
+                        target, route=dataclasses.replace(route, fallback=None), answers={}
+                    ),
+                )
         # The swap: no await in between, so every request sees the old set or the new.
         self.targets, self._router, self._tunnels = targets, router, tunnels
         self._metrics.routes = [t.metrics for t in targets]
@@ -238,7 +251,7 @@ class Proxy:
         request.route = target.route.name
         if (
             upgrade
-            and target.metrics.sessions >= target.route.max_websocket_sessions
+            and target.metrics.sessions.admitted >= target.route.max_websocket_sessions
             and is_websocket(request)
         ):
             request.answer(*_sessions_full(target))
@@ -291,7 +304,7 @@ class Proxy:
             request.answer(*_CONNECT_NOT_ALLOWED, close=True)
             return
         request.route = target.route.name
-        if target.metrics.sessions >= target.route.max_websocket_sessions:
+        if target.metrics.sessions.admitted >= target.route.max_websocket_sessions:
             request.answer(*_sessions_full(target), close=True)
             return
         bucket = target.bucket

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from sidecar.breaker import State
 from tests.certs import make_pki, server_context, tls_upstream
 from tests.conftest import StartSidecar, connect, eventually
 
@@ -211,5 +212,136 @@ routes:
                 assert (await ws.receive_str()) == f"True {text}"
             assert sc.sample("sidecar_websocket_sessions", route="api") == 1
         await eventually(lambda: sc.sample("sidecar_websocket_sessions", route="api") == 0)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_reload_with_the_same_tls_files_keeps_the_context_and_its_connections(
+    start_sidecar: StartSidecar, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A reload that changes nothing of a route's TLS (settings and files' contents)
+    keeps its context: the pooled connection carries the next request (no new
+    handshake), and the upstream's certificate expiry stays exported throughout."""
+    pki = make_pki(tmp_path)
+    upstream = await tls_upstream(pki.server)
+    config = f"""
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: {upstream.url}
+    tls: {{ca_file: {pki.ca.cert}}}
+    breaker: {{failure_threshold: %d}}
+"""
+    gauge = "sidecar_upstream_tls_cert_expiry_timestamp_seconds"
+    try:
+        sc = await start_sidecar(config % 5)
+        async with http.get(sc.proxy + "/one") as response:
+            assert response.status == 200
+        sc.rewrite_config(config % 6)  # (the breaker changes: the route is reset, not kept)
+        assert (await sc.sidecar.reload()).ok
+        assert sc.sample(gauge, route="api") == pki.server.not_after_timestamp
+        async with http.get(sc.proxy + "/two") as response:
+            assert response.status == 200
+        assert len(upstream.server_names) == 1  # one handshake: the connection was kept
+        assert [seen.path for seen in upstream.seen] == ["/one", "/two"]
+    finally:
+        await upstream.close()
+
+
+async def test_no_fallback_ever_answers_a_connect(start_sidecar: StartSidecar) -> None:
+    """A route's fallback (200 by default) would read as an open tunnel to a CONNECT
+    client: a refused CONNECT gets the sidecar's own answer, fallback or not."""
+    sc = await start_sidecar("""
+routes:
+  - name: provider
+    match: {host: provider.test}
+    upstream: http://127.0.0.1:9
+    connect: true
+    bulkhead: {max_concurrent: 1}
+    fallback: {body: '{}'}
+""")
+    sc.breaker("provider").force(State.FORCED_OPEN)
+    reader, writer = await connect(sc.proxy)
+    writer.write(b"CONNECT provider.test:9 HTTP/1.1\r\nHost: provider.test:9\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert b"X-Sidecar-Fallback" not in head
+    assert (
+        sc.sample(
+            "sidecar_fallback_responses_total", route="provider", reason="circuit_forced_open"
+        )
+        == 0
+    )
+    assert (
+        sc.sample("sidecar_rejected_requests_total", route="provider", reason="circuit_forced_open")
+        == 1
+    )
+
+
+async def test_a_connect_with_content_is_a_bad_request(start_sidecar: StartSidecar) -> None:
+    """RFC 9110 9.3.6: a CONNECT has no content. One with a `Content-Length` is refused
+    400 by the listener, never routed as if `host:port` were a path."""
+    sc = await start_sidecar("""
+routes:
+  - name: api
+    match: {path_prefix: /}
+    upstream: http://127.0.0.1:9
+""")
+    reader, writer = await connect(sc.proxy)
+    writer.write(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\nContent-Length: 2\r\n\r\nhi")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    body = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert body == b'{"error":"bad_request"}'
+
+
+async def test_open_sessions_stay_counted_through_a_reload_that_resets_the_route(
+    start_sidecar: StartSidecar, http: aiohttp.ClientSession
+) -> None:
+    """A reload that changes the breaker makes the route anew (fresh counts), but the
+    WebSocket session still open is still counted, in the gauge and against the cap,
+    until it ends."""
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(message.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    config = f"""
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: http://127.0.0.1:{runner.addresses[0][1]}
+    max_websocket_sessions: 1
+    breaker: {{failure_threshold: %d}}
+"""
+    try:
+        sc = await start_sidecar(config % 5)
+        async with http.ws_connect(sc.proxy + "/ws") as ws:
+            sc.rewrite_config(config % 6)
+            result = await sc.sidecar.reload()
+            assert result.ok and result.changes is not None and result.changes.reset == ["api"]
+            await ws.send_str("still here")
+            assert await ws.receive_str() == "still here"
+            assert sc.sample("sidecar_websocket_sessions", route="api") == 1
+            async with http.get(
+                sc.proxy + "/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade"}
+            ) as refused:
+                assert refused.status == 503
+                assert (await refused.json())["error"] == "websocket_sessions_full"
+        await eventually(lambda: sc.sample("sidecar_websocket_sessions", route="api") == 0)
+        async with http.ws_connect(sc.proxy + "/ws") as ws:
+            await ws.send_str("after")
+            assert await ws.receive_str() == "after"
     finally:
         await runner.cleanup()
