@@ -24,8 +24,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
 # The same path as in the build stage: the venv's scripts name their interpreter by it.
 COPY --from=build /opt/sidecar /opt/sidecar
-# The example config serves until you mount your own over it.
+# The example config serves until you mount your own over it, with the demo
+# certificates it names (relative to itself) for its HTTPS route.
 COPY config.example.yaml /etc/sidecar/config.yaml
+COPY examples/tls/ca.pem examples/tls/client.pem examples/tls/client-key.pem \
+    /etc/sidecar/examples/tls/
 USER 10001
 # 8080: the proxy; 9901: /metrics, /healthz, /readyz, /breakers. Set admin.listen to
 # 0.0.0.0:9901 in your config for Prometheus to reach the admin listener from outside

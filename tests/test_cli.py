@@ -72,7 +72,7 @@ def test_unknown_option_is_a_usage_error() -> None:
 def test_check_valid_prints_effective_settings() -> None:
     result = sidecar("check", "-c", EXAMPLE)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"{EXAMPLE}: valid, 3 routes\n")
+    assert result.stdout.startswith(f"{EXAMPLE}: valid, 4 routes\n")
     assert "- payments: path_prefix=/payments -> http://payments.internal:8080" in result.stdout
     assert "breaker: failure_threshold 3, open_duration 1m," in result.stdout
     assert (

@@ -35,7 +35,9 @@ from sidecar.config import BREAKER_KEYS, ROUTE_KEYS, Config, ConfigError, Proble
 ROOT = Path(__file__).parent.parent
 EXAMPLE_TEXT = (ROOT / "config.example.yaml").read_text(encoding="utf-8")
 EXAMPLE_DOC: dict[str, Any] = yaml.safe_load(EXAMPLE_TEXT)
-FILENAME = "fuzz.yaml"
+FILENAME = str(ROOT / "fuzz.yaml")
+"""Beside config.example.yaml, whose certificate paths (examples/tls/...) are read
+relative to the config file: from here they are found wherever pytest runs."""
 PROBLEM_LINE = re.compile(r".+:\d+: \S.*: .+")
 
 FUZZ = settings(
@@ -632,6 +634,8 @@ CLI_FILES: dict[str, tuple[str | bytes, int]] = {
 
 def run_check(tmp_path: Path, content: str | bytes) -> tuple[subprocess.CompletedProcess[str], str]:
     path = tmp_path / "hostile.yaml"
+    # config.example.yaml's certificates, where its relative paths look for them.
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:

@@ -1,10 +1,12 @@
-"""The deployment kit under deploy/: Kubernetes manifests, the compose try-out, the smoke script.
+"""The deployment kit under deploy/: Kubernetes manifests, the compose try-out, the smoke script;
+and the demo certificates config.example.yaml names, which the image carries.
 
 Nothing here starts a container: deploy/container-smoke.sh does that, with podman.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import re
 import shutil
@@ -17,14 +19,19 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from sidecar.config import Config, parse_config
+from sidecar.config import Config, load_config, parse_config
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 MANIFESTS = sorted(KUBERNETES.glob("*.yaml"))
 COMPOSE = DEPLOY / "compose.yaml"
+EXAMPLE = ROOT / "config.example.yaml"
+DEMO_CERTS = ROOT / "examples" / "tls"
 
 SIDECAR_USER = 10001
 """The Dockerfile's `USER`."""
@@ -360,12 +367,84 @@ def test_compose_prometheus_config_passes_promtool() -> None:
             timeout=60,
         )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 14 rules found" in result.stdout, result.stdout
+    assert "SUCCESS: 17 rules found" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("path", sorted((DEPLOY / "compose").glob("*.py")), ids=lambda p: p.name)
 def test_compose_scripts_compile(path: Path) -> None:
     compile(path.read_text(), str(path), "exec")
+
+
+# -- the example config's demo certificates -----------------------------------------
+
+
+def example_files() -> list[Path]:
+    """The files config.example.yaml names (its routes' `tls:` files), from the repository's
+    root."""
+    names: set[str] = set()
+    for route in load_config(str(EXAMPLE)).routes:
+        if route.tls is not None:
+            names.update(
+                f for f in (route.tls.ca_file, route.tls.cert_file, route.tls.key_file) if f
+            )
+    return sorted(Path(name).resolve().relative_to(ROOT.resolve()) for name in names)
+
+
+def test_the_image_carries_the_files_the_example_config_names() -> None:
+    """The image starts with config.example.yaml as /etc/sidecar/config.yaml: every file
+    it names must be in the build context and copied to the same place beside it, or the
+    image's own config fails (`sidecar run` exits 2)."""
+    files = example_files()
+    assert files, "config.example.yaml names no files: drop this test or the copies"
+    included = (ROOT / ".dockerignore").read_text().splitlines()
+    copies = [
+        line.split()[1:]
+        for line in (ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+    ]
+    for file in files:
+        assert f"!{file}" in included, f".dockerignore leaves {file} out of the build context"
+        (copy,) = [args for args in copies if str(file) in args[:-1]]
+        assert copy[-1] == f"/etc/sidecar/{file.parent}/", copy
+
+
+def certificate(name: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((DEMO_CERTS / name).read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "usage"),
+    [
+        ("client.pem", "client-key.pem", ExtendedKeyUsageOID.CLIENT_AUTH),
+        ("server.pem", "server-key.pem", ExtendedKeyUsageOID.SERVER_AUTH),
+    ],
+)
+def test_the_demo_certificates_hold_together(
+    cert: str, key: str, usage: x509.ObjectIdentifier
+) -> None:
+    """As examples/tls/make-certs.sh made them: signed by the demo CA, each with its key,
+    for its use, and good for years yet (or the example route stops working)."""
+    ca = certificate("ca.pem")
+    leaf = certificate(cert)
+    leaf.verify_directly_issued_by(ca)
+    private = load_pem_private_key((DEMO_CERTS / key).read_bytes(), password=None)
+    assert leaf.public_key() == private.public_key()
+    assert usage in leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    in_a_year = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365)
+    assert min(ca.not_valid_after_utc, leaf.not_valid_after_utc) > in_a_year, (
+        "the demo certificates expire within a year: run examples/tls/make-certs.sh"
+    )
+
+
+def test_the_demo_server_certificate_names_the_example_host() -> None:
+    """A stand-in provider on this machine (examples/tls/README.md) passes the name check
+    for the example route's host and for 127.0.0.1."""
+    names = certificate("server.pem").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    (route,) = [r for r in load_config(str(EXAMPLE)).routes if r.tls is not None]
+    assert route.host in names.value.get_values_for_type(x509.DNSName)
+    assert "127.0.0.1" in [str(ip) for ip in names.value.get_values_for_type(x509.IPAddress)]
 
 
 # -- the container smoke script -------------------------------------------------------

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import StartSidecar, Upstream
@@ -21,10 +24,12 @@ ROOT = Path(__file__).parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "sidecar-dashboard.json"
+README = ROOT / "README.md"
+DEMO_CERTS = ROOT / "examples" / "tls"
 SEVERITIES = {"critical", "warning", "info"}
 PER_ROUTE = re.compile(
     r"\bsidecar_(breaker|requests|rejected|upstream|in_flight|rate_limit|bulkhead|recovery|fallback"
-    r"|retries)"
+    r"|retries|websocket|connect_tunnels|tls)"
 )
 
 TARGET_LABELS = {"job", "instance"}
@@ -34,6 +39,14 @@ NOT_EXPORTED = {"up": TARGET_LABELS}
 
 ROUTES = """
 routes:
+  - name: provider
+    match: {host: provider.test}
+    upstream: PROVIDER_URL
+    connect: true
+    tls:
+      ca_file: DEMO_CERTS/ca.pem
+      cert_file: DEMO_CERTS/client.pem
+      key_file: DEMO_CERTS/client-key.pem
   - name: search
     match: {path_prefix: /search}
     upstream: UPSTREAM
@@ -58,7 +71,9 @@ routes:
 """
 """Every kind of route, so that the sidecar exports every series and label value it has
 (the rate-limit, bulkhead and fallback series exist only for routes that configure them,
-and the retry reasons beyond connect only for a route with a retry policy)."""
+the retry reasons beyond connect only for a route with a retry policy, and the two
+certificate expiry gauges only for an https route with a client certificate that has
+connected)."""
 
 
 def promtool() -> str:
@@ -125,11 +140,37 @@ GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^()]*)\)")
 
 
 @pytest.fixture
+async def provider() -> AsyncIterator[str]:
+    """An HTTPS upstream with the example's demo server certificate, which wants a client
+    certificate the demo CA signed (mTLS), as config.example.yaml's sms-gateway does."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=DEMO_CERTS / "ca.pem")
+    context.load_cert_chain(DEMO_CERTS / "server.pem", DEMO_CERTS / "server-key.pem")
+    context.verify_mode = ssl.CERT_REQUIRED
+
+    async def hello(_request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(ssl=context)
+    yield f"https://127.0.0.1:{server.port}"
+    await server.close()
+
+
+@pytest.fixture
 async def exported(
-    start_sidecar: StartSidecar, upstream: Upstream, http: aiohttp.ClientSession
+    start_sidecar: StartSidecar,
+    upstream: Upstream,
+    provider: str,
+    http: aiohttp.ClientSession,
 ) -> dict[str, dict[str, set[str]]]:
     """Each sample name a running sidecar's /metrics shows: its labels and their values."""
-    sc = await start_sidecar(ROUTES.replace("UPSTREAM", upstream.url))
+    routes = ROUTES.replace("PROVIDER_URL", provider).replace("DEMO_CERTS", str(DEMO_CERTS))
+    sc = await start_sidecar(routes.replace("UPSTREAM", upstream.url))
+    # One call through the https route, so that its upstream's certificate is seen.
+    async with http.get(f"{sc.proxy}/", headers={"Host": "provider.test"}) as response:
+        assert response.status == 200, await response.text()
     async with http.get(f"{sc.admin}/metrics") as response:
         text = await response.text()
     series: dict[str, dict[str, set[str]]] = {
@@ -280,15 +321,43 @@ def test_the_dashboard_shows_the_retries() -> None:
     )
 
 
+def test_the_dashboard_shows_the_protocols() -> None:
+    """Issue 16: sessions and tunnels open, those turned away at the cap, TLS failures, and
+    the days left on both certificates."""
+    everything = dashboard_queries()
+    for series in ("sidecar_websocket_sessions", "sidecar_connect_tunnels"):
+        assert re.search(r"sum by \(route\) \(" + series + r"\{", everything), series
+    assert re.search(
+        r"sum by \(route\) \(rate\(sidecar_rejected_requests_total\{[^}]*"
+        r'reason="websocket_sessions_full"',
+        everything,
+    )
+    assert re.search(
+        r'sum by \(route\) \(rate\(sidecar_upstream_failures_total\{[^}]*kind="tls"', everything
+    )
+    for series in (
+        "sidecar_tls_client_cert_expiry_timestamp_seconds",
+        "sidecar_upstream_tls_cert_expiry_timestamp_seconds",
+    ):
+        assert re.search(r"\(" + series + r"\{[^}]*\} - time\(\)\) / 86400", everything), series
+    rows = [p["title"] for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] == "row"]
+    assert "Protocols" in rows
+
+
 def test_each_rejection_reason_has_one_owning_alert() -> None:
     """A 429 or a full bulkhead never raises the breaker's alerts, and the other way round."""
     exprs = {rule["alert"]: rule["expr"] for rule in alert_rules()}
     breaker = exprs["SidecarHighRejectionRatio"]
     assert 'reason=~"circuit_open|circuit_half_open|circuit_recovering"' in breaker
     assert "rate_limited" not in breaker and "bulkhead_full" not in breaker
+    assert "websocket_sessions_full" not in breaker  # a cap reached: the upstream is fine
     assert 'reason="rate_limited"' in exprs["SidecarRateLimited"]
     assert "unless on (job, instance, route)" in exprs["SidecarRateLimited"]
     assert 'reason="bulkhead_full"' in exprs["SidecarBulkheadFull"]
+    assert 'reason="websocket_sessions_full"' in exprs["SidecarWebSocketSessionsFull"]
+    for name, expr in exprs.items():
+        if name != "SidecarWebSocketSessionsFull":
+            assert "websocket_sessions_full" not in expr, name
     # A retry denial is no rejection: only the budget's own denials raise its alert.
     budget = exprs["SidecarRetryBudgetExhausted"]
     assert 'sidecar_retries_denied_total{reason="budget"}' in budget
@@ -298,3 +367,42 @@ def test_each_rejection_reason_has_one_owning_alert() -> None:
         for name, expr in exprs.items()
         if name != "SidecarRetryBudgetExhausted"
     )
+
+
+# -- the README -----------------------------------------------------------------------------
+
+DOCUMENTED_VALUES = {
+    "sidecar_rejected_requests_total": "reason",
+    "sidecar_upstream_failures_total": "kind",
+    "sidecar_breaker_state": "state",
+    "sidecar_retries_denied_total": "reason",
+    "sidecar_upstream_tries_total": "result",
+}
+"""Series whose label values the README's Metrics table lists in full."""
+
+
+def readme_metrics_table() -> dict[str, str]:
+    """The README's Metrics table: each series' name and its row."""
+    section = README.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        match = re.match(r"\| `(sidecar_\w+)` \|", line)
+        if match:
+            rows[match.group(1)] = line
+    return rows
+
+
+def test_the_readme_documents_every_series_the_sidecar_exports(
+    exported: dict[str, dict[str, set[str]]],
+) -> None:
+    rows = readme_metrics_table()
+    for name, labels in exported.items():
+        if not name.startswith("sidecar_"):
+            continue
+        documented = name if name in rows else re.sub(r"_(bucket|sum|count)$", "", name)
+        assert documented in rows, f"the README's Metrics table has no {name}"
+        label = DOCUMENTED_VALUES.get(name)
+        for value in sorted(labels.get(label, ())) if label else ():
+            assert f"`{value}`" in rows[documented], f"the README's {name} row lacks {value}"
+    for name in rows:
+        assert name in exported or f"{name}_bucket" in exported, f"the README names {name}"
