@@ -17,10 +17,20 @@ def read_small_file(path: str, limit: int) -> bytes:
     try:
         # Not blocking: a FIFO (or a device) must be refused, never waited on.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
                 raise FileProblem(f"{path}: is not a regular file")
-            data = f.read(limit + 1)
+            data = b""
+            while len(data) <= limit:
+                chunk = os.read(fd, limit + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise FileProblem(f"{path}: no such file") from None
     except IsADirectoryError:

@@ -507,6 +507,9 @@ class Channel:
         if transport is not None:
             transport.close()
 
+    def abort(self) -> None:
+        self._conn.abort()
+
 
 class _BodyAfterUpgrade:
     """The parser's callbacks on a connection whose upgrade request had a body (see

@@ -249,11 +249,7 @@ class Proxy:
             request.answer(*_NO_ROUTE)
             return
         request.route = target.route.name
-        if (
-            upgrade
-            and target.metrics.sessions.admitted >= target.route.max_websocket_sessions
-            and is_websocket(request)
-        ):
+        if upgrade and _sessions_at_cap(target, request):
             request.answer(*_sessions_full(target))
             return
         if request.noted & _UNUSUAL:  # a body, `Expect`: checks most requests need not make
@@ -301,6 +297,7 @@ class Proxy:
         where = _authority(request.target)
         target = self._tunnels.get(where) if where is not None else None
         if target is None:
+            self._metrics.unrouted += 1  # (no route tunnels it: as good as no route)
             request.answer(*_CONNECT_NOT_ALLOWED, close=True)
             return
         request.route = target.route.name
@@ -445,6 +442,13 @@ def _rate_limited(target: Target, seconds: int) -> Answer:
     return _rejected(target, "rate_limited", answer)
 
 
+def _sessions_at_cap(target: Target, request: Request) -> bool:
+    """Whether `request` is a WebSocket handshake its route has no room for."""
+    return target.metrics.sessions.admitted >= target.route.max_websocket_sessions and is_websocket(
+        request
+    )
+
+
 def _sessions_full(target: Target) -> Answer:
     """503 `websocket_sessions_full`, `Retry-After: 1` (or the route's fallback)."""
     answers = target.answers
@@ -520,6 +524,9 @@ class Queued:
         if not request.connected:
             return False  # gone (it is being cut off): nothing to forward for it
         target = self._target
+        if request.upgrade_tail is not None and _sessions_at_cap(target, request):
+            request.answer(*_sessions_full(target))  # filled while it waited
+            return False
         breaker = target.breaker
         try:
             # The ramp let it through on arrival, unless the route has opened and closed

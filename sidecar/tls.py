@@ -53,6 +53,8 @@ class TlsContext(ssl.SSLContext):
     when each server's certificate expires."""
 
     sessions: dict[str | None, ssl.SSLSession]
+    presents_certificate = False
+    """A client certificate is configured (mTLS): an upstream may refuse it."""
     not_after: dict[str, float]
     """The upstream's leaf certificate's expiry (Unix time) by server name, as last seen."""
 
@@ -146,6 +148,7 @@ def build_context(settings: TlsSettings) -> TlsSettings:
                 "cert_file", f"{settings.cert_file}: not a PEM certificate"
             ) from None
         expiry = loaded.not_valid_after_utc.timestamp()
+        context.presents_certificate = True
         try:
             context.load_cert_chain(settings.cert_file, settings.key_file, password=_no_password)
         except (ssl.SSLError, ValueError, OSError) as e:

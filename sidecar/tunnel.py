@@ -25,7 +25,11 @@ if TYPE_CHECKING:
     from sidecar.listener import Channel
     from sidecar.upstream_pool import Connection
 
-__all__ = ["Tunnel"]
+__all__ = ["FLUSH_TIMEOUT", "Tunnel"]
+
+FLUSH_TIMEOUT = 60.0
+"""Seconds a side closed by the tunnel's end may take to take what was written to it
+(the client write timeout's default), before it is cut off."""
 
 
 class Tunnel:
@@ -56,8 +60,9 @@ class Tunnel:
         self._pending: list[bytes] | None = None
         """What the upstream sent before the client's side was open."""
         self._ended = False
-        self._last = timers.time()
-        self._timer: Timer | None = timers.call_at(self._last + idle, self._idle_check)
+        self._last = 0.0
+        self._timer: Timer | None = None
+        """The idle timeout's, from the moment both sides are open."""
         self.client_side = _ClientSide(self)
         """The `Relay` the listener hands the client's bytes to."""
         self.upstream_side = _UpstreamSide(self)
@@ -74,9 +79,11 @@ class Tunnel:
         for data in pending or ():
             channel.write(data)
         if self._ended:
-            channel.close()  # the upstream has been and gone: what it said, then the end
+            self._shut(channel)  # the upstream has been and gone: what it said, then the end
             return
         self._channel = channel
+        self._last = self._timers.time()
+        self._timer = self._timers.call_at(self._last + self._idle, self._idle_check)
         if pending is not None and self.upstream is not None:
             self.upstream.resume_reading()
 
@@ -125,8 +132,15 @@ class Tunnel:
     def _closed(self, other: _Side | None) -> None:
         """One side closed: so does `other`, once what was written to it is out."""
         if other is not None:
-            other.close()
+            self._shut(other)
         self._end()
+
+    def _shut(self, side: _Side) -> None:
+        """Close `side` once what was written to it is out, but no later than
+        `FLUSH_TIMEOUT` from now: a peer that stopped reading must not keep it open for
+        ever (nothing else would close it: the tunnel has ended)."""
+        side.close()
+        self._timers.call_at(self._timers.time() + FLUSH_TIMEOUT, side.abort)
 
     def close(self) -> None:
         """End it from outside (a client that never got its answer): both sides closed."""
@@ -146,10 +160,10 @@ class Tunnel:
             return
         channel, self._channel = self._channel, None
         if channel is not None:
-            channel.close()
+            self._shut(channel)
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
-            upstream.close()
+            self._shut(upstream)
         self._end()
 
     def _end(self) -> None:
@@ -166,6 +180,8 @@ class _Side(Protocol):
     """Either end of a tunnel: the client's `Channel`, the upstream's `Connection`."""
 
     def close(self) -> None: ...
+
+    def abort(self) -> None: ...
 
     def pause_reading(self) -> None: ...
 

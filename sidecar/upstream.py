@@ -381,8 +381,17 @@ class Call:
         if connection is not None:
             connection.abort()
         failure = translate(error, after_headers=self.answered)
-        if self._reused and not self.answered and isinstance(error, Disconnected):
-            failure.stale = True
+        if not self.answered and isinstance(error, Disconnected):
+            if self._reused:
+                failure.stale = True
+            elif getattr(self._origin.ssl, "presents_certificate", False):
+                # A new mTLS connection closed before any answer: under TLS 1.3 the
+                # upstream judges our certificate only after the handshake, and a
+                # refusal without an alert (asyncio's servers send none) looks so.
+                failure = UpstreamTlsError(
+                    f"the upstream closed a new TLS connection before answering (our "
+                    f"client certificate refused?): {error}"
+                )
         self._fail(failure)
 
     def wire_writable(self, writable: bool) -> None:

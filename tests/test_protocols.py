@@ -4,15 +4,19 @@ lines and warnings, and each route's entry in `/breakers`."""
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from sidecar.breaker import State
+from sidecar.files import FileProblem, read_small_file
+from sidecar.tunnel import FLUSH_TIMEOUT
 from tests.certs import make_pki, server_context, tls_upstream
 from tests.conftest import StartSidecar, connect, eventually
 
@@ -345,3 +349,182 @@ routes:
             assert await ws.receive_str() == "after"
     finally:
         await runner.cleanup()
+
+
+async def test_handshakes_that_waited_in_the_bulkhead_queue_still_meet_the_cap(
+    start_sidecar: StartSidecar, http: aiohttp.ClientSession
+) -> None:
+    """Two handshakes queue behind a plain request holding the route's one bulkhead slot,
+    each with room under `max_websocket_sessions: 1` when it came: when the slot frees,
+    the first opens its session and the second, for which there is no room any more,
+    gets 503 `websocket_sessions_full`."""
+    release = asyncio.Event()
+
+    async def slow(_request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="slow")
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(message.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/ws", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        sc = await start_sidecar(f"""
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: http://127.0.0.1:{runner.addresses[0][1]}
+    max_websocket_sessions: 1
+    bulkhead: {{max_concurrent: 1, max_queued: 5, queue_timeout: 30s}}
+""")
+        holder = asyncio.ensure_future(http.get(sc.proxy + "/slow"))
+        queued = "sidecar_bulkhead_queued_requests"
+        await eventually(lambda: sc.sample("sidecar_bulkhead_in_flight_requests", route="api") == 1)
+        first = asyncio.ensure_future(http.ws_connect(sc.proxy + "/ws"))
+        await eventually(lambda: sc.sample(queued, route="api") == 1)
+        second = asyncio.ensure_future(http.ws_connect(sc.proxy + "/ws"))
+        await eventually(lambda: sc.sample(queued, route="api") == 2)
+        release.set()
+        async with await holder as response:
+            assert response.status == 200
+        ws = await first
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await second
+        assert refused.value.status == 503
+        assert (
+            sc.sample(
+                "sidecar_rejected_requests_total", route="api", reason="websocket_sessions_full"
+            )
+            == 1
+        )
+        assert sc.sample("sidecar_websocket_sessions", route="api") == 1
+        await ws.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_side_that_never_reads_is_cut_off_after_the_flush_timeout(
+    start_sidecar: StartSidecar,
+) -> None:
+    """The client floods a tunnel whose upstream reads nothing, until the idle timeout
+    ends it (fake time): its upstream connection, closed once what was written to it is
+    out, is cut off after `FLUSH_TIMEOUT` since that never comes."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_reads(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        sc = await start_sidecar(
+            f"""
+routes:
+  - name: provider
+    match: {{host: provider.test}}
+    upstream: http://127.0.0.1:{port}
+    connect: true
+""",
+            fake_timers=True,
+        )
+        pool = sc.sidecar._pool
+        assert pool is not None
+        reader, writer = await connect(sc.proxy)
+        writer.write(f"CONNECT provider.test:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        chunk = b"x" * 65536
+        for _ in range(256):  # 16 MiB: more than the kernel's buffers on both hops hold
+            writer.write(chunk)
+        await eventually(lambda: len(pool._connections) == 1)
+        [upstream] = pool._connections
+        await eventually(lambda: upstream.writing_paused)  # bytes the upstream will never take
+        # Both ways stalled (the sidecar reads no more from the client it cannot pass
+        # on), until the idle timeout ends the tunnel.
+        sc.clock.advance(3601)
+        tunnels = "sidecar_connect_tunnels"
+        await eventually(lambda: sc.sample(tunnels, route="provider") == 0)
+        assert pool.open_connections == 1  # closing, but its bytes are not out
+        sc.clock.advance(FLUSH_TIMEOUT + 1)
+        await eventually(lambda: pool.open_connections == 0)
+        writer.transport.abort()
+    finally:
+        for accepted_writer in accepted:
+            accepted_writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+def test_reading_a_directory_as_a_file_leaks_no_descriptor(tmp_path: Path) -> None:
+    """`ca_file: /etc/ssl/certs` (a directory) fails every reload: each must give its file
+    descriptor back."""
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(FileProblem, match="is a directory"):
+            read_small_file(str(tmp_path), 1024)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_an_mtls_refusal_under_tls_13_without_an_alert_is_a_tls_error(
+    start_sidecar: StartSidecar, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Under TLS 1.3 the upstream judges the client certificate after the handshake; an
+    asyncio (aiohttp) upstream refusing it then closes the new connection without an
+    alert. For a route that presents a certificate, that is 502 `upstream_tls_error`,
+    kind `tls`."""
+    pki = make_pki(tmp_path)
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    context = server_context(pki.server, pki.client_ca, min_version=ssl.TLSVersion.TLSv1_3)
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
+    port = runner.addresses[0][1]
+    try:
+        sc = await start_sidecar(f"""
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: https://127.0.0.1:{port}
+    tls: {{ca_file: {pki.ca.cert}, cert_file: {pki.stranger.cert}, key_file: {pki.stranger.key}}}
+""")
+        async with http.get(sc.proxy + "/") as response:
+            assert (response.status, await response.json()) == (
+                502,
+                {"error": "upstream_tls_error", "route": "api"},
+            )
+        assert sc.sample("sidecar_upstream_failures_total", route="api", kind="tls") == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_connect_no_route_tunnels_is_counted_as_unrouted(
+    start_sidecar: StartSidecar,
+) -> None:
+    """A service that sends CONNECTs the sidecar refuses (a host missing from its
+    `NO_PROXY`, say) shows in `sidecar_unrouted_requests_total`."""
+    sc = await start_sidecar("""
+routes:
+  - name: api
+    match: {host: api.test}
+    upstream: http://127.0.0.1:9
+""")
+    for _ in range(3):
+        reader, writer = await connect(sc.proxy)
+        writer.write(b"CONNECT api.test:9 HTTP/1.1\r\nHost: api.test:9\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 405 ")
+    assert sc.sample("sidecar_unrouted_requests_total") == 3
