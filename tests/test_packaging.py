@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -94,3 +96,61 @@ def test_the_client_micro_benchmark_runs() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split()[0] for line in result.stdout.splitlines()[1:]]
     assert rows == ["aiohttp-session", "lean-prototype"]
+
+
+def test_the_websocket_echo_benchmark_runs() -> None:
+    """Half a second of echoes straight and through the sidecar, so that the benchmark never
+    rots; its figures (issue 16, with nginx beside them) go in benchmarks/RESULTS.md."""
+    result = run(
+        sys.executable,
+        "benchmarks/websocket_echo.py",
+        "--rounds",
+        "1",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--sessions",
+        "1,10",
+        "--targets",
+        "direct,sidecar",
+        "--no-quiet",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [
+        line.split()[:2]
+        for line in result.stdout.splitlines()
+        if re.match(r"\s+\d+ (direct|sidecar) ", line)
+    ]
+    assert rows == [["1", "direct"], ["1", "sidecar"], ["10", "direct"], ["10", "sidecar"]]
+    assert "10 sessions, sidecar: " in result.stdout
+
+
+def test_the_tls_origination_benchmark_runs() -> None:
+    """A second of load through each proxy over TLS, so that the benchmark never rots; its
+    figures (issue 16) go in benchmarks/RESULTS.md. It needs nginx (the upstream) and wrk."""
+    sbin = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    missing = [name for name in ("nginx", "wrk") if shutil.which(name, path=sbin) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} missing: apt-get install -y nginx-light wrk")
+    result = run(
+        sys.executable,
+        "benchmarks/tls_origination.py",
+        "--rounds",
+        "1",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--only",
+        "nginx-https,sidecar-https",
+        "--no-quiet",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [
+        line.split()[0]
+        for line in result.stdout.splitlines()
+        if line.startswith(("nginx-https ", "sidecar-https "))
+    ]
+    assert rows == ["nginx-https", "sidecar-https"]
+    assert "sidecar-https / nginx-https req/s: " in result.stdout
