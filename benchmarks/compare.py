@@ -413,12 +413,15 @@ def _tool_path(name: str) -> str:
     return path
 
 
-def nginx_command(ctx: Context, port: int) -> list[str]:
-    """nginx-light: one worker, access log off, upstream keep-alive; every path in the tmp dir."""
-    prefix = ctx.tmp / f"nginx-{port}"
-    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+def nginx_argv(prefix: Path, http: str) -> list[str]:
+    """nginx with one worker and no access log, every path it writes under `prefix` (made
+    here), `http` (directives indented four spaces) inside `http { }`: its argv."""
     prefix.mkdir()
-    temp = {key: prefix / key for key in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    temps = "\n".join(
+        f"    {key}_temp_path {prefix / key};"
+        for key in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     config = f"""
 worker_processes 1;
 worker_rlimit_nofile {files};
@@ -430,25 +433,8 @@ events {{
 }}
 http {{
     access_log off;
-    client_body_temp_path {temp["client_body"]};
-    proxy_temp_path {temp["proxy"]};
-    fastcgi_temp_path {temp["fastcgi"]};
-    uwsgi_temp_path {temp["uwsgi"]};
-    scgi_temp_path {temp["scgi"]};
-    keepalive_requests 1000000;
-    upstream backend {{
-        server {HOST}:{ctx.upstream_port};
-        keepalive 64;
-        keepalive_requests 1000000;
-    }}
-    server {{
-        listen {HOST}:{port};
-        location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
+{temps}
+{http}
 }}
 """
     path = prefix / "nginx.conf"
@@ -462,6 +448,35 @@ http {{
         "-c",
         str(path),
     ]
+
+
+def nginx_proxy_directives(
+    port: int, upstream: str, scheme: str = "http", location: str = ""
+) -> str:
+    """nginx's `http { }` directives for a proxy on `port` to `upstream` (HOST:PORT) over
+    `scheme`, with upstream keep-alive; `location`: more directives for `location /`."""
+    return f"""    upstream backend {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {HOST}:{port};
+        location / {{
+            proxy_pass {scheme}://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";{location}
+        }}
+    }}"""
+
+
+def nginx_command(ctx: Context, port: int) -> list[str]:
+    """nginx-light: one worker, access log off, upstream keep-alive; every path in the tmp dir."""
+    return nginx_argv(
+        ctx.tmp / f"nginx-{port}",
+        "    keepalive_requests 1000000;\n"
+        + nginx_proxy_directives(port, f"{HOST}:{ctx.upstream_port}"),
+    )
 
 
 def haproxy_command(ctx: Context, port: int) -> list[str]:
@@ -695,6 +710,99 @@ def cpu_ticks(cpu: str) -> tuple[int, int]:
                 numbers = [int(v) for v in values[:8]]
                 return numbers[7], sum(numbers)
     return 0, 0
+
+
+def steal_seconds() -> dict[str, float]:
+    """Seconds each CPU's time was stolen by the hypervisor so far (/proc/stat)."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *values = line.split()
+            if name.startswith("cpu") and name != "cpu" and len(values) > 7:
+                found[name[3:]] = int(values[7]) / _TICK
+    return found
+
+
+def all_tasks() -> dict[str, int]:
+    """CPU nanoseconds so far of every thread of every process (their schedstat), by
+    /proc path: what the measured processes did not use of it in a window was used by
+    something else (kernel threads, another job on the machine)."""
+    found = {}
+    for path in Path("/proc").glob("[0-9]*/task/*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            found[str(path)] = int(path.read_text().split()[0])
+    return found
+
+
+def tasks_seconds(before: dict[str, int], after: dict[str, int]) -> float:
+    """CPU seconds all threads used between two `all_tasks()` (a thread that ended in
+    between is left out: its last figures are gone)."""
+    return sum(ns - before.get(path, 0) for path, ns in after.items()) / 1e9
+
+
+# -- a quiet machine (websocket_echo.py, tls_origination.py) ------------------------
+
+
+QUIET_PCT = 10.0
+"""A run during which the machine's other threads used more than this (% of one CPU) was
+disturbed: it is run again (twice at most), and the report counts those it kept."""
+QUIET_PATIENCE = 120.0
+"""Seconds to wait, before a run, for the machine to be quiet; then it runs anyway."""
+QUIET_ATTEMPTS = 3
+"""Runs of one measurement at the most: the first, and two more when others disturbed it."""
+
+
+def wait_quiet(limit: float = QUIET_PCT, patience: float = QUIET_PATIENCE) -> None:
+    """Wait (`patience` seconds at most) until every thread on the machine together uses
+    less than `limit` % of a CPU over a second (the benchmark's own servers idle then): on a
+    shared machine another job's burst would otherwise land in a run."""
+    deadline = time.monotonic() + patience
+    said = False
+    while True:
+        before = all_tasks()
+        time.sleep(1.0)
+        busy = 100 * tasks_seconds(before, all_tasks())
+        if busy < limit:
+            return
+        if time.monotonic() > deadline:
+            print(f"  (the machine is still busy, {busy:.0f} % of a CPU: running anyway)")
+            return
+        if not said:
+            print(f"  (the machine is busy, {busy:.0f} % of a CPU: waiting for it to calm)")
+            said = True
+        time.sleep(2.0)
+
+
+def once_more(quiet: bool, others_pct: float, attempt: int) -> bool:
+    """Whether to run again the measurement just taken (attempt 0, 1, ...), during which
+    others used `others_pct` % of a CPU: with `quiet`, when that is over QUIET_PCT and
+    attempts are left (it says so)."""
+    if not quiet or others_pct <= QUIET_PCT or attempt == QUIET_ATTEMPTS - 1:
+        return False
+    print("  (disturbed: once more)", flush=True)
+    return True
+
+
+def disturbed_note(kept: list[str]) -> list[str]:
+    """The report's line on the runs kept although others disturbed them (`kept`: each
+    such run, and by how much), or none."""
+    if not kept:
+        return []
+    return [
+        f"{len(kept)} of the runs kept were disturbed (others over {QUIET_PCT:g} % of a CPU, "
+        "three times in a row): " + ", ".join(kept)
+    ]
+
+
+def add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    """`--no-quiet` (`args.quiet` False): neither wait for a quiet machine nor run again."""
+    parser.add_argument(
+        "--no-quiet",
+        dest="quiet",
+        action="store_false",
+        help=f"do not wait for the machine to be quiet before each run, nor run again one "
+        f"that others disturbed (over {QUIET_PCT:g} %% of a CPU)",
+    )
 
 
 def rss_kib(pid: int) -> int:
@@ -1084,6 +1192,27 @@ def measure_memory(ctx: Context, args: argparse.Namespace) -> list[MemoryResult]
     return found
 
 
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def nginx_report_head(machine: str) -> list[str]:
+    """The first lines of websocket_echo.py's and tls_origination.py's reports: the date,
+    `machine`, the sidecar's revision, nginx's version."""
+    nginx = which("nginx")
+    return [
+        f"date      {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"machine   {machine}",
+        f"sidecar   {sidecar_revision()}",
+        f"nginx     {tool_version([nginx, '-v']) if nginx else 'not installed'}",
+    ]
+
+
 def describe_machine(extra: list[str]) -> list[str]:
     try:
         import aiohttp
@@ -1097,12 +1226,7 @@ def describe_machine(extra: list[str]) -> list[str]:
         uvloop_version = f"yes ({getattr(uvloop, '__version__', '?')})"
     except ImportError:
         uvloop_version = "no"
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     distro = ""
     with contextlib.suppress(OSError):
         for line in Path("/etc/os-release").read_text().splitlines():
@@ -1273,9 +1397,16 @@ def _ms(value: float, sign: bool = False) -> str:
     return f"{value:+.2f}" if sign else f"{value:.2f}"
 
 
-def _median(values: list[float]) -> float:
+def median(values: list[float]) -> float:
     values = [v for v in values if not math.isnan(v)]
     return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """'median, min..max' of per-round figures."""
+    if not values:
+        return "-"
+    return f"{format(median(values), fmt)}, {format(min(values), fmt)}..{format(max(values), fmt)}"
 
 
 @dataclass
@@ -1395,15 +1526,15 @@ def summarize(results: Results) -> dict[str, Summary]:
                     added50.append(mine.p50_ms - ref.p50_ms)
                     added99.append(mine.p99_ms - ref.p99_ms)
             latency[rate] = LatencySummary(
-                achieved=_median([r.achieved for r in own]),
-                p50_ms=_median([r.p50_ms for r in own]),
-                p99_ms=_median([r.p99_ms for r in own]),
-                p999_ms=_median([r.p999_ms for r in own]),
-                added_p50_ms=_median(added50),
-                added_p99_ms=_median(added99),
-                cpu_busy_pct=_median([r.cpu_busy_pct for r in own]),
-                server_cpu_us=_median([r.server_cpu_us for r in own]),
-                upstream_cpu_us=_median([r.upstream_cpu_us for r in own]),
+                achieved=median([r.achieved for r in own]),
+                p50_ms=median([r.p50_ms for r in own]),
+                p99_ms=median([r.p99_ms for r in own]),
+                p999_ms=median([r.p999_ms for r in own]),
+                added_p50_ms=median(added50),
+                added_p99_ms=median(added99),
+                cpu_busy_pct=median([r.cpu_busy_pct for r in own]),
+                server_cpu_us=median([r.server_cpu_us for r in own]),
+                upstream_cpu_us=median([r.upstream_cpu_us for r in own]),
                 slow_rounds=sum(not r.kept_up for r in own),
                 rounds=len(own),
                 min_achieved=min(r.achieved for r in own),
@@ -1412,16 +1543,16 @@ def summarize(results: Results) -> dict[str, Summary]:
         out[name] = Summary(
             name=name,
             rps=statistics.median(m.throughput.rps for m in runs),
-            p50_ms=_median([m.throughput.p50_ms for m in runs]),
-            p99_ms=_median([m.throughput.p99_ms for m in runs]),
-            cpu_us=_median([m.throughput.server_cpu_us for m in runs]),
-            upstream_cpu_us=_median([m.throughput.upstream_cpu_us for m in runs]),
-            steal_pct=_median([m.throughput.steal_pct for m in runs]),
+            p50_ms=median([m.throughput.p50_ms for m in runs]),
+            p99_ms=median([m.throughput.p99_ms for m in runs]),
+            cpu_us=median([m.throughput.server_cpu_us for m in runs]),
+            upstream_cpu_us=median([m.throughput.upstream_cpu_us for m in runs]),
+            steal_pct=median([m.throughput.steal_pct for m in runs]),
             per_round=[m.throughput.rps for m in runs],
             latency=latency,
-            many_rps=_median([w.rps for w in many]),
+            many_rps=median([w.rps for w in many]),
             many_per_round=[w.rps for w in many],
-            many_errors=_median([float(w.socket_errors) for w in many]),
+            many_errors=median([float(w.socket_errors) for w in many]),
         )
     return out
 

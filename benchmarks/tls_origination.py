@@ -45,8 +45,6 @@ import http.client
 import ipaddress
 import os
 import platform
-import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -56,25 +54,35 @@ from pathlib import Path
 
 from compare import (
     HOST,
+    QUIET_ATTEMPTS,
+    QUIET_PCT,
     SERVER_CPU,
     SETUPS,
     BenchError,
     Processes,
     WrkResult,
+    add_quiet_option,
+    all_tasks,
     cpu_seconds,
     cpu_ticks,
+    disturbed_note,
     ensure_tools,
     free_port,
+    median,
+    nginx_argv,
+    nginx_proxy_directives,
+    nginx_report_head,
+    once_more,
     pinned,
     raise_open_files,
     run_wrk,
-    sidecar_revision,
+    spread,
     tail,
+    tasks_seconds,
     tool_version,
     wait_for_port,
-    which,
+    wait_quiet,
 )
-from websocket_echo import QUIET_PCT, all_tasks, tasks_seconds, wait_quiet
 
 BODY = "x" * 99 + "\n"
 SERVER_NAME = "localhost"
@@ -164,39 +172,13 @@ def make_pki(directory: Path) -> Pki:
 # -- servers ------------------------------------------------------------------------------
 
 
-def nginx_argv(tmp: Path, name: str, http_block: str) -> list[str]:
-    """nginx with one worker, no access log, every path in `tmp`; `http_block` inside
-    `http { }`."""
-    prefix = tmp / name
-    prefix.mkdir()
-    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    temps = "\n".join(
-        f"    {key}_temp_path {prefix / key};"
-        for key in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+def nginx(tmp: Path, name: str, http_block: str) -> list[str]:
+    """nginx with one worker, no access log, every path in `tmp / name`, client
+    connections kept alive as long as wrk needs; `http_block` inside `http { }`."""
+    return nginx_argv(
+        tmp / name,
+        f"    keepalive_requests 1000000;\n    keepalive_timeout 75s;\n{http_block}",
     )
-    config = f"""
-worker_processes 1;
-worker_rlimit_nofile {files};
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{
-    worker_connections {files // 2};
-}}
-http {{
-    access_log off;
-{temps}
-    keepalive_requests 1000000;
-    keepalive_timeout 75s;
-{http_block}
-}}
-"""
-    path = prefix / "nginx.conf"
-    path.write_text(config.lstrip())
-    nginx = which("nginx")
-    if nginx is None:
-        raise BenchError("nginx is not installed")
-    return [nginx, "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(path)]
 
 
 def upstream_argv(tmp: Path, pki: Pki, http_port: int, https_port: int) -> list[str]:
@@ -206,7 +188,7 @@ def upstream_argv(tmp: Path, pki: Pki, http_port: int, https_port: int) -> list[
             add_header {TLS_HEADER} $ssl_protocol;
             return 200 "{BODY.rstrip()}\\n";
         }}"""
-    return nginx_argv(
+    return nginx(
         tmp,
         "upstream",
         f"""
@@ -240,6 +222,7 @@ class Setup:
 def nginx_proxy(tls: bool) -> Callable[[Path, Pki, Ports, int], list[str]]:
     def command(tmp: Path, pki: Pki, upstream: Ports, port: int) -> list[str]:
         scheme = "https" if tls else "http"
+        address = upstream.https if tls else upstream.http
         ssl = (
             f"""
             proxy_ssl_verify on;
@@ -252,23 +235,10 @@ def nginx_proxy(tls: bool) -> Callable[[Path, Pki, Ports, int], list[str]]:
             if tls
             else ""
         )
-        return nginx_argv(
+        return nginx(
             tmp,
             f"nginx-{scheme}-{port}",
-            f"""
-    upstream backend {{
-        server {HOST}:{upstream.https if tls else upstream.http};
-        keepalive 64;
-        keepalive_requests 1000000;
-    }}
-    server {{
-        listen {HOST}:{port};
-        location / {{
-            proxy_pass {scheme}://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";{ssl}
-        }}
-    }}""",
+            "\n" + nginx_proxy_directives(port, f"{HOST}:{address}", scheme, ssl),
         )
 
     return command
@@ -396,17 +366,6 @@ def measure(
     )
 
 
-def median(values: list[float]) -> float:
-    values = [v for v in values if v == v]
-    return statistics.median(values) if values else float("nan")
-
-
-def spread(values: list[float], fmt: str) -> str:
-    if not values:
-        return "-"
-    return f"{format(median(values), fmt)}, {format(min(values), fmt)}..{format(max(values), fmt)}"
-
-
 Results = dict[str, list[Measurement]]
 """By setup, one measurement a round, in round order."""
 
@@ -473,13 +432,11 @@ def report(results: Results, args: argparse.Namespace, machine: list[str]) -> li
 def describe(args: argparse.Namespace) -> list[str]:
     import ssl
 
-    nginx = which("nginx")
     return [
-        f"date      {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"machine   {os.cpu_count()} CPUs, Linux {platform.release()}, "
-        f"Python {platform.python_version()} ({ssl.OPENSSL_VERSION})",
-        f"sidecar   {sidecar_revision()}",
-        f"nginx     {tool_version([nginx, '-v']) if nginx else 'not installed'}",
+        *nginx_report_head(
+            f"{os.cpu_count()} CPUs, Linux {platform.release()}, "
+            f"Python {platform.python_version()} ({ssl.OPENSSL_VERSION})"
+        ),
         f"wrk       {tool_version(['wrk', '-v'])}",
         f"placement the proxy and the upstream (nginx, 1 worker) on CPU {SERVER_CPU}; wrk on CPU 1",
         f"load      wrk -t1 -c{args.connections} -d{args.duration:g}s (after {args.warmup:g}s "
@@ -506,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
             for n in range(args.rounds):
                 shift = n % len(setups)
                 for setup in setups[shift:] + setups[:shift]:
-                    for attempt in range(3):
+                    for attempt in range(QUIET_ATTEMPTS):
                         if args.quiet:
                             wait_quiet()
                         m = measure(processes, tmp, pki, ports, upstream.pid, setup, args)
@@ -516,25 +473,21 @@ def run(args: argparse.Namespace) -> int:
                             f"{m.upstream_us:5.1f} us/req  others {m.others_pct:3.0f} %",
                             flush=True,
                         )
-                        if not args.quiet or m.others_pct <= QUIET_PCT or attempt == 2:
+                        if not once_more(args.quiet, m.others_pct, attempt):
                             break
-                        print("  (disturbed: once more)", flush=True)
                     results.setdefault(setup.name, []).append(m)
         finally:
             processes.stop_all()
     print()
     lines = report(results, args, describe(args))
-    disturbed = [
-        f"{name} ({m.others_pct:.0f} %)"
-        for name, got in results.items()
-        for m in got
-        if m.others_pct > QUIET_PCT
-    ]
-    if disturbed:
-        lines.append(
-            f"{len(disturbed)} of the runs kept were disturbed (others over {QUIET_PCT:g} % of a "
-            "CPU, three times in a row): " + ", ".join(disturbed)
-        )
+    lines += disturbed_note(
+        [
+            f"{name} ({m.others_pct:.0f} %)"
+            for name, got in results.items()
+            for m in got
+            if m.others_pct > QUIET_PCT
+        ]
+    )
     print("\n".join(lines))
     print(f"took {(time.monotonic() - started) / 60:.1f} minutes")
     return 0
@@ -551,13 +504,7 @@ def main() -> int:
         default=",".join(SETUP_NAMES),
         help=f"setups, comma-separated, of {', '.join(SETUP_NAMES)} (default all)",
     )
-    parser.add_argument(
-        "--no-quiet",
-        dest="quiet",
-        action="store_false",
-        help=f"do not wait for the machine to be quiet before each run, nor run again one "
-        f"that others disturbed (over {QUIET_PCT:g} %% of a CPU)",
-    )
+    add_quiet_option(parser)
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s runs")
     args = parser.parse_args()
     if args.quick:

@@ -66,8 +66,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,19 +77,30 @@ from typing import Any, cast
 
 from compare import (
     HOST,
+    QUIET_ATTEMPTS,
+    QUIET_PCT,
     SETUPS,
     BenchError,
     Processes,
+    add_quiet_option,
+    all_tasks,
+    cpu_model,
     cpu_seconds,
+    disturbed_note,
     ensure_tools,
     free_port,
+    median,
+    nginx_argv,
+    nginx_report_head,
+    once_more,
     pinned,
     raise_open_files,
-    sidecar_revision,
+    spread,
+    steal_seconds,
     tail,
-    tool_version,
+    tasks_seconds,
     wait_for_port,
-    which,
+    wait_quiet,
 )
 from servekit import new_loop
 
@@ -353,65 +362,6 @@ class Session(asyncio.Protocol):
             self.transport.abort()
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def steal_seconds() -> dict[str, float]:
-    """Seconds each CPU's time was stolen by the hypervisor so far (/proc/stat)."""
-    found = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/stat").read_text().splitlines():
-            name, *values = line.split()
-            if name.startswith("cpu") and name != "cpu" and len(values) > 7:
-                found[name[3:]] = int(values[7]) / _TICK
-    return found
-
-
-def all_tasks() -> dict[str, int]:
-    """CPU nanoseconds so far of every thread of every process (their schedstat), by
-    /proc path: what the measured processes did not use of it in a window was used by
-    something else (kernel threads, another job on the machine)."""
-    found = {}
-    for path in Path("/proc").glob("[0-9]*/task/*/schedstat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            found[str(path)] = int(path.read_text().split()[0])
-    return found
-
-
-def tasks_seconds(before: dict[str, int], after: dict[str, int]) -> float:
-    """CPU seconds all threads used between two `all_tasks()` (a thread that ended in
-    between is left out: its last figures are gone)."""
-    return sum(ns - before.get(path, 0) for path, ns in after.items()) / 1e9
-
-
-QUIET_PCT = 10.0
-"""A run during which the machine's other threads used more than this (% of one CPU) was
-disturbed: it is run again (twice at most), and the report counts those it kept."""
-QUIET_PATIENCE = 120.0
-"""Seconds to wait, before a run, for the machine to be quiet; then it runs anyway."""
-
-
-def wait_quiet(limit: float = QUIET_PCT, patience: float = QUIET_PATIENCE) -> None:
-    """Wait (`patience` seconds at most) until every thread on the machine together uses
-    less than `limit` % of a CPU over a second (the benchmark's own servers idle then): on a
-    shared machine another job's burst would otherwise land in a run."""
-    deadline = time.monotonic() + patience
-    said = False
-    while True:
-        before = all_tasks()
-        time.sleep(1.0)
-        busy = 100 * tasks_seconds(before, all_tasks())
-        if busy < limit:
-            return
-        if time.monotonic() > deadline:
-            print(f"  (the machine is still busy, {busy:.0f} % of a CPU: running anyway)")
-            return
-        if not said:
-            print(f"  (the machine is busy, {busy:.0f} % of a CPU: waiting for it to calm)")
-            said = True
-        time.sleep(2.0)
-
-
 Snapshot = tuple[float, dict[str, float], dict[str, int], dict[str, float]]
 
 
@@ -560,26 +510,9 @@ def nginx_command(tmp: Path, port: int, upstream_port: int) -> list[str]:
     """nginx as a WebSocket proxy, as its documentation sets one up: one worker, HTTP/1.1 to
     the upstream with the client's `Upgrade` and `Connection: upgrade`, an hour's read
     timeout (the sidecar's `websocket_idle`), no access log."""
-    prefix = tmp / f"nginx-{port}"
-    prefix.mkdir()
-    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    temp = "\n".join(
-        f"    {key}_temp_path {prefix / key};"
-        for key in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    config = f"""
-worker_processes 1;
-worker_rlimit_nofile {files};
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{
-    worker_connections {files // 2};
-}}
-http {{
-    access_log off;
-{temp}
-    map $http_upgrade $connection_upgrade {{
+    return nginx_argv(
+        tmp / f"nginx-{port}",
+        f"""    map $http_upgrade $connection_upgrade {{
         default upgrade;
         '' close;
     }}
@@ -593,15 +526,8 @@ http {{
             proxy_read_timeout 1h;
             proxy_send_timeout 1h;
         }}
-    }}
-}}
-"""
-    path = prefix / "nginx.conf"
-    path.write_text(config.lstrip())
-    nginx = which("nginx")
-    if nginx is None:
-        raise BenchError("nginx is not installed")
-    return [nginx, "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(path)]
+    }}""",
+    )
 
 
 PROXY_COMMANDS = {"nginx": nginx_command, "sidecar": sidecar_command}
@@ -646,18 +572,6 @@ def run_client(
             + "; ".join(result["errors"])
         )
     return result
-
-
-def median(values: list[float]) -> float:
-    values = [v for v in values if v == v]
-    return statistics.median(values) if values else float("nan")
-
-
-def spread(values: list[float], fmt: str) -> str:
-    """'median, min..max' of per-round figures."""
-    if not values:
-        return "-"
-    return f"{format(median(values), fmt)}, {format(min(values), fmt)}..{format(max(values), fmt)}"
 
 
 Runs = dict[tuple[int, str], list[Run]]
@@ -759,19 +673,11 @@ def describe(args: argparse.Namespace) -> list[str]:
         uv = f"uvloop {getattr(uvloop, '__version__', '?')}"
     except ImportError:
         uv = "no uvloop"
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    nginx = which("nginx")
     return [
-        f"date      {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"machine   {os.cpu_count()} CPUs ({model}), Linux {platform.release()}, "
-        f"Python {platform.python_version()}, {uv}",
-        f"sidecar   {sidecar_revision()}",
-        f"nginx     {tool_version([nginx, '-v']) if nginx else 'not installed'}",
+        *nginx_report_head(
+            f"{os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}, "
+            f"Python {platform.python_version()}, {uv}"
+        ),
         f"placement {args.placement}: the proxy (nginx or the sidecar) on CPU {PROXY_CPU}, the "
         f"{args.upstream} echo upstream on CPU {UPSTREAM_CPU[args.placement]}, the client on "
         f"CPU {CLIENT_CPU}",
@@ -816,7 +722,7 @@ def run(args: argparse.Namespace) -> int:
                     pids[proxy] = {"upstream": upstream.pid, "proxy": child.pid}
                 for sessions in args.sessions:
                     for target in order:
-                        for attempt in range(3):
+                        for attempt in range(QUIET_ATTEMPTS):
                             if args.quiet:
                                 wait_quiet()
                             try:
@@ -834,24 +740,21 @@ def run(args: argparse.Namespace) -> int:
                                 f"p99 {result['p99_us']:6.0f} us  others {got.others_pct():3.0f} %",
                                 flush=True,
                             )
-                            if not args.quiet or got.others_pct() <= QUIET_PCT or attempt == 2:
+                            if not once_more(args.quiet, got.others_pct(), attempt):
                                 break
-                            print("  (disturbed: once more)", flush=True)
                         runs.setdefault((sessions, target), []).append(got)
                 for child in children:
                     processes.stop(child)
         finally:
             processes.stop_all()
     print()
-    disturbed = [r for got in runs.values() for r in got if r.others_pct() > QUIET_PCT]
-    notes = (
+    notes = disturbed_note(
         [
-            f"{len(disturbed)} of the runs kept were disturbed (others over {QUIET_PCT:g} % of "
-            "a CPU, three times in a row): "
-            + ", ".join(f"{r.sessions} {r.target} ({r.others_pct():.0f} %)" for r in disturbed)
+            f"{r.sessions} {r.target} ({r.others_pct():.0f} %)"
+            for got in runs.values()
+            for r in got
+            if r.others_pct() > QUIET_PCT
         ]
-        if disturbed
-        else []
     )
     print(
         "\n".join([*describe(args), "", *table(runs, args), "", *comparisons(runs, args), *notes])
@@ -888,13 +791,7 @@ def main() -> int:
         help="alone (default): the proxy alone on CPU 0, the upstream with the client on CPU 1;"
         " with-upstream: the upstream on CPU 0 with the proxy",
     )
-    parser.add_argument(
-        "--no-quiet",
-        dest="quiet",
-        action="store_false",
-        help=f"do not wait for the machine to be quiet before each run, nor run again one "
-        f"that others disturbed (over {QUIET_PCT:g} %% of a CPU)",
-    )
+    add_quiet_option(parser)
     parser.add_argument("--quick", action="store_true", help="1 round of 1 s (0.5 s warm-up)")
     args = parser.parse_args()
     if args.quick:

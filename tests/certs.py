@@ -60,7 +60,7 @@ class Pki:
     ca: Pair
     """The server CA: every server certificate below is signed by it."""
     server: Pair
-    """For DNS `localhost` and IP 127.0.0.1."""
+    """For DNS `localhost` and IP 127.0.0.1 (and any `extra_server_names`)."""
     renewed: Pair
     """For the same names as `server`, with a later notAfter (RENEWED_VALID_UNTIL)."""
     server_localhost_only: Pair
@@ -68,7 +68,7 @@ class Pki:
     wrong_name: Pair
     """For `wrong.example` only."""
     expired: Pair
-    """For `localhost` and 127.0.0.1, but its notAfter has passed."""
+    """For the same names as `server`, but its notAfter has passed."""
     client_ca: Pair
     """The CA an mTLS upstream trusts for client certificates."""
     client: Pair
@@ -184,13 +184,15 @@ def _leaf(
     return _write(directory, stem, cert, key)
 
 
-def make_pki(directory: Path) -> Pki:
-    """Write every certificate and key the TLS tests use into `directory`."""
+def make_pki(directory: Path, extra_server_names: Sequence[str] = ()) -> Pki:
+    """Write every certificate and key the TLS tests use into `directory`;
+    `extra_server_names`: DNS names that `server` (and `renewed`, `expired`) are for besides
+    `localhost`."""
     directory.mkdir(parents=True, exist_ok=True)
     ca = _make_ca(directory, "ca", "sidecar test server CA")
     client_ca = _make_ca(directory, "client-ca", "sidecar test client CA")
     stranger_ca = _make_ca(directory, "stranger-ca", "nobody's CA")
-    dns, ips = ("localhost",), ("127.0.0.1",)
+    dns, ips = ("localhost", *extra_server_names), ("127.0.0.1",)
     return Pki(
         ca=ca.pair,
         server=_leaf(directory, "server", ca, "localhost", dns=dns, ips=ips),

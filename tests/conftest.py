@@ -8,11 +8,12 @@ import json
 import random
 import re
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import pytest
@@ -265,6 +266,21 @@ async def upstream() -> AsyncIterator[Upstream]:
     await server.close()
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    app: web.Application, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[int]:
+    """`app` served on a free loopback port (over TLS with `ssl_context`) until the block
+    ends: its port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -310,6 +326,29 @@ async def read_one(reader: asyncio.StreamReader) -> bytes:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     return head + await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """A response head's status and headers (names in lower case)."""
+    status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers
+
+
+async def json_answer(proxy: str, request: bytes) -> tuple[int, dict[str, str], Any]:
+    """`request` on a fresh connection to the proxy listener at `proxy`, and the one
+    answer with a Content-Length that comes: its status, headers and JSON body."""
+    reader, writer = await connect(proxy)
+    try:
+        writer.write(request)
+        response = await read_one(reader)
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return *parse_head(head), json.loads(body)
 
 
 async def read_request_head(reader: asyncio.StreamReader) -> bytes:

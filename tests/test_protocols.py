@@ -18,7 +18,27 @@ from sidecar.breaker import State
 from sidecar.files import FileProblem, read_small_file
 from sidecar.tunnel import FLUSH_TIMEOUT
 from tests.certs import make_pki, server_context, tls_upstream
-from tests.conftest import StartSidecar, connect, eventually
+from tests.conftest import StartSidecar, connect, eventually, serving
+
+
+def ok_app() -> web.Application:
+    """An upstream whose `GET /` answers 200 `ok`."""
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    return app
+
+
+async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+    """A WebSocket session that sends each text message back."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for message in ws:
+        await ws.send_str(message.data)
+    return ws
 
 
 def check(path: Path) -> subprocess.CompletedProcess[str]:
@@ -149,18 +169,8 @@ async def test_an_upstream_that_resets_the_tls_handshake_is_a_tls_error(
     `upstream_tls_error`, kind `tls`, not a connect failure (TCP had connected)."""
     pki = make_pki(tmp_path)
 
-    async def ok(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
     context = server_context(pki.server, pki.client_ca, max_version=ssl.TLSVersion.TLSv1_2)
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving(ok_app(), context) as port:
         sc = await start_sidecar(f"""
 routes:
   - name: api
@@ -176,8 +186,6 @@ routes:
         failures = "sidecar_upstream_failures_total"
         assert sc.sample(failures, route="api", kind="tls") == 1
         assert sc.sample(failures, route="api", kind="connect") == 0
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_websocket_session_to_an_https_upstream(
@@ -197,12 +205,7 @@ async def test_a_websocket_session_to_an_https_upstream(
 
     app = web.Application()
     app.router.add_get("/ws", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pki.server))
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving(app, server_context(pki.server)) as port:
         sc = await start_sidecar(f"""
 routes:
   - name: api
@@ -216,8 +219,6 @@ routes:
                 assert (await ws.receive_str()) == f"True {text}"
             assert sc.sample("sidecar_websocket_sessions", route="api") == 1
         await eventually(lambda: sc.sample("sidecar_websocket_sessions", route="api") == 0)
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_reload_with_the_same_tls_files_keeps_the_context_and_its_connections(
@@ -308,28 +309,17 @@ async def test_open_sessions_stay_counted_through_a_reload_that_resets_the_route
     WebSocket session still open is still counted, in the gauge and against the cap,
     until it ends."""
 
-    async def echo(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for message in ws:
-            await ws.send_str(message.data)
-        return ws
-
     app = web.Application()
-    app.router.add_get("/ws", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    config = f"""
+    app.router.add_get("/ws", ws_echo)
+    async with serving(app) as port:
+        config = f"""
 routes:
   - name: api
     match: {{path_prefix: /}}
-    upstream: http://127.0.0.1:{runner.addresses[0][1]}
+    upstream: http://127.0.0.1:{port}
     max_websocket_sessions: 1
     breaker: {{failure_threshold: %d}}
 """
-    try:
         sc = await start_sidecar(config % 5)
         async with http.ws_connect(sc.proxy + "/ws") as ws:
             sc.rewrite_config(config % 6)
@@ -347,8 +337,6 @@ routes:
         async with http.ws_connect(sc.proxy + "/ws") as ws:
             await ws.send_str("after")
             assert await ws.receive_str() == "after"
-    finally:
-        await runner.cleanup()
 
 
 async def test_handshakes_that_waited_in_the_bulkhead_queue_still_meet_the_cap(
@@ -364,25 +352,15 @@ async def test_handshakes_that_waited_in_the_bulkhead_queue_still_meet_the_cap(
         await release.wait()
         return web.Response(text="slow")
 
-    async def echo(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for message in ws:
-            await ws.send_str(message.data)
-        return ws
-
     app = web.Application()
     app.router.add_get("/slow", slow)
-    app.router.add_get("/ws", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
+    app.router.add_get("/ws", ws_echo)
+    async with serving(app) as port:
         sc = await start_sidecar(f"""
 routes:
   - name: api
     match: {{path_prefix: /}}
-    upstream: http://127.0.0.1:{runner.addresses[0][1]}
+    upstream: http://127.0.0.1:{port}
     max_websocket_sessions: 1
     bulkhead: {{max_concurrent: 1, max_queued: 5, queue_timeout: 30s}}
 """)
@@ -408,8 +386,6 @@ routes:
         )
         assert sc.sample("sidecar_websocket_sessions", route="api") == 1
         await ws.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_side_that_never_reads_is_cut_off_after_the_flush_timeout(
@@ -482,17 +458,8 @@ async def test_an_mtls_refusal_under_tls_13_without_an_alert_is_a_tls_error(
     kind `tls`."""
     pki = make_pki(tmp_path)
 
-    async def ok(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
     context = server_context(pki.server, pki.client_ca, min_version=ssl.TLSVersion.TLSv1_3)
-    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving(ok_app(), context) as port:
         sc = await start_sidecar(f"""
 routes:
   - name: api
@@ -506,8 +473,6 @@ routes:
                 {"error": "upstream_tls_error", "route": "api"},
             )
         assert sc.sample("sidecar_upstream_failures_total", route="api", kind="tls") == 1
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_connect_no_route_tunnels_is_counted_as_unrouted(

@@ -18,15 +18,13 @@ silence, or at the end of `shutdown_grace`, and holds a place under
 The clients are the real ones: curl (a child process), `requests` (in a thread) and
 aiohttp, or raw bytes where a library would hide what a test pins. The upstreams are
 in-process servers: the suite's echoing aiohttp upstream, an aiohttp server speaking TLS
-with a self-signed certificate made here, and plain TCP servers scripted per test, each
+with a certificate from `tests.certs`, and plain TCP servers scripted per test, each
 counting the connections it accepted (so that "nothing connected" is seen, not assumed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import os
 import socket
@@ -40,12 +38,9 @@ import aiohttp
 import pytest
 import requests
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.breaker import State
+from tests.certs import make_pki, server_context
 from tests.conftest import (
     RawHandler,
     Running,
@@ -53,8 +48,10 @@ from tests.conftest import (
     Upstream,
     connect,
     eventually,
+    json_answer,
+    parse_head,
     raw_exchange,
-    read_one,
+    serving,
 )
 
 CURL = "/usr/bin/curl"
@@ -65,75 +62,17 @@ USER, PASSWORD = "svc", "proxy-secret"
 """Credentials the clients present to the sidecar as their proxy's (never forwarded)."""
 
 
-# -- a self-signed certificate and a TLS upstream ----------------------------------------
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for DNS `provider.test` and `localhost` and IP
-    127.0.0.1, valid for a day either side of now, and its key: (cert.pem, key.pem) in
-    `directory`. A client that trusts the certificate itself (`--cacert`, `verify=`,
-    `cafile=`) verifies it."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    public = key.public_key()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName(PROVIDER),
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+# -- a TLS upstream -----------------------------------------------------------------------
 
 
 @dataclass
 class TlsUpstream:
-    """An aiohttp server speaking TLS on 127.0.0.1 with the self-signed certificate."""
+    """An aiohttp server speaking TLS on 127.0.0.1 with `tests.certs`' server certificate,
+    for DNS `provider.test` and `localhost` and IP 127.0.0.1."""
 
     port: int = 0
-    cert: Path = Path()
-    """The certificate (PEM): the CA file a client trusts it with."""
+    ca_file: Path = Path()
+    """The certificate (PEM) of the CA that signed it: the CA file a client trusts it with."""
     accepted: int = 0
     """TCP connections accepted (counted at accept, before any TLS handshake)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -144,10 +83,9 @@ class TlsUpstream:
 @pytest.fixture
 async def tls_upstream(tmp_path: Path) -> AsyncIterator[TlsUpstream]:
     """`GET /ok` answers `ok over TLS`."""
-    cert, key = self_signed(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    state = TlsUpstream(cert=cert)
+    pki = make_pki(tmp_path, extra_server_names=[PROVIDER])
+    context = server_context(pki.server)
+    state = TlsUpstream(ca_file=pki.ca.cert)
 
     async def ok(request: web.Request) -> web.Response:
         state.requests.append(
@@ -287,15 +225,6 @@ def connect_request(authority: str) -> bytes:
     return f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
 
 
-def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers
-
-
 async def open_tunnel(
     sc: Running, authority: str
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
@@ -309,14 +238,7 @@ async def open_tunnel(
 
 async def refused(sc: Running, authority: str) -> tuple[int, dict[str, str], Any]:
     """A raw CONNECT answered with anything but 200: status, headers, JSON body."""
-    reader, writer = await connect(sc.proxy)
-    try:
-        writer.write(connect_request(authority))
-        response = await read_one(reader)
-    finally:
-        writer.close()
-    head, _, body = response.partition(b"\r\n\r\n")
-    return *parse_head(head), json.loads(body)
+    return await json_answer(sc.proxy, connect_request(authority))
 
 
 async def round_trip(
@@ -543,7 +465,7 @@ async def test_an_https_proxy_client_speaks_tls_to_the_upstream_through_the_tunn
     client is done."""
     sc = await start_sidecar(tls_route(tls_upstream, host=host))
     url = f"https://{host}:{tls_upstream.port}/ok"
-    status, body = await client(sc.proxy, url, tls_upstream.cert)
+    status, body = await client(sc.proxy, url, tls_upstream.ca_file)
     assert (status, body) == (200, b"ok over TLS")
     [seen] = tls_upstream.requests
     headers = seen["headers"]
@@ -895,12 +817,7 @@ async def test_websocket_sessions_and_tunnels_share_one_cap(start_sidecar: Start
 
     app = web.Application()
     app.router.add_get("/ws", session)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
+    async with serving(app) as port:
         sc = await start_sidecar(
             provider(f"http://127.0.0.1:{port}", "    max_websocket_sessions: 1\n")
         )
@@ -912,5 +829,3 @@ async def test_websocket_sessions_and_tunnels_share_one_cap(start_sidecar: Start
             status, _, body = await refused(sc, f"provider.test:{port}")
             assert (status, body["error"]) == (503, "websocket_sessions_full")
             await ws.close()
-    finally:
-        await runner.cleanup()

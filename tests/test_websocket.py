@@ -39,6 +39,8 @@ from tests.conftest import (
     api_sample,
     connect,
     eventually,
+    json_answer,
+    parse_head,
     read_one,
 )
 
@@ -261,25 +263,9 @@ def upgrade_request(
     ).encode()
 
 
-def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers
-
-
 async def refused(sc: Running, path: str = "/echo") -> tuple[int, dict[str, str], object]:
     """An upgrade request answered with anything but 101: status, headers, JSON body."""
-    reader, writer = await connect(sc.proxy)
-    try:
-        writer.write(upgrade_request(path))
-        response = await read_one(reader)
-    finally:
-        writer.close()
-    head, _, body = response.partition(b"\r\n\r\n")
-    return *parse_head(head), json.loads(body)
+    return await json_answer(sc.proxy, upgrade_request(path))
 
 
 async def echoes(ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
