@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import ipaddress
 import math
-import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -1043,13 +1042,13 @@ class _Reader:
                 "queue_timeout": _duration(minimum_exclusive=0.0),
             }
         if name == "fallback":
-            base = os.path.dirname(self.file) if not self.file.startswith("<") else "."
+            config_file = self.file
             return {
                 "reasons": _fallback_reasons,
                 "status": _fallback_status,
                 "headers": _fallback_headers,
                 "body": _fallback_body,
-                "body_file": lambda value: _fallback_body_file(value, base),
+                "body_file": lambda value: _fallback_body_file(value, config_file),
             }
         if name == "retry":
             positive = _optional(_duration(minimum_exclusive=0.0))
@@ -1622,11 +1621,9 @@ def _fallback_body(value: Any) -> tuple[bytes, str | None]:
     return body, None
 
 
-def _fallback_body_file(value: Any, base: str) -> tuple[bytes, str | None]:
+def _fallback_body_file(value: Any, config_file: str) -> tuple[bytes, str | None]:
     """The file's bytes, read now (relative to the config file's directory)."""
-    if not isinstance(value, str) or not value.strip():
-        raise _Invalid(f"must be a file path, not {_kind(value)}")
-    path = os.path.join(base, value)
+    path = resolve_path(_file_path(value), config_file)
     try:
         body = read_small_file(path, MAX_FALLBACK_BODY)
     except FileProblem as e:

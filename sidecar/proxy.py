@@ -250,7 +250,7 @@ class Proxy:
             return
         request.route = target.route.name
         if upgrade and _sessions_at_cap(target, request):
-            request.answer(*_sessions_full(target))
+            request.answer(*_full(target, "websocket_sessions_full"))
             return
         if request.noted & _UNUSUAL:  # a body, `Expect`: checks most requests need not make
             refused = self._refusal(request, target)
@@ -302,7 +302,7 @@ class Proxy:
             return
         request.route = target.route.name
         if target.metrics.sessions.admitted >= target.route.max_websocket_sessions:
-            request.answer(*_sessions_full(target), close=True)
+            request.answer(*_full(target, "websocket_sessions_full"), close=True)
             return
         bucket = target.bucket
         if bucket is not None:
@@ -312,7 +312,7 @@ class Proxy:
                 return
         bulkhead = target.bulkhead
         if bulkhead is not None and not bulkhead.try_enter():
-            request.answer(*_bulkhead_full(target), close=True)
+            request.answer(*_full(target, "bulkhead_full"), close=True)
             return
         permit = target.breaker.acquire()
         if isinstance(permit, Rejection):
@@ -340,7 +340,7 @@ class Proxy:
             return
         queued = Queued(request, target, path, host, self._env, bulkhead)
         if not bulkhead.queue(queued):
-            request.answer(*_bulkhead_full(target))
+            request.answer(*_full(target, "bulkhead_full"))
             return
         queued.wait()
 
@@ -449,24 +449,14 @@ def _sessions_at_cap(target: Target, request: Request) -> bool:
     )
 
 
-def _sessions_full(target: Target) -> Answer:
-    """503 `websocket_sessions_full`, `Retry-After: 1` (or the route's fallback)."""
+def _full(target: Target, reason: str) -> Answer:
+    """503 `reason` (`bulkhead_full`, `websocket_sessions_full`), `Retry-After: 1` (or
+    the route's fallback), made once."""
     answers = target.answers
-    answer = answers.get("websocket_sessions_full")
+    answer = answers.get(reason)
     if answer is None:
-        answer = answers["websocket_sessions_full"] = target.make_answer(
-            503, "websocket_sessions_full", 1
-        )
-    return _rejected(target, "websocket_sessions_full", answer)
-
-
-def _bulkhead_full(target: Target) -> Answer:
-    """503 `bulkhead_full`, `Retry-After: 1` (or the route's fallback), made once."""
-    answers = target.answers
-    answer = answers.get("bulkhead_full")
-    if answer is None:
-        answer = answers["bulkhead_full"] = target.make_answer(503, "bulkhead_full", 1)
-    return _rejected(target, "bulkhead_full", answer)
+        answer = answers[reason] = target.make_answer(503, reason, 1)
+    return _rejected(target, reason, answer)
 
 
 class Queued:
@@ -525,7 +515,7 @@ class Queued:
             return False  # gone (it is being cut off): nothing to forward for it
         target = self._target
         if request.upgrade_tail is not None and _sessions_at_cap(target, request):
-            request.answer(*_sessions_full(target))  # filled while it waited
+            request.answer(*_full(target, "websocket_sessions_full"))  # filled while it waited
             return False
         breaker = target.breaker
         try:
@@ -543,12 +533,12 @@ class Queued:
 
     def turn_away(self) -> None:
         self._bulkhead.observe_wait(self._waited())
-        self._request.answer(*_bulkhead_full(self._target), close=True)
+        self._request.answer(*_full(self._target, "bulkhead_full"), close=True)
 
     def _timed_out(self) -> None:
         self._timer = None
         self._bulkhead.leave(self, self._waited())
-        self._request.answer(*_bulkhead_full(self._target))
+        self._request.answer(*_full(self._target, "bulkhead_full"))
 
     def client_gone(self) -> None:
         self._bulkhead.leave(self, self._waited())
